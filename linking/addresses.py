@@ -76,9 +76,9 @@ def normalize_address(address: str) -> str:
         address = address[7:]
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1].strip()
-    if any(c in address for c in "\r\n\x00 \t<>,;"):
-        if not (address.startswith('"') and '"@' in address):
-            raise AddressError(f"not a single address: {address!r}")
+    quoted_local = address.startswith('"') and '"@' in address
+    if any(c in address for c in "\r\n\x00 \t<>,;") and not quoted_local:
+        raise AddressError(f"not a single address: {address!r}")
     local, sep, domain = address.rpartition("@")
     if not sep or not local or not domain:
         raise AddressError(f"not an address: {address!r}")

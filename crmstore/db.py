@@ -1,0 +1,223 @@
+"""Database setup: open SQLite or PostgreSQL from a URL, bind the models, create or upgrade the
+schema, and mirror the configured companies and users into their tables.
+
+"250 only after the commit" is only true when the commit is durable, so the store checks the
+settings that make it so: SQLite in WAL mode with ``synchronous=FULL`` (a WAL commit with
+NORMAL can be lost on power failure), PostgreSQL with ``fsync`` and ``synchronous_commit`` on
+(RELIABILITY.md A-DUR 7). It refuses to start otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from peewee import Database, PostgresqlDatabase, SqliteDatabase
+from playhouse.migrate import PostgresqlMigrator, SchemaMigrator, SqliteMigrator, migrate
+
+from dealmail.config import Config
+
+from . import models as m
+
+log = logging.getLogger("dealmail.store")
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used safely (unreachable, not durable, newer schema)."""
+
+
+def open_database(url: str, base: Path | None = None) -> Database:
+    """A peewee database for ``sqlite:///PATH`` or ``postgresql://…``."""
+    if url.startswith("sqlite:///"):
+        raw = url[len("sqlite:///"):]
+        if raw == ":memory:":
+            path = raw
+        else:
+            p = Path(raw)
+            if not p.is_absolute() and base is not None:
+                p = base / p
+            p.parent.mkdir(parents=True, exist_ok=True)
+            path = str(p)
+        # check_same_thread=False: the store is used from the committer thread and the CLI
+        # thread; peewee keeps one connection per thread anyway.
+        return SqliteDatabase(
+            path,
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": 2,  # FULL: fsync the WAL at every commit (durability).
+                "foreign_keys": 1,
+                "busy_timeout": 5000,
+                "cache_size": -64000,
+                "temp_store": "memory",
+            },
+            check_same_thread=False,
+        )
+    parsed = urlparse(url)
+    if parsed.scheme in ("postgres", "postgresql"):
+        return PostgresqlDatabase(
+            parsed.path.lstrip("/") or "postgres",
+            user=unquote(parsed.username) if parsed.username else None,
+            password=unquote(parsed.password) if parsed.password else None,
+            host=parsed.hostname or "127.0.0.1",
+            port=parsed.port or 5432,
+            autorollback=True,
+        )
+    raise StoreError(f"unsupported database url {url!r}")
+
+
+def _migrator(db: Database) -> SchemaMigrator:
+    return SqliteMigrator(db) if isinstance(db, SqliteDatabase) else PostgresqlMigrator(db)
+
+
+def _upgrade_1_to_2(db: Database) -> None:
+    """Version 2 records each sighting's linking decisions and a forward's parsed original."""
+    mig = _migrator(db)
+    migrate(
+        mig.add_column("sighting", "decisions_json", m.Sighting.decisions_json),
+        mig.add_column("email", "forward_json", m.Email.forward_json),
+    )
+
+
+UPGRADES = {1: _upgrade_1_to_2}
+
+
+class Store:
+    """The CRM database of one dealmail process."""
+
+    def __init__(self, url: str, base: Path | None = None) -> None:
+        self.url = url
+        self.db = open_database(url, base)
+        self.is_sqlite = isinstance(self.db, SqliteDatabase)
+        self.db.bind(m.ALL_MODELS, bind_refs=False, bind_backrefs=False)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> None:
+        """Connect, check durability settings, create or upgrade the schema."""
+        try:
+            self.db.connect(reuse_if_open=True)
+        except Exception as exc:  # the driver's own exception types differ
+            raise StoreError(f"cannot open database {self.url}: {exc}") from exc
+        self.check_durability()
+        self.ensure_schema()
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+    def check_durability(self) -> None:
+        if self.is_sqlite:
+            mode = self.db.execute_sql("PRAGMA journal_mode").fetchone()[0]
+            sync = self.db.execute_sql("PRAGMA synchronous").fetchone()[0]
+            if str(self.url).endswith(":memory:"):
+                return
+            if mode.lower() != "wal" or int(sync) < 2:
+                raise StoreError(
+                    f"SQLite must run with journal_mode=WAL and synchronous=FULL "
+                    f"(found {mode}, {sync}): a 250 would not mean the message is durable"
+                )
+        else:
+            for setting in ("fsync", "synchronous_commit"):
+                value = self.db.execute_sql(f"SHOW {setting}").fetchone()[0]
+                if value == "off":
+                    raise StoreError(
+                        f"PostgreSQL has {setting}=off: a 250 would not mean the message is "
+                        "durable; turn it on"
+                    )
+
+    def schema_version(self) -> int | None:
+        if not self.db.table_exists("schema_info"):
+            return None
+        row = m.SchemaInfo.select().order_by(m.SchemaInfo.version.desc()).first()
+        return row.version if row else None
+
+    def ensure_schema(self) -> None:
+        with self.db.atomic():
+            version = self.schema_version()
+            if version is None:
+                self.db.create_tables(m.ALL_MODELS)
+                self._create_extra_indexes()
+                m.SchemaInfo.create(version=m.SCHEMA_VERSION)
+                log.info("created database schema version %s", m.SCHEMA_VERSION)
+                return
+            if version > m.SCHEMA_VERSION:
+                raise StoreError(
+                    f"database schema version {version} is newer than this dealmail "
+                    f"({m.SCHEMA_VERSION}); upgrade dealmail"
+                )
+            while version < m.SCHEMA_VERSION:
+                UPGRADES[version](self.db)
+                version += 1
+                m.SchemaInfo.create(version=version)
+                log.info("upgraded database schema to version %s", version)
+            self._create_extra_indexes()
+
+    def _create_extra_indexes(self) -> None:
+        for model, fields, unique in m.EXTRA_INDEXES:
+            table = model._meta.table_name
+            name = f"ix_{table}_{'_'.join(fields)}"
+            cols = ", ".join(f'"{model._meta.fields[f].column_name}"' for f in fields)
+            uniq = "UNIQUE " if unique else ""
+            self.db.execute_sql(f'CREATE {uniq}INDEX IF NOT EXISTS "{name}" ON "{table}" ({cols})')
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction. On SQLite it takes the write lock at BEGIN (IMMEDIATE), so
+        a busy database fails before any work instead of at commit."""
+        if self.is_sqlite:
+            with self.db.atomic(lock_type="IMMEDIATE"):
+                yield
+        else:
+            with self.db.atomic():
+                yield
+
+    # ------------------------------------------------------------------ config mirror
+
+    def sync_config(self, config: Config) -> None:
+        """Mirror companies and users from the config (rows are referenced by sightings and
+        deals; a user removed from the config is marked inactive, never deleted)."""
+        with self.transaction():
+            for c in config.companies:
+                company, _ = m.Company.get_or_create(slug=c.slug, defaults={"name": c.name})
+                if company.name != c.name:
+                    company.name = c.name
+                    company.save()
+                present = set()
+                for u in c.users:
+                    present.add(u.address)
+                    row = m.User.get_or_none(m.User.address == u.address)
+                    if row is None:
+                        m.User.create(company=company, address=u.address, name=u.name,
+                                      role=u.role, active=True)
+                    else:
+                        changed = (row.company_id != company.id or row.name != u.name
+                                   or row.role != u.role or not row.active)
+                        if changed:
+                            row.company = company
+                            row.name, row.role, row.active = u.name, u.role, True
+                            row.save()
+                (m.User.update(active=False)
+                 .where((m.User.company == company) & m.User.address.not_in(present or {""}))
+                 .execute())
+
+    def company_id(self, slug: str) -> int:
+        row = m.Company.get_or_none(m.Company.slug == slug)
+        if row is None:
+            raise StoreError(f"unknown company {slug!r}")
+        return int(row.id)
+
+    def user_ids(self) -> dict[str, int]:
+        return {u.address: u.id for u in m.User.select(m.User.id, m.User.address)}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "persons": m.Person.select().count(),
+            "organizations": m.Organization.select().count(),
+            "deals": m.Deal.select().count(),
+            "emails": m.Email.select().count(),
+            "sightings": m.Sighting.select().count(),
+        }

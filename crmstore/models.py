@@ -1,0 +1,266 @@
+"""Peewee models of the CRM store: companies, users, persons, deals, emails and what links them.
+
+The models are declared unbound; :class:`crmstore.db.Store` binds them to its database when it
+is built (peewee's model classes are process-wide, so one process serves one store at a time;
+tests build a fresh store each). Rows reference users by id; users are mirrored from the config
+at start-up so that sightings and deals can point at them.
+
+Schema history is kept in :data:`SCHEMA_VERSION` and ``crmstore.migrations``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from peewee import (
+    AutoField,
+    BlobField,
+    BooleanField,
+    CharField,
+    DateTimeField,
+    DecimalField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
+)
+
+SCHEMA_VERSION = 2
+
+
+def utcnow() -> datetime:
+    """Naive UTC timestamps are stored; every module gets 'now' from the app clock instead,
+    this is only the column default for rows written by hand (admin tools, migrations)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class BaseModel(Model):
+    class Meta:
+        legacy_table_names = False
+
+
+class SchemaInfo(BaseModel):
+    version = IntegerField()
+    upgraded_at = DateTimeField(default=utcnow)
+
+
+class Company(BaseModel):
+    id = AutoField()
+    slug = CharField(unique=True, max_length=64)
+    name = CharField(max_length=200)
+
+
+class User(BaseModel):
+    id = AutoField()
+    company = ForeignKeyField(Company, backref="users", on_delete="CASCADE")
+    address = CharField(unique=True, max_length=320)
+    name = CharField(max_length=200, default="")
+    role = CharField(max_length=16, default="user")
+    active = BooleanField(default=True)
+
+
+class Organization(BaseModel):
+    id = AutoField()
+    company = ForeignKeyField(Company, backref="organizations", on_delete="CASCADE")
+    name = CharField(max_length=300)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("company", "name"), True),)
+
+
+class OrgDomain(BaseModel):
+    id = AutoField()
+    organization = ForeignKeyField(Organization, backref="domains", on_delete="CASCADE")
+    company = ForeignKeyField(Company, on_delete="CASCADE")
+    domain = CharField(max_length=255)
+
+    class Meta:
+        indexes = ((("company", "domain"), True),)
+
+
+class Person(BaseModel):
+    id = AutoField()
+    company = ForeignKeyField(Company, backref="persons", on_delete="CASCADE")
+    name = CharField(max_length=300, default="")
+    organization = ForeignKeyField(Organization, null=True, backref="persons",
+                                   on_delete="SET NULL")
+    auto_created = BooleanField(default=False)
+    created_at = DateTimeField(default=utcnow)
+
+
+class PersonAddress(BaseModel):
+    id = AutoField()
+    person = ForeignKeyField(Person, backref="addresses", on_delete="CASCADE")
+    company = ForeignKeyField(Company, on_delete="CASCADE")
+    address = CharField(max_length=320)
+
+    class Meta:
+        indexes = ((("company", "address"), True),)
+
+
+class Deal(BaseModel):
+    id = AutoField()
+    company = ForeignKeyField(Company, backref="deals", on_delete="CASCADE")
+    external_id = CharField(max_length=64, null=True)
+    title = CharField(max_length=300)
+    status = CharField(max_length=8, default="open", index=True)  # open | won | lost
+    person = ForeignKeyField(Person, null=True, backref="deals", on_delete="SET NULL")
+    organization = ForeignKeyField(Organization, null=True, backref="deals",
+                                   on_delete="SET NULL")
+    owner = ForeignKeyField(User, null=True, backref="deals", on_delete="SET NULL")
+    value = DecimalField(max_digits=14, decimal_places=2, null=True)
+    currency = CharField(max_length=3, default="")
+    stage = CharField(max_length=100, default="")
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+
+
+class Thread(BaseModel):
+    id = AutoField()
+    company = ForeignKeyField(Company, on_delete="CASCADE")
+    subject_key = CharField(max_length=300, index=True)
+    deal = ForeignKeyField(Deal, null=True, backref="threads", on_delete="SET NULL")
+    created_at = DateTimeField(default=utcnow)
+    last_at = DateTimeField(default=utcnow)
+
+
+class Email(BaseModel):
+    id = AutoField()
+    company = ForeignKeyField(Company, on_delete="CASCADE")
+    # Dedupe key: the Message-ID, else a hash of the normalised content; unique per company.
+    dedupe_key = CharField(max_length=400)
+    message_id = CharField(max_length=400, null=True, index=True)
+    content_hash = CharField(max_length=64)
+    thread = ForeignKeyField(Thread, backref="emails", on_delete="CASCADE")
+    subject = TextField(default="")
+    date = DateTimeField(index=True)
+    from_address = CharField(max_length=320, default="")
+    from_name = CharField(max_length=300, default="")
+    to_json = TextField(default="[]")
+    cc_json = TextField(default="[]")
+    in_reply_to = CharField(max_length=400, null=True)
+    references = TextField(default="")
+    thread_index = CharField(max_length=64, null=True, index=True)
+    snippet = TextField(default="")
+    attachments_json = TextField(default="[]")
+    size = IntegerField(default=0)
+    raw = BlobField()
+    # "bcc" copies keep the real headers; a forward stores the original's fields above and
+    # keeps the forward itself in raw.
+    kind = CharField(max_length=16, default="bcc")
+    forward_json = TextField(null=True)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("company", "dedupe_key"), True),)
+
+
+class Sighting(BaseModel):
+    """One user's copy of an email: who brought it, by which channel, and who may see it."""
+
+    id = AutoField()
+    email = ForeignKeyField(Email, backref="sightings", on_delete="CASCADE")
+    user = ForeignKeyField(User, backref="sightings", on_delete="CASCADE")
+    channel = CharField(max_length=8)  # bcc | forward | relay | imap
+    visibility = CharField(max_length=8)  # shared | private | quarantined
+    queue_id = CharField(max_length=32, index=True)
+    received_at = DateTimeField(index=True)
+    envelope_from = CharField(max_length=320, default="")
+    client_ip = CharField(max_length=64, default="")
+    verification = CharField(max_length=16, default="none")
+    evidence_json = TextField(default="{}")
+    decisions_json = TextField(default="[]")
+
+    class Meta:
+        indexes = ((("email", "user"), True),)
+
+
+class Participant(BaseModel):
+    id = AutoField()
+    email = ForeignKeyField(Email, backref="participants", on_delete="CASCADE")
+    address = CharField(max_length=320, index=True)
+    name = CharField(max_length=300, default="")
+    role = CharField(max_length=4)  # from | to | cc
+    person = ForeignKeyField(Person, null=True, backref="participations",
+                             on_delete="SET NULL")
+
+
+class Link(BaseModel):
+    """An email (or a whole thread) linked to a person, a deal or an organization."""
+
+    id = AutoField()
+    email = ForeignKeyField(Email, null=True, backref="links", on_delete="CASCADE")
+    thread = ForeignKeyField(Thread, null=True, backref="links", on_delete="CASCADE")
+    person = ForeignKeyField(Person, null=True, backref="links", on_delete="CASCADE")
+    deal = ForeignKeyField(Deal, null=True, backref="links", on_delete="CASCADE")
+    organization = ForeignKeyField(Organization, null=True, backref="links",
+                                   on_delete="CASCADE")
+    source = CharField(max_length=8)  # auto | choice | address | admin | thread
+    created_at = DateTimeField(default=utcnow)
+
+
+class PendingChoice(BaseModel):
+    id = AutoField()
+    token_hash = CharField(max_length=64, unique=True, null=True)
+    user = ForeignKeyField(User, backref="pending_choices", on_delete="CASCADE")
+    email = ForeignKeyField(Email, on_delete="CASCADE")
+    thread = ForeignKeyField(Thread, on_delete="CASCADE")
+    person = ForeignKeyField(Person, null=True, on_delete="SET NULL")
+    candidates_json = TextField()  # deal ids in the order offered
+    state = CharField(max_length=10, default="pending", index=True)  # pending|asked|answered|void
+    created_at = DateTimeField()
+    asked_at = DateTimeField(null=True)
+    expires_at = DateTimeField(null=True)
+    answered_at = DateTimeField(null=True)
+    answer_deal = ForeignKeyField(Deal, null=True, on_delete="SET NULL")
+
+
+class OutboxItem(BaseModel):
+    """A message dealmail must send, written in the transaction that caused it."""
+
+    id = AutoField()
+    company = ForeignKeyField(Company, null=True, on_delete="SET NULL")
+    kind = CharField(max_length=16)  # question | confirm | digest | answer | relay | dsn
+    mail_from = CharField(max_length=320)
+    recipients_json = TextField()
+    domain = CharField(max_length=255, default="")
+    subject = TextField(default="")
+    message = BlobField()
+    state = CharField(max_length=10, default="queued", index=True)  # queued|sent|failed|dropped
+    attempts = IntegerField(default=0)
+    next_attempt_at = DateTimeField(index=True)
+    lease_until = DateTimeField(null=True)
+    last_error = TextField(default="")
+    created_at = DateTimeField()
+    sent_at = DateTimeField(null=True)
+    dedupe_key = CharField(max_length=200, null=True, unique=True)
+
+
+class AuditEntry(BaseModel):
+    id = AutoField()
+    at = DateTimeField(index=True)
+    company = ForeignKeyField(Company, null=True, on_delete="SET NULL")
+    actor = CharField(max_length=320, default="")
+    action = CharField(max_length=40)
+    email = ForeignKeyField(Email, null=True, on_delete="SET NULL")
+    detail_json = TextField(default="{}")
+
+
+ALL_MODELS: list[type[BaseModel]] = [
+    SchemaInfo, Company, User, Organization, OrgDomain, Person, PersonAddress, Deal, Thread,
+    Email, Sighting, Participant, Link, PendingChoice, OutboxItem, AuditEntry,
+]
+
+# Secondary indexes that peewee's field flags cannot express.
+EXTRA_INDEXES: list[tuple[type[BaseModel], tuple[str, ...], bool]] = [
+    (Deal, ("person", "status"), False),
+    (Link, ("email",), False),
+    (Link, ("thread",), False),
+    (Link, ("deal",), False),
+    (Link, ("person",), False),
+    (Participant, ("email",), False),
+    (Participant, ("person",), False),
+    (Sighting, ("user", "received_at"), False),
+    (Email, ("thread", "date"), False),
+]

@@ -1,0 +1,523 @@
+"""Admin configuration: load the TOML file, validate every value, report every problem at once.
+
+The admin edits ``conf/dealmail.toml`` (documented by ``conf/dealmail.example.toml``). Loading
+produces an immutable :class:`Config`; a problem is reported as ``FILE:LINE: key: message`` and
+all problems of a file are reported together, so an admin fixes them in one pass. ``--set
+section.key=value`` overrides are applied before validation, like Postfix's ``-o``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from linking.addresses import AddressError, normalize_address, normalize_domain
+
+__all__ = [
+    "DEFAULT_FREEMAIL",
+    "Company",
+    "Config",
+    "ConfigError",
+    "User",
+    "find_config_path",
+    "load_config",
+]
+
+DEFAULT_FREEMAIL: tuple[str, ...] = (
+    "gmail.com", "googlemail.com", "yahoo.com", "yahoo.co.jp", "outlook.com", "hotmail.com",
+    "live.com", "msn.com", "icloud.com", "me.com", "mac.com", "aol.com", "gmx.de", "gmx.net",
+    "web.de", "mail.ru", "yandex.ru", "proton.me", "protonmail.com", "zoho.com", "qq.com",
+    "163.com", "126.com", "naver.com", "docomo.ne.jp", "ezweb.ne.jp", "softbank.ne.jp",
+    "mail.test",
+)
+
+VERIFY_LEVELS = ("none", "spf", "trusted-network", "arc", "upstream", "strong")
+_SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,40}[a-z0-9])?$")
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file; ``problems`` are ``FILE:LINE: key: message``."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class User:
+    address: str
+    company: str
+    alternates: tuple[str, ...] = ()
+    name: str = ""
+    role: str = "user"
+    default_visibility: str = "shared"
+    auto_link_deals: bool = True
+    language: str = "en"
+    timezone: str = "UTC"
+    password_hash: str = ""
+    digest: str = "daily"
+    confirm_choices: bool = True
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return (self.address, *self.alternates)
+
+
+@dataclass(frozen=True)
+class Company:
+    slug: str
+    name: str
+    internal_domains: tuple[str, ...]
+    users: tuple[User, ...]
+    min_verification: str = "strong"
+    accept_levels: tuple[str, ...] = ()
+    on_unverified: str = "reject"
+
+    def user(self, address: str) -> User | None:
+        for u in self.users:
+            if address in u.addresses:
+                return u
+        return None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    mail_domain: str = "dealmail.localhost"
+    hostname: str = "dealmail.localhost"
+    log_level: str = "info"
+    log_file: str = ""
+    database_url: str = "sqlite:///var/dealmail.db"
+    inbound_listen: str = "127.0.0.1:2525"
+    submission_listen: str = "127.0.0.1:2587"
+    max_connections: int = 200
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    message_size_limit: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    create_unknown_persons: bool = True
+    freemail_domains: tuple[str, ...] = DEFAULT_FREEMAIL
+    thread_window_days: int = 30
+    choice_token_days: int = 14
+    demo_data: str = ""
+    companies: tuple[Company, ...] = ()
+    # Derived index: normalised address -> (company slug, user address).
+    user_index: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+    def company(self, slug: str) -> Company | None:
+        for c in self.companies:
+            if c.slug == slug:
+                return c
+        return None
+
+    def find_user(self, address: str) -> tuple[Company, User] | None:
+        hit = self.user_index.get(address)
+        if hit is None:
+            return None
+        company = self.company(hit[0])
+        assert company is not None
+        user = company.user(hit[1])
+        assert user is not None
+        return company, user
+
+    def is_trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted_networks)
+
+    def describe(self) -> str:
+        """The effective configuration as ``dealmail check-config`` prints it."""
+        lines = [
+            f"config: {self.path}",
+            f"mail domain: {self.mail_domain}",
+            f"database: {self.database_url}",
+            f"inbound: {self.inbound_listen}   submission: {self.submission_listen}",
+            f"message size limit: {self.message_size_limit} bytes; "
+            f"max recipients: {self.max_recipients}",
+            "trusted networks: " + (", ".join(map(str, self.trusted_networks)) or "(none)"),
+        ]
+        for c in self.companies:
+            lines.append("")
+            lines.append(f"company {c.slug} ({c.name}); internal domains: "
+                         + ", ".join(c.internal_domains))
+            d = self.mail_domain
+            lines.append(f"  serves: {c.slug}@{d} (Smart BCC), {c.slug}+deal<ID>@{d}, "
+                         f"{c.slug}+ask@{d}, {c.slug}+choice-<token>@{d}")
+            accepted = ", ".join(c.accept_levels) or "-"
+            lines.append(f"  sender verification: minimum {c.min_verification}; also accepted: "
+                         f"{accepted}; below it: {c.on_unverified}")
+            for u in c.users:
+                lines.append(
+                    f"  user {u.address} ({u.role}; default {u.default_visibility}; "
+                    f"auto deal linking {'on' if u.auto_link_deals else 'off'}; {u.language}; "
+                    f"{u.timezone}; relay password {'set' if u.password_hash else 'not set'})"
+                )
+                lines.append("    may send as: " + ", ".join(u.addresses))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- line index
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map dotted key paths (``companies[0].users[1].address``) to their line numbers.
+
+    tomllib gives no positions, so we follow the table headers ourselves; this covers the
+    forms the example uses (tables, arrays of tables, ``key = value``)."""
+    lines: dict[str, int] = {}
+    counters: dict[str, int] = {}
+    prefix = ""
+    header_re = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"]+)\s*\]\]?")
+    key_re = re.compile(r"^\s*([A-Za-z0-9_\-\"]+(?:\s*\.\s*[A-Za-z0-9_\-\"]+)*)\s*=")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        m = header_re.match(line)
+        if m:
+            parts = [p.strip('"') for p in m.group(2).split(".")]
+            # Resolve the path: each earlier part refers to the latest element of its array.
+            path = ""
+            for i, part in enumerate(parts):
+                base = f"{path}.{part}" if path else part
+                is_last = i == len(parts) - 1
+                if is_last and m.group(1) == "[[":
+                    idx = counters.get(base, -1) + 1
+                    counters[base] = idx
+                    # A nested array's key includes its parent's index, so it restarts
+                    # by itself for each new parent element.
+                    path = f"{base}[{idx}]"
+                elif base in counters:
+                    path = f"{base}[{counters[base]}]"
+                else:
+                    path = base
+            prefix = path
+            lines.setdefault(prefix, lineno)
+            continue
+        m = key_re.match(line)
+        if m and not line.lstrip().startswith("#"):
+            key = ".".join(p.strip().strip('"') for p in m.group(1).split("."))
+            lines.setdefault(f"{prefix}.{key}" if prefix else key, lineno)
+    return lines
+
+
+class _Problems:
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = _key_lines(text)
+        self.items: list[str] = []
+
+    def line_of(self, key: str) -> int:
+        probe = key
+        while probe:
+            if probe in self.lines:
+                return self.lines[probe]
+            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        return 1
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append(f"{self.path}:{self.line_of(key)}: {key}: {message}")
+
+
+# --------------------------------------------------------------------------- schema
+
+
+_SERVER_KEYS = {"mail_domain": str, "hostname": str, "log_level": str, "log_file": str,
+                "demo_data": str}
+_DATABASE_KEYS = {"url": str}
+_LISTENER_KEYS = {"inbound": str, "submission": str, "max_connections": int,
+                  "command_timeout": (int, float), "data_timeout": (int, float)}
+_LIMIT_KEYS = {"message_size": int, "max_recipients": int}
+_POLICY_KEYS = {"trusted_networks": list, "create_unknown_persons": bool,
+                "freemail_domains": list, "thread_window_days": int, "choice_token_days": int}
+_COMPANY_KEYS = {"slug": str, "name": str, "internal_domains": list, "users": list,
+                 "sender_verification": dict}
+_VERIFY_KEYS = {"minimum": str, "accept": list, "on_unverified": str}
+_USER_KEYS = {"address": str, "alternates": list, "name": str, "role": str,
+              "default_visibility": str, "auto_link_deals": bool, "language": str,
+              "timezone": str, "password_hash": str, "digest": str, "confirm_choices": bool}
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(x.__name__ for x in t)
+    return {"str": "a string", "int": "an integer", "bool": "true or false", "list": "a list",
+            "dict": "a table"}.get(t.__name__, t.__name__)
+
+
+def _check_table(p: _Problems, where: str, table: Any, schema: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the known, well-typed keys of ``table``; report unknown keys and bad types."""
+    if not isinstance(table, dict):
+        p.add(where, "must be a table")
+        return {}
+    good: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"{where}.{key}" if where else key
+        if key not in schema:
+            p.add(path, "unknown key")
+            continue
+        expected = schema[key]
+        if isinstance(value, bool) and expected in (int, (int, float)):
+            p.add(path, f"must be {_type_name(expected)}, not true/false")
+            continue
+        if not isinstance(value, expected):
+            p.add(path, f"must be {_type_name(expected)}")
+            continue
+        good[key] = value
+    return good
+
+
+def _set_override(data: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {assignment}: expected section.key=value"])
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is taken as a string, like Postfix's -o
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"--set {assignment}: {part} is not a table"])
+    node[parts[-1]] = value
+
+
+def find_config_path(explicit: str | None, root: Path | None = None) -> tuple[Path, bool]:
+    """The config to use: ``--config``, else ``$DEALMAIL_CONFIG``, else ``conf/dealmail.toml``;
+    on a fresh clone without that file, the example. Returns (path, is_example_fallback)."""
+    if explicit:
+        return Path(explicit), False
+    env = os.environ.get("DEALMAIL_CONFIG")
+    if env:
+        return Path(env), False
+    base = root or Path.cwd()
+    main = base / "conf" / "dealmail.toml"
+    if main.exists():
+        return main, False
+    return base / "conf" / "dealmail.example.toml", True
+
+
+def load_config(path: Path, overrides: Iterable[str] = ()) -> Config:
+    """Read, override and validate a config file. Raises :class:`ConfigError` listing every
+    problem found."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}:1: (file): cannot read: {exc.strerror}"]) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        lineno = getattr(exc, "lineno", None) or _toml_error_line(str(exc))
+        raise ConfigError([f"{path}:{lineno}: (syntax): {exc}"]) from exc
+    for assignment in overrides:
+        _set_override(data, assignment)
+    return _validate(path, text, data)
+
+
+def _toml_error_line(message: str) -> int:
+    m = re.search(r"line (\d+)", message)
+    return int(m.group(1)) if m else 1
+
+
+def _address(p: _Problems, key: str, value: Any) -> str | None:
+    if not isinstance(value, str):
+        p.add(key, "must be an address string")
+        return None
+    try:
+        return normalize_address(value)
+    except AddressError as exc:
+        p.add(key, f"malformed address {value!r} ({exc})")
+        return None
+
+
+def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
+    p = _Problems(path, text)
+    top_schema = {"server": dict, "database": dict, "listeners": dict, "limits": dict,
+                  "policy": dict, "companies": list}
+    top = _check_table(p, "", data, top_schema)
+    server = _check_table(p, "server", top.get("server", {}), _SERVER_KEYS)
+    database = _check_table(p, "database", top.get("database", {}), _DATABASE_KEYS)
+    listeners = _check_table(p, "listeners", top.get("listeners", {}), _LISTENER_KEYS)
+    limits = _check_table(p, "limits", top.get("limits", {}), _LIMIT_KEYS)
+    policy = _check_table(p, "policy", top.get("policy", {}), _POLICY_KEYS)
+    kwargs: dict[str, Any] = {"path": path}
+
+    mail_domain = server.get("mail_domain", "dealmail.localhost")
+    try:
+        kwargs["mail_domain"] = normalize_domain(mail_domain)
+    except AddressError as exc:
+        p.add("server.mail_domain", str(exc))
+        kwargs["mail_domain"] = "dealmail.localhost"
+    kwargs["hostname"] = server.get("hostname", kwargs["mail_domain"])
+    level = server.get("log_level", "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        p.add("server.log_level", "must be one of debug, info, warning, error")
+    kwargs["log_level"] = level
+    kwargs["log_file"] = server.get("log_file", "")
+    kwargs["demo_data"] = server.get("demo_data", "")
+
+    url = database.get("url", "sqlite:///var/dealmail.db")
+    if not re.match(r"^(sqlite:///.+|sqlite:///:memory:|postgres(ql)?://.+)$", url):
+        p.add("database.url", "must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+    kwargs["database_url"] = url
+
+    for key, attr in (("inbound", "inbound_listen"), ("submission", "submission_listen")):
+        if key in listeners:
+            value = listeners[key]
+            if value and not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", value):
+                p.add(f"listeners.{key}", "must be HOST:PORT (an empty string disables it)")
+            kwargs[attr] = value
+    for key in ("max_connections",):
+        if key in listeners:
+            if listeners[key] < 1:
+                p.add(f"listeners.{key}", "must be at least 1")
+            kwargs[key] = listeners[key]
+    for key in ("command_timeout", "data_timeout"):
+        if key in listeners:
+            if listeners[key] <= 0:
+                p.add(f"listeners.{key}", "must be positive (seconds)")
+            kwargs[key] = float(listeners[key])
+    if "message_size" in limits:
+        if limits["message_size"] < 1024:
+            p.add("limits.message_size", "must be at least 1024 bytes")
+        kwargs["message_size_limit"] = limits["message_size"]
+    if "max_recipients" in limits:
+        if limits["max_recipients"] < 1:
+            p.add("limits.max_recipients", "must be at least 1")
+        kwargs["max_recipients"] = limits["max_recipients"]
+
+    nets = []
+    for i, value in enumerate(policy.get("trusted_networks", [])):
+        try:
+            nets.append(ipaddress.ip_network(str(value), strict=False))
+        except ValueError:
+            p.add(f"policy.trusted_networks[{i}]", f"{value!r} is not a CIDR network")
+    kwargs["trusted_networks"] = tuple(nets)
+    if "create_unknown_persons" in policy:
+        kwargs["create_unknown_persons"] = policy["create_unknown_persons"]
+    if "freemail_domains" in policy:
+        doms = []
+        for i, value in enumerate(policy["freemail_domains"]):
+            try:
+                doms.append(normalize_domain(str(value)))
+            except AddressError as exc:
+                p.add(f"policy.freemail_domains[{i}]", str(exc))
+        kwargs["freemail_domains"] = tuple(doms)
+    for key in ("thread_window_days", "choice_token_days"):
+        if key in policy:
+            if policy[key] < 1:
+                p.add(f"policy.{key}", "must be at least 1")
+            kwargs[key] = policy[key]
+
+    companies: list[Company] = []
+    claimed: dict[str, str] = {}  # address -> "companies[i].users[j].key" first claim
+    user_index: dict[str, tuple[str, str]] = {}
+    slugs: set[str] = set()
+    raw_companies = top.get("companies", [])
+    for ci, raw in enumerate(raw_companies):
+        where = f"companies[{ci}]"
+        c = _check_table(p, where, raw, _COMPANY_KEYS)
+        slug = c.get("slug")
+        if slug is None:
+            p.add(where, "missing key: slug")
+            slug = f"company{ci}"
+        elif not _SLUG_RE.match(slug) or "+" in slug:
+            p.add(f"{where}.slug", f"{slug!r} is not a valid local part "
+                  "(lower-case letters, digits, '.', '_' and '-'; no '+')")
+        if slug in slugs:
+            p.add(f"{where}.slug", f"company {slug!r} is defined twice")
+        slugs.add(slug)
+        domains: list[str] = []
+        for di, d in enumerate(c.get("internal_domains", [])):
+            try:
+                domains.append(normalize_domain(str(d)))
+            except AddressError as exc:
+                p.add(f"{where}.internal_domains[{di}]", str(exc))
+        verify = _check_table(p, f"{where}.sender_verification",
+                              c.get("sender_verification", {}), _VERIFY_KEYS)
+        minimum = verify.get("minimum", "strong")
+        if minimum not in VERIFY_LEVELS:
+            p.add(f"{where}.sender_verification.minimum",
+                  f"must be one of {', '.join(VERIFY_LEVELS)}")
+        accept = tuple(str(x) for x in verify.get("accept", []))
+        for ai, level_name in enumerate(accept):
+            if level_name not in VERIFY_LEVELS:
+                p.add(f"{where}.sender_verification.accept[{ai}]",
+                      f"must be one of {', '.join(VERIFY_LEVELS)}")
+        on_unverified = verify.get("on_unverified", "reject")
+        if on_unverified not in ("reject", "quarantine"):
+            p.add(f"{where}.sender_verification.on_unverified", "must be reject or quarantine")
+        users: list[User] = []
+        for ui, raw_user in enumerate(c.get("users", [])):
+            uwhere = f"{where}.users[{ui}]"
+            u = _check_table(p, uwhere, raw_user, _USER_KEYS)
+            if "address" not in u:
+                p.add(uwhere, "missing key: address")
+                continue
+            primary = _address(p, f"{uwhere}.address", u["address"])
+            alternates: list[str] = []
+            for ai, alt in enumerate(u.get("alternates", [])):
+                a = _address(p, f"{uwhere}.alternates[{ai}]", alt)
+                if a:
+                    alternates.append(a)
+            if primary is None:
+                continue
+            if domains and primary.rpartition("@")[2] not in domains:
+                p.add(f"{uwhere}.address",
+                      f"{primary} is outside the company's internal domains")
+            for key, addr in [("address", primary)] + [
+                (f"alternates[{i}]", a) for i, a in enumerate(alternates)
+            ]:
+                if addr in claimed:
+                    p.add(f"{uwhere}.{key}", f"{addr} is already claimed by {claimed[addr]}")
+                else:
+                    claimed[addr] = f"{uwhere}.{key}"
+                    user_index[addr] = (slug, primary)
+            role = u.get("role", "user")
+            if role not in ("admin", "user"):
+                p.add(f"{uwhere}.role", "must be admin or user")
+            vis = u.get("default_visibility", "shared")
+            if vis not in ("shared", "private"):
+                p.add(f"{uwhere}.default_visibility", "must be shared or private")
+            lang = u.get("language", "en")
+            if lang not in ("en", "ja"):
+                p.add(f"{uwhere}.language", "must be en or ja")
+            tz = u.get("timezone", "UTC")
+            try:
+                ZoneInfo(tz)
+            except (ZoneInfoNotFoundError, ValueError):
+                p.add(f"{uwhere}.timezone", f"unknown time zone {tz!r}")
+            pw = u.get("password_hash", "")
+            if pw and not pw.startswith(("scrypt$", "$argon2")):
+                p.add(f"{uwhere}.password_hash",
+                      "must be a hash made by `dealmail set-password` (never a plain password)")
+            digest = u.get("digest", "daily")
+            if digest not in ("daily", "weekly", "off"):
+                p.add(f"{uwhere}.digest", "must be daily, weekly or off")
+            users.append(User(
+                address=primary, company=slug, alternates=tuple(alternates),
+                name=u.get("name", ""), role=role, default_visibility=vis,
+                auto_link_deals=u.get("auto_link_deals", True), language=lang, timezone=tz,
+                password_hash=pw, digest=digest, confirm_choices=u.get("confirm_choices", True),
+            ))
+        companies.append(Company(
+            slug=slug, name=c.get("name", slug), internal_domains=tuple(domains),
+            users=tuple(users), min_verification=minimum, accept_levels=accept,
+            on_unverified=on_unverified,
+        ))
+    # A company's own addresses (slug@mail_domain...) must not be a user's address.
+    for addr, where in claimed.items():
+        if addr.rpartition("@")[2] == kwargs["mail_domain"]:
+            p.add(where, f"{addr} is inside dealmail's own mail domain")
+    if p.items:
+        raise ConfigError(p.items)
+    return Config(companies=tuple(companies), user_index=user_index, **kwargs)
