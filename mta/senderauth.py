@@ -792,6 +792,8 @@ class SenderVerifier:
             res.reason = "unparseable DKIM-Signature"
             return res
         before = len(temp_log)
+        # One dkimpy object serves every index; clear the key state of the previous one.
+        verifier.ktag, verifier.keysize = None, 0
         try:
             ok = bool(verifier.verify(idx=idx, dnsfunc=dnsfunc))
         except DnsTempError as exc:
