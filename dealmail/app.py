@@ -1,0 +1,133 @@
+"""The application object: built once at start-up from the config and passed down.
+
+It owns the store, the group committer, the worker pool, the routing table and the handlers,
+and the current config (swapped whole on SIGHUP after validation; an invalid file leaves the
+old one in force). Nothing in dealmail keeps mutable state at module level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from crmstore.db import Store
+from linking.record import Directory
+from mta.committer import GroupCommitter
+from mta.handlers.smart_bcc import SmartBccHandler, deal_rcpt_check, network_verifier
+from mta.routing import RoutingTable
+from mta.server import Handler, InboundHooks, start_listener
+
+from .clock import Clock, SystemClock
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("dealmail.app")
+
+
+class App:
+    def __init__(self, config: Config, clock: Clock | None = None,
+                 overrides: tuple[str, ...] = (), base: Path | None = None) -> None:
+        self.config = config
+        self.overrides = overrides
+        self.clock: Clock = clock or SystemClock()
+        self.base = base or Path.cwd()
+        self.store = Store(config.database_url, self.base)
+        self.committer: GroupCommitter | None = None
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dealmail-work")
+        self.directory: Directory | None = None
+        self.routing = RoutingTable(config)
+        self.servers: dict[str, asyncio.Server] = {}
+        self.handlers: dict[str, Handler] = {}
+
+    # ------------------------------------------------------------------ set-up
+
+    def open_store(self) -> None:
+        self.store.open()
+        self.store.sync_config(self.config)
+        self.directory = Directory(self.config)
+
+    def get_config(self) -> Config:
+        return self.config
+
+    def get_directory(self) -> Directory:
+        assert self.directory is not None, "open_store() first"
+        return self.directory
+
+    def build_handlers(self) -> dict[str, Handler]:
+        bcc = SmartBccHandler(
+            self.get_config, self.get_directory, self.clock.now,
+            network_verifier(self.get_config),
+        )
+        return {"bcc": bcc, "deal": bcc}
+
+    def reload(self, path: Path | None = None) -> bool:
+        """Validate the config file again and swap it in; keep the old one if invalid."""
+        try:
+            new = load_config(path or self.config.path, self.overrides)
+        except ConfigError as exc:
+            log.error("config reload refused, previous configuration stays in force:\n%s", exc)
+            return False
+        self.store.sync_config(new)
+        self.config = new
+        self.directory = Directory(new)
+        self.routing = RoutingTable(new, self.routing.enabled)
+        log.info("config reloaded from %s", new.path)
+        return True
+
+    # ------------------------------------------------------------------ serving
+
+    async def start(self) -> None:
+        """Open the store and start the listeners (ports 0 pick free ones)."""
+        self.open_store()
+        self.committer = GroupCommitter(Store(self.config.database_url, self.base))
+        self.committer.store.open()
+        self.committer.start()
+        self.handlers = self.build_handlers()
+        self.routing = RoutingTable(self.config, frozenset(self.handlers))
+        hooks = InboundHooks(
+            lambda: self.routing, self.handlers, self.committer, self.executor,
+            self.config.max_recipients, rcpt_check=deal_rcpt_check(self.get_directory),
+        )
+        c = self.config
+        if c.inbound_listen:
+            self.servers["inbound"] = await start_listener(
+                hooks, c.inbound_listen, hostname=c.hostname,
+                data_size_limit=c.message_size_limit, command_timeout=c.command_timeout,
+                data_timeout=c.data_timeout, max_connections=c.max_connections,
+            )
+            log.info("inbound SMTP listening on %s", self.address("inbound"))
+
+    def address(self, name: str) -> str:
+        sock = self.servers[name].sockets[0]
+        host, port = sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def port(self, name: str) -> int:
+        return int(self.servers[name].sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Graceful stop: refuse new connections, let transactions in flight finish."""
+        for server in self.servers.values():
+            server.close()
+        for server in self.servers.values():
+            await server.wait_closed()
+        if self.committer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.committer.stop)
+        self.executor.shutdown(wait=True)
+        self.store.close()
+        log.info("stopped")
+
+    async def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT; SIGHUP reloads the config."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await stop.wait()
+        log.info("SIGTERM received: stopping")
+        await self.stop()
+

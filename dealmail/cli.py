@@ -1,0 +1,277 @@
+"""The ``dealmail`` command line: serve, check-config, set-password, import, listings.
+
+Every subcommand takes ``--config PATH`` and any number of ``--set section.key=value``
+overrides. Errors are one clear message on stderr and a non-zero exit; nothing is written when
+the config or an input file is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, find_config_path, load_config
+from .logs import setup_logging
+
+log = logging.getLogger("dealmail")
+
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
+EXIT_DATA = 65  # EX_DATAERR
+EXIT_NOTFOUND = 67  # EX_NOUSER
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (default: $DEALMAIL_CONFIG, else "
+                        "conf/dealmail.toml, else the example)")
+    common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable)")
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    p = argparse.ArgumentParser(prog="dealmail", parents=[common],
+                                description="Email-native mail server for sales teams.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", parents=[common], help="run the server until SIGTERM")
+    sub.add_parser("check-config", parents=[common],
+                   help="validate the config and print the effective configuration")
+    sp = sub.add_parser("set-password", parents=[common],
+                        help="set a user's relay password (reads it from stdin if not a tty)")
+    sp.add_argument("address")
+    ip = sub.add_parser("import", parents=[common], help="import a CRM export (CSV)")
+    ip.add_argument("kind", choices=["organizations", "persons", "deals"])
+    ip.add_argument("file", type=Path)
+    ip.add_argument("--company", required=True, metavar="SLUG")
+    ip.add_argument("--encoding", help="force the file's encoding (default: detected)")
+    for name in ("persons", "deals"):
+        lp = sub.add_parser(name, parents=[common], help=f"{name} commands")
+        lsub = lp.add_subparsers(dest="action", required=True)
+        ll = lsub.add_parser("list", parents=[common], help=f"list {name}")
+        ll.add_argument("--company", metavar="SLUG")
+        ll.add_argument("--json", action="store_true")
+    cp = sub.add_parser("conversations", parents=[common],
+                        help="threads and emails of a person or deal, as a user may see them")
+    cp.add_argument("--as", dest="as_user", required=True, metavar="USER_ADDRESS")
+    target = cp.add_mutually_exclusive_group(required=True)
+    target.add_argument("--person", metavar="ADDRESS")
+    target.add_argument("--deal", type=int, metavar="ID")
+    cp.add_argument("--json", action="store_true")
+    return p
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, bool]:
+    path, fallback = find_config_path(args.config)
+    config = load_config(path, args.set)
+    return config, fallback
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config, fallback = _load(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"dealmail: {len(exc.problems)} problem(s) in the configuration; "
+              "nothing started", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(args.log_level or config.log_level, config.log_file)
+    command = args.command
+    if command == "serve":
+        return serve(config, fallback, tuple(args.set))
+    if command == "check-config":
+        print(config.describe())
+        return 0
+    if command == "set-password":
+        return _set_password(config, args.address)
+    try:
+        return _store_command(config, args)
+    except _CliError as exc:
+        print(f"dealmail: {exc}", file=sys.stderr)
+        return exc.code
+
+
+class _CliError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def serve(config: Config, fallback: bool, overrides: tuple[str, ...]) -> int:
+    from .app import App
+
+    if fallback:
+        log.warning("conf/dealmail.toml not found: using the example config %s "
+                    "(copy it to conf/dealmail.toml to make it yours)", config.path)
+    else:
+        log.info("using config %s", config.path)
+    app = App(config, overrides=overrides)
+    try:
+        app.open_store()
+        load_demo_if_empty(app)
+        asyncio.run(app.serve_forever())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def load_demo_if_empty(app: Any) -> None:
+    """First start with ``server.demo_data`` set: load its CSVs into the empty database."""
+    from crmstore.importer import import_csv
+
+    from crmstore import models as m
+
+    config = app.config
+    if not config.demo_data or not config.companies:
+        return
+    folder = Path(config.demo_data)
+    if not folder.is_absolute():
+        folder = app.base / folder
+    if m.Person.select().exists() or not folder.is_dir():
+        return
+    slug = config.companies[0].slug
+    for kind in ("organizations", "persons", "deals"):
+        path = folder / f"{kind}.csv"
+        if path.exists():
+            report = import_csv(app.store, slug, kind, path)
+            log.info("demo data: imported %s rows of %s into company %s", report.rows, kind,
+                     slug)
+
+
+def _set_password(config: Config, address: str) -> int:
+    from .passwords import hash_password, set_password_in_file
+
+    found = config.find_user(address.strip().lower())
+    if found is None:
+        print(f"dealmail: unknown user {address!r}", file=sys.stderr)
+        return EXIT_NOTFOUND
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"New relay password for {address}: ")
+        if getpass.getpass("Again: ") != password:
+            print("dealmail: the passwords differ; nothing changed", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 10:
+        print("dealmail: a relay password needs at least 10 characters", file=sys.stderr)
+        return EXIT_USAGE
+    set_password_in_file(config.path, found[1].address, hash_password(password))
+    print(f"password set for {found[1].address} in {config.path}")
+    return 0
+
+
+def _progress_bar(enabled: bool) -> Any:
+    if not enabled:
+        return None
+
+    def show(done: int, total: int) -> None:
+        width = 40
+        filled = int(width * done / total) if total else width
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def _store_command(config: Config, args: argparse.Namespace) -> int:
+    from crmstore import queries
+    from crmstore.db import Store, StoreError
+
+    store = Store(config.database_url)
+    try:
+        store.open()
+        store.sync_config(config)
+    except StoreError as exc:
+        raise _CliError(str(exc), EXIT_CONFIG) from exc
+
+    def company_id(slug: str | None) -> int:
+        if slug is None:
+            if not config.companies:
+                raise _CliError("no company in the config", EXIT_CONFIG)
+            slug = config.companies[0].slug
+        if config.company(slug) is None:
+            raise _CliError(f"unknown company {slug!r}", EXIT_NOTFOUND)
+        return store.company_id(slug)
+
+    try:
+        if args.command == "import":
+            from crmstore.importer import CsvImportError, import_csv
+
+            company_id(args.company)
+            try:
+                report = import_csv(store, args.company, args.kind, args.file, args.encoding,
+                                    progress=_progress_bar(sys.stderr.isatty()))
+            except CsvImportError as exc:
+                for problem in exc.problems:
+                    print(problem, file=sys.stderr)
+                raise _CliError(f"{args.file}: {len(exc.problems)} bad row(s); nothing "
+                                "imported", EXIT_DATA) from exc
+            except OSError as exc:
+                raise _CliError(f"{args.file}: {exc.strerror}", EXIT_DATA) from exc
+            print(f"{args.kind}: {report.rows} rows; {report.created} created, "
+                  f"{report.updated} updated, {report.unchanged} unchanged")
+            return 0
+        if args.command in ("persons", "deals"):
+            cid = company_id(args.company)
+            rows = (queries.list_persons(cid) if args.command == "persons"
+                    else queries.list_deals(cid))
+            if args.json:
+                print(json.dumps(rows, ensure_ascii=False, indent=2))
+            else:
+                for r in rows:
+                    if args.command == "persons":
+                        print(f"#{r['id']:<6} {r['name']:<28} {', '.join(r['addresses']):<40} "
+                              f"{r['organization'] or '-':<20} open deals: {r['open_deals']}")
+                    else:
+                        print(f"#{r['id']:<6} {r['title']:<28} {r['status']:<5} "
+                              f"{r['stage'] or '-':<14} {r['person'] or '-':<20} "
+                              f"{r['organization'] or '-':<20} {r['value'] or '-'} "
+                              f"{r['currency']} owner {r['owner'] or '-'}")
+            return 0
+        if args.command == "conversations":
+            return _conversations(config, store, args)
+    except queries.NotFound as exc:
+        raise _CliError(str(exc), EXIT_NOTFOUND) from exc
+    finally:
+        store.close()
+    raise _CliError(f"unknown command {args.command}", EXIT_USAGE)
+
+
+def _conversations(config: Config, store: Any, args: argparse.Namespace) -> int:
+    from crmstore import queries
+
+    user = queries.find_user(args.as_user)
+    cid = user.company_id
+    person = queries.find_person(cid, args.person) if args.person else None
+    deal = queries.find_deal(cid, args.deal) if args.deal is not None else None
+    result = queries.conversations(user, person=person, deal=deal)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return 0
+    what = f"person {args.person}" if person else f"deal #{args.deal} {deal.title if deal else ''}"
+    print(f"Conversations of {what} as seen by {user.address}:")
+    for t in result["threads"]:
+        deal_txt = (f"deal #{t['deal']['id']} {t['deal']['title']}" if t["deal"]
+                    else ("needs a deal choice" if t["needs_choice"] else "no deal"))
+        print(f"\n  thread #{t['id']}: {t['subject']}  [{deal_txt}]")
+        for e in t["emails"]:
+            print(f"    {e['date']}  {e['from']['address']:<28} {e['subject']}  "
+                  f"({e['channel']}, {e['owner']}, {e['visibility']})")
+            if e["snippet"]:
+                print(f"        {e['snippet'][:100]}")
+    if result["hidden"]:
+        print(f"\n  ({result['hidden']} email(s) you may not see are not shown)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""Smart BCC handler: a user's copy of their mail, sent to ``<slug>@`` or ``<slug>+deal<ID>@``.
+
+Seed rules 4 and 5: one universal company address; only a user's primary address, or an
+alternate listed in the config, may use it. The sender is the header From, parsed strictly;
+whether the claim is believable is decided by the sender verifier (trusted network here,
+cryptographic levels in ``mta.senderauth``). A message that passes is stored once and linked by
+``linking.record``; auto-replies are accepted and ignored so that no loop can start.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from dealmail.config import Company, Config, User
+from linking.parse import MessageRejected, ParsedMessage, parse_message
+from linking.record import Delivery, Directory, Original, RecordResult, record_email
+
+from .. import replies
+from ..replies import Reply
+from ..server import DataContext, Job
+
+log = logging.getLogger("dealmail.bcc")
+
+
+@dataclass
+class Verification:
+    """The sender verifier's answer for one message."""
+
+    level: str
+    reason: str
+    accepted: bool
+    quarantine: bool = False
+    temp_error: bool = False
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+Verifier = Callable[[DataContext, ParsedMessage, Company, User], Verification]
+OriginalsOf = Callable[[ParsedMessage, User, Company], tuple[str, list[Original]]]
+AfterRecord = Callable[[RecordResult, User, Company], None]
+
+
+def network_verifier(config_of: Callable[[], Config]) -> Verifier:
+    """Identity trusted only from the configured trusted networks (like Postfix mynetworks)."""
+
+    def verify(ctx: DataContext, parsed: ParsedMessage, company: Company,
+               user: User) -> Verification:
+        if config_of().is_trusted(ctx.peer_ip):
+            return Verification("trusted-network", f"client {ctx.peer_ip} is in a trusted "
+                                "network", True, evidence={"client_ip": ctx.peer_ip})
+        return Verification("none", f"client {ctx.peer_ip} is not in a trusted network and "
+                            "the message carries no accepted proof", False,
+                            evidence={"client_ip": ctx.peer_ip})
+
+    return verify
+
+
+def plain_original(parsed: ParsedMessage, when: datetime) -> Original:
+    return Original(
+        from_=parsed.from_, to=parsed.to, cc=parsed.cc, subject=parsed.subject,
+        date=parsed.date or when, message_id=parsed.message_id,
+        in_reply_to=parsed.in_reply_to, references=parsed.references,
+        thread_index=parsed.thread_index, snippet=parsed.snippet,
+        attachments=parsed.attachments, content_hash=parsed.content_hash,
+    )
+
+
+class SmartBccHandler:
+    channel = "bcc"
+
+    def __init__(
+        self,
+        config_of: Callable[[], Config],
+        directory_of: Callable[[], Directory],
+        now: Callable[[], datetime],
+        verifier: Verifier,
+        originals_of: OriginalsOf | None = None,
+        after_record: AfterRecord | None = None,
+    ) -> None:
+        self.config_of = config_of
+        self.directory_of = directory_of
+        self.now = now
+        self.verifier = verifier
+        self.originals_of = originals_of
+        self.after_record = after_record
+
+    def check(self, ctx: DataContext) -> Reply | Job:
+        qid = ctx.queue_id
+        try:
+            parsed = parse_message(ctx.raw)
+        except MessageRejected as exc:
+            log.info("[%s] refused from %s: %s", qid, ctx.peer_ip, exc.reason)
+            return replies.bad_content(exc.reason)
+        mid = parsed.message_id or "-"
+        if parsed.is_auto:
+            log.info("[%s] %s ignored: %s", qid, mid, parsed.auto_reason)
+            return replies.ok(f"Ok: {qid} ignored (automatic message)")
+        company = ctx.routes[0].company
+        config = self.config_of()
+        found = config.find_user(parsed.from_.address)
+        if found is None or found[0].slug != company.slug:
+            log.info("[%s] %s refused: sender %s is not a user of %s", qid, mid,
+                     parsed.from_.address, company.slug)
+            return replies.not_allowed(
+                f"<{parsed.from_.address}> is not allowed to use this address")
+        _company, user = found
+        verdict = self.verifier(ctx, parsed, company, user)
+        if verdict.temp_error:
+            log.info("[%s] %s deferred: %s", qid, mid, verdict.reason)
+            return replies.dns_temp_failure(f"Sender verification failed temporarily: "
+                                            f"{verdict.reason}")
+        if not verdict.accepted and not verdict.quarantine:
+            log.info("[%s] %s refused: sender %s not verified (%s; level %s)", qid, mid,
+                     parsed.from_.address, verdict.reason, verdict.level)
+            return replies.not_allowed(
+                f"Message from <{parsed.from_.address}> could not be verified: "
+                f"{verdict.reason}. If this is your address, send from your login address "
+                "or ask your admin to list it among your alternate addresses")
+        envelope = ctx.mail_from.lower()
+        if envelope and envelope not in user.addresses:
+            log.info("[%s] %s envelope sender <%s> is not an address of %s", qid, mid,
+                     ctx.mail_from, user.address)
+        deal_id = next((r.deal_id for r in ctx.routes if r.deal_id is not None), None)
+        now = self.now()
+        if self.originals_of is not None:
+            channel, originals = self.originals_of(parsed, user, company)
+        else:
+            channel, originals = self.channel, [plain_original(parsed, now)]
+        delivery = Delivery(
+            user=user, company=company, channel=channel, queue_id=qid, received_at=now,
+            envelope_from=ctx.mail_from, client_ip=ctx.peer_ip, verification=verdict.level,
+            evidence=verdict.evidence, deal_id=deal_id,
+            quarantined=not verdict.accepted and verdict.quarantine,
+        )
+        log.info("[%s] %s accepted from %s (%s, %s)", qid, mid, user.address, verdict.level,
+                 channel)
+
+        def job() -> Reply:
+            directory = self.directory_of()
+            results = []
+            for original in originals:
+                result = record_email(config, directory, original, ctx.raw, delivery)
+                results.append(result)
+                if self.after_record is not None and not result.duplicate:
+                    self.after_record(result, user, company)
+            for original, result in zip(originals, results, strict=True):
+                log.info("[%s] %s stored as email #%s%s: %s", qid,
+                         original.message_id or "-", result.email_id,
+                         " (repeat, no-op)" if result.duplicate else "",
+                         "; ".join(result.decisions) or "no decision")
+            return replies.queued(qid)
+
+        return job
+
+
+def deal_rcpt_check(directory_of: Callable[[], Directory]) -> Callable[[Any], Reply | None]:
+    """RCPT-time check of ``+deal<ID>``: the deal must exist in that company (550 5.1.1)."""
+    from crmstore import models as m
+
+    def check(route: Any) -> Reply | None:
+        if route.kind != "deal":
+            return None
+        company_id = directory_of().company_ids.get(route.company.slug)
+        exists = (m.Deal.select(m.Deal.id)
+                  .where((m.Deal.id == route.deal_id) & (m.Deal.company == company_id))
+                  .exists())
+        return None if exists else replies.Reply(
+            550, "5.1.1", f"<{route.address}>: no deal {route.deal_id} in this company")
+
+    return check

@@ -1,0 +1,257 @@
+"""SMTP listeners: aiosmtpd protocol objects, the hook object that routes and answers, limits.
+
+``InboundHooks`` is aiosmtpd's "handler" object; we keep the word *handler* for the per-address
+business logic in ``mta.handlers``. The hooks check recipients at RCPT time against the routing
+table, and at DATA hand the message to the handler of its route: the handler's checks run in a
+worker thread, its database work in the group committer, and the reply is sent only after the
+commit returned. Any fault of ours answers ``451 4.3.0`` with an incident reference, never
+aiosmtpd's default ``500`` with the exception text (RELIABILITY.md §0.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from . import replies
+from .committer import GroupCommitter
+from .replies import Reply
+from .routing import Route, RoutingTable
+
+log = logging.getLogger("dealmail.smtp")
+
+
+def new_queue_id() -> str:
+    """dealmail's own id for one SMTP transaction (carried by every log line about it)."""
+    return secrets.token_hex(6).upper()
+
+
+@dataclass
+class DataContext:
+    """Everything a handler gets about one received message."""
+
+    raw: bytes
+    mail_from: str
+    routes: list[Route]
+    peer_ip: str
+    helo: str
+    queue_id: str
+    authenticated_as: str | None = None
+    smtp_utf8: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Job = Callable[[], Reply]
+
+
+class Handler(Protocol):
+    def check(self, ctx: DataContext) -> Reply | Job:
+        """Runs in a worker thread with no write access: parse, verify, decide. Returns the
+        final reply (refusals, ignored auto-replies) or a job for the committer, which runs
+        it in the transaction and returns the reply to send once committed."""
+        ...
+
+
+class ConnectionGate:
+    """Caps simultaneous connections of one listener (aiosmtpd has none: its issue #282)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+
+class DealmailSMTP(SMTP):
+    """aiosmtpd's protocol with our limits: connection cap, DATA deadline, enhanced codes."""
+
+    def __init__(self, handler: Any, *, gate: ConnectionGate, data_timeout: float,
+                 **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._gate = gate
+        self._data_timeout = data_timeout
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        if first and self._gate.open >= self._gate.limit:
+            # RFC 5321 §3.8: 421 and close when the service cannot take the connection.
+            transport.write(b"421 4.3.2 Too many connections, try again later\r\n")
+            transport.close()
+            return
+        if first:
+            self._gate.open += 1
+            self._counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            self._gate.open -= 1
+            self._counted = False
+        if self.session is None:
+            return
+        super().connection_lost(error)
+
+    async def push(self, status: Any) -> None:
+        # aiosmtpd's own replies lack enhanced status codes (RFC 2034) or are 500s where a
+        # 4xx/5xx with a precise meaning is due.
+        if isinstance(status, str):
+            if status.startswith("552 Error: Too much mail data"):
+                status = str(replies.too_big())
+            elif status.startswith("500 Error: (") :
+                status = "451 4.3.0 Temporary local problem, please try again later"
+        await super().push(status)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's idle timer is not reset while DATA flows; give the whole upload and our
+        # processing one deadline so a slow commit is not cut off before its 250.
+        self._reset_timeout(self._data_timeout)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
+
+
+class InboundHooks:
+    """aiosmtpd hook object of the inbound listener (Smart BCC, forwards, answers)."""
+
+    def __init__(
+        self,
+        routing: Callable[[], RoutingTable],
+        handlers: dict[str, Handler],
+        committer: GroupCommitter,
+        executor: ThreadPoolExecutor,
+        max_recipients: int,
+        rcpt_check: Callable[[Route], Reply | None] | None = None,
+    ) -> None:
+        self._routing = routing
+        self.handlers = handlers
+        self.committer = committer
+        self.executor = executor
+        self.max_recipients = max_recipients
+        self.rcpt_check = rcpt_check
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd handles pipelined commands in order; advertise it (RFC 2920) and our
+        # enhanced status codes (RFC 2034).
+        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        return [*responses[:-1], *extra, responses[-1]]
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.routes = []  # type: ignore[attr-defined]
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        routes: list[Route] = getattr(envelope, "routes", [])
+        if len(envelope.rcpt_tos) >= self.max_recipients:
+            return str(replies.too_many_recipients())
+        route = self._routing().route(address)
+        if route is None or route.kind not in self.handlers:
+            log.info("refused RCPT <%s> from %s: not one of our addresses",
+                     address, _peer_ip(session))
+            return str(replies.unknown_recipient(address))
+        if routes:
+            first = routes[0]
+            same_family = (first.kind in ("bcc", "deal")) == (route.kind in ("bcc", "deal"))
+            if first.company.slug != route.company.slug or not same_family or (
+                route.kind not in ("bcc", "deal")
+            ):
+                # RFC 5321 §3.3: a 452 for this recipient makes the client send it in a later
+                # transaction, so each transaction has one company and one kind of handler.
+                return "452 4.5.3 Please send to this address in a separate transaction"
+        if self.rcpt_check is not None:
+            refusal = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.rcpt_check, route)
+            if refusal is not None:
+                return str(refusal)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        routes.append(route)
+        envelope.routes = routes  # type: ignore[attr-defined]
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        routes: list[Route] = getattr(envelope, "routes", [])
+        queue_id = new_queue_id()
+        raw = envelope.original_content or b""
+        ctx = DataContext(
+            raw=bytes(raw), mail_from=envelope.mail_from or "", routes=routes,
+            peer_ip=_peer_ip(session), helo=session.host_name or "", queue_id=queue_id,
+            authenticated_as=_auth_login(session),
+            smtp_utf8="SMTPUTF8" in [o.upper() for o in envelope.mail_options],
+        )
+        handler = self.handlers[routes[0].kind]
+        loop = asyncio.get_running_loop()
+        try:
+            decided = await loop.run_in_executor(self.executor, handler.check, ctx)
+            if isinstance(decided, Reply):
+                reply = decided
+            else:
+                reply = await asyncio.wrap_future(self.committer.submit(decided))
+        except Exception:
+            log.exception("[%s] fault while handling DATA from %s", queue_id, ctx.peer_ip)
+            reply = replies.temp_failure(queue_id)
+        return str(reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        incident = new_queue_id()
+        log.error("incident %s: SMTP session error", incident, exc_info=error)
+        return str(replies.temp_failure(incident))
+
+
+def _peer_ip(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "")
+
+
+def _auth_login(session: Session) -> str | None:
+    if not session.authenticated:
+        return None
+    data = session.auth_data
+    login = getattr(data, "login", None)
+    if isinstance(login, bytes):
+        return login.decode("utf-8", "replace")
+    return str(login) if login else None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def start_listener(
+    hooks: Any, listen: str, *, hostname: str, data_size_limit: int, command_timeout: float,
+    data_timeout: float, max_connections: int, reuse_port: bool = False, **smtp_kwargs: Any,
+) -> asyncio.Server:
+    """Listen on ``HOST:PORT`` (port 0 picks a free one; read it from the server's socket)."""
+    host, port = parse_listen(listen)
+    gate = ConnectionGate(max_connections)
+    loop = asyncio.get_running_loop()
+
+    def factory() -> DealmailSMTP:
+        return DealmailSMTP(
+            hooks, gate=gate, data_timeout=data_timeout,
+            data_size_limit=data_size_limit, enable_SMTPUTF8=True, hostname=hostname,
+            ident="dealmail ESMTP", timeout=command_timeout, loop=loop, **smtp_kwargs,
+        )
+
+    kwargs: dict[str, Any] = {}
+    if reuse_port:
+        kwargs["reuse_port"] = True
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return await loop.create_server(factory, host=host, port=port, family=family, **kwargs)
