@@ -14,6 +14,8 @@ import socket
 import ssl
 import sys
 from collections.abc import Coroutine
+from datetime import UTC, datetime, timedelta
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ from mta.relay.delivery import (
     has_bare_cr_or_lf,
     normalize_line_endings,
 )
+from mta.relay.dsn import build_dsn
+from mta.relay.retry import parse_schedule
 
 MESSAGE = (
     b"From: Alice <alice@company.test>\r\n"
@@ -481,3 +485,35 @@ def test_route_validation() -> None:
         Route("h", 25, tls="maybe")
     with pytest.raises(ValueError, match="password"):
         Route("h", 25, username="u")
+
+
+# -- D.6.1 end to end: always 451 until the lifetime, then one failed DSN --------------------
+
+def test_always_451_until_give_up_then_one_dsn() -> None:
+    schedule = parse_schedule("1m,2m*10", give_up_after=timedelta(minutes=6))
+    first = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    now, attempts, times = first, 0, []
+    with SmtpSink() as sink:
+        sink.script(data="451 4.3.0 try again later")
+        while True:
+            result = send(sink.port, ["bob@customer.test"])
+            attempts += 1
+            times.append(now)
+            assert result.recipients[0].outcome is Outcome.TEMPORARY
+            nxt = schedule.next_attempt(attempts, first, now)
+            if nxt is None:
+                break
+            now = nxt  # the injected clock: no sleeping
+        msgs = sink.messages
+    assert msgs == []
+    assert [t - first for t in times] == [timedelta(minutes=m) for m in (0, 1, 3, 5, 6)]
+    dsn = build_dsn(MESSAGE, "alice@company.test", result.recipients, "relay.company.test",
+                    "MAILER-DAEMON@relay.company.test", first, now)
+    assert dsn is not None
+    report = next(p for p in dsn.walk() if p.get_content_type() == "message/delivery-status")
+    blocks = report.get_payload()
+    assert isinstance(blocks, list) and len(blocks) == 2
+    block = blocks[1]
+    assert isinstance(block, Message)
+    assert (block["Action"], block["Status"]) == ("failed", "4.4.7")
+    assert block["Diagnostic-Code"] == "smtp; 451 4.3.0 try again later"
