@@ -798,6 +798,10 @@ def _header_str(msg: Message, name: str) -> str:
 
 
 def _part_text(part: Message) -> str:
+    return _decode_part(part).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _decode_part(part: Message) -> str:
     try:
         content = part.get_content() if isinstance(part, EmailMessage) else None
         if isinstance(content, str):

@@ -19,13 +19,14 @@ __all__ = ["html_to_text"]
 _BLOCK_TAGS = frozenset({
     "address", "article", "aside", "blockquote", "center", "dd", "details", "dialog", "div",
     "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4",
-    "h5", "h6", "header", "hr", "li", "main", "nav", "ol", "p", "pre", "section", "summary",
+    "h5", "h6", "header", "li", "main", "nav", "ol", "p", "pre", "section", "summary",
     "table", "tbody", "thead", "tfoot", "tr", "ul", "caption",
 })
 _CELL_TAGS = frozenset({"td", "th"})
 # Content that is never shown to the reader.
 _SKIP_TAGS = frozenset({"style", "script", "head", "title", "template", "noscript", "xml"})
 _VOID_SKIP = frozenset({"meta", "link", "base"})
+_RULE = "_" * 32
 _SPACES_RE = re.compile(r"[ \t\r\n\f]+")
 
 
@@ -39,6 +40,15 @@ class _TextCollector(HTMLParser):
     def _newline(self) -> None:
         self.parts.append("\n")
 
+    def _ensure(self, count: int) -> None:
+        """End the current line for a block boundary: adjacent boundaries ("</div><div>")
+        give one line break, a paragraph (which browsers render with margins) a blank line."""
+        tail = "".join(self.parts[-4:]).rstrip(" ")
+        have = len(tail) - len(tail.rstrip("\n"))
+        if not "".join(self.parts).strip():
+            return
+        self.parts.append("\n" * max(0, count - have))
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in _VOID_SKIP:
             return
@@ -47,8 +57,13 @@ class _TextCollector(HTMLParser):
             return
         if tag == "br":
             self._newline()
+        elif tag == "hr":
+            # A horizontal rule is shown as a line of its own (as text browsers do); Outlook
+            # puts one above a forwarded header block, where plain text has "_____".
+            self._ensure(1)
+            self.parts.append(_RULE + "\n")
         elif tag in _BLOCK_TAGS:
-            self._newline()
+            self._ensure(2 if tag == "p" else 1)
             if tag == "pre":
                 self.pre_depth += 1
         elif tag in _CELL_TAGS:
@@ -63,7 +78,7 @@ class _TextCollector(HTMLParser):
             self.skip_depth = max(0, self.skip_depth - 1)
             return
         if tag in _BLOCK_TAGS:
-            self._newline()
+            self._ensure(2 if tag == "p" else 1)
             if tag == "pre":
                 self.pre_depth = max(0, self.pre_depth - 1)
         elif tag in _CELL_TAGS:
@@ -89,7 +104,10 @@ def html_to_text(html: str) -> str:
         collector.close()
     except (AssertionError, ValueError):  # pragma: no cover - html.parser is lenient
         pass
-    lines = [line.strip(" \t") for line in "".join(collector.parts).split("\n")]
+    lines = [
+        re.sub(r"[ \t]{2,}", " ", line).strip(" \t")
+        for line in "".join(collector.parts).split("\n")
+    ]
     out: list[str] = []
     for line in lines:
         if not line and (not out or not out[-1]):
