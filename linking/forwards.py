@@ -908,22 +908,21 @@ def _attached_chains(
     head = _from_message(sub, source, note, raw, default_tz)
     if level >= _MAX_CHAIN:
         return [[head]]
-    inner = _find(sub, default_tz, level + 1, head.body)
+    inner = _find(sub, default_tz, level + 1)
     if not inner:
         return [[head]]
     return [[head, *chain] for chain in inner]
 
 
-def _find(
-    msg: Message, default_tz: tzinfo, level: int, outer_note: str | None = None
-) -> list[list[ForwardedMessage]]:
+def _find(msg: Message, default_tz: tzinfo, level: int) -> list[list[ForwardedMessage]]:
     chains: list[list[ForwardedMessage]] = []
     text = _message_text(msg)
     subject = _header_str(msg, "Subject") if msg.get("Subject") is not None else None
     inline = parse_inline_forward(text, default_tz, subject=subject)
     if inline:
         chains.append(inline)
-    note = text.strip() if outer_note is None else ""
+    # What the forwarder wrote in the message that carries the attachments.
+    note = text.strip()
     for part in _leaves(msg):
         if part is msg:
             continue
@@ -938,8 +937,7 @@ def _find(
                 except (ValueError, TypeError, UnicodeError, LookupError):
                     raw = None
                 chains.extend(_attached_chains(sub, raw, "rfc822", note, default_tz, level))
-        elif name.endswith(".eml") and (_is_attachment(part) or ctype == "application/octet-stream"
-                                        or name):
+        elif name.endswith(".eml"):
             data = part.get_payload(decode=True)
             if isinstance(data, bytes) and data.strip():
                 sub = BytesParser(policy=policy.default).parsebytes(data)

@@ -496,3 +496,38 @@ def test_strip_subject_prefixes() -> None:
     assert strip_subject_prefixes("FW: RE: Offer") == "Offer"
     assert strip_subject_prefixes("TR : Offre") == "Offre"
     assert strip_subject_prefixes("Offer: final") == "Offer: final"
+
+
+def test_attached_message_inside_attached_message_is_one_chain() -> None:
+    inner = EmailMessage()
+    inner["From"] = "Dave <dave@customer.example>"
+    inner["Subject"] = "Contract"
+    inner["Date"] = "Tue, 24 Nov 2026 09:15:00 +0000"
+    inner.set_content("We sign.\n")
+    middle = EmailMessage()
+    middle["From"] = "Carol <carol@x.example>"
+    middle["Subject"] = "Fwd: Contract"
+    middle.set_content("Carol's note.\n")
+    middle.add_attachment(inner)
+    outer = _build("placeholder", "Fwd: Fwd: Contract")
+    outer.set_content("Mine.\n")
+    outer.add_attachment(middle)
+    (chain,) = find_forwards(outer)
+    assert [fm.from_.address for fm in chain if fm.from_] == [
+        "carol@x.example", "dave@customer.example",
+    ]
+    assert [fm.note for fm in chain] == ["Mine.", "Carol's note."]
+
+
+def test_no_crash_on_malformed_mime_corpus() -> None:
+    mime = CORPUS.parent / "mime"
+    if not mime.is_dir():
+        _need_corpus()
+        pytest.skip("mime corpus missing")
+    files = [p for p in mime.rglob("*") if p.is_file() and p.suffix in ("", ".eml", ".msg", ".txt")]
+    assert files
+    for path in files:
+        msg = BytesParser(policy=policy.default).parsebytes(path.read_bytes())
+        assert isinstance(msg, EmailMessage)
+        for chain in find_forwards(msg):
+            assert chain and all(isinstance(fm, ForwardedMessage) for fm in chain)
