@@ -107,6 +107,12 @@ class Config:
     freemail_domains: tuple[str, ...] = DEFAULT_FREEMAIL
     thread_window_days: int = 30
     choice_token_days: int = 14
+    authserv_id: str = ""
+    trusted_authserv_ids: tuple[str, ...] = ()
+    trusted_arc_sealers: tuple[str, ...] = ()
+    upstream_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    check_spf: bool = True
+    dns_timeout: float = 5.0
     demo_data: str = ""
     companies: tuple[Company, ...] = ()
     # Derived index: normalised address -> (company slug, user address).
@@ -215,15 +221,25 @@ class _Problems:
         self.items: list[str] = []
 
     def line_of(self, key: str) -> int:
+        """The line of ``key``, else of its nearest enclosing key. An array element
+        (``policy.trusted_networks[0]``) is on its array's line, not on the table header's."""
         probe = key
         while probe:
             if probe in self.lines:
                 return self.lines[probe]
-            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+            if probe.endswith("]") and "[" in probe:
+                probe = probe[:probe.rindex("[")]
+            else:
+                probe = probe.rsplit(".", 1)[0] if "." in probe else ""
         return 1
 
     def add(self, key: str, message: str) -> None:
         self.items.append(f"{self.path}:{self.line_of(key)}: {key}: {message}")
+
+    def in_file_order(self) -> list[str]:
+        """The problems sorted by line (checks across companies find some late)."""
+        prefix = len(f"{self.path}:")
+        return sorted(self.items, key=lambda item: int(item[prefix:].split(":", 1)[0]))
 
 
 # --------------------------------------------------------------------------- schema
@@ -236,7 +252,9 @@ _LISTENER_KEYS = {"inbound": str, "submission": str, "max_connections": int,
                   "command_timeout": (int, float), "data_timeout": (int, float)}
 _LIMIT_KEYS = {"message_size": int, "max_recipients": int}
 _POLICY_KEYS = {"trusted_networks": list, "create_unknown_persons": bool,
-                "freemail_domains": list, "thread_window_days": int, "choice_token_days": int}
+                "freemail_domains": list, "thread_window_days": int, "choice_token_days": int,
+                "authserv_id": str, "trusted_authserv_ids": list, "trusted_arc_sealers": list,
+                "upstream_networks": list, "check_spf": bool, "dns_timeout": (int, float)}
 _COMPANY_KEYS = {"slug": str, "name": str, "internal_domains": list, "users": list,
                  "sender_verification": dict}
 _VERIFY_KEYS = {"minimum": str, "accept": list, "on_unverified": str}
@@ -402,6 +420,22 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         except ValueError:
             p.add(f"policy.trusted_networks[{i}]", f"{value!r} is not a CIDR network")
     kwargs["trusted_networks"] = tuple(nets)
+    upstream = []
+    for i, value in enumerate(policy.get("upstream_networks", [])):
+        try:
+            upstream.append(ipaddress.ip_network(str(value), strict=False))
+        except ValueError:
+            p.add(f"policy.upstream_networks[{i}]", f"{value!r} is not a CIDR network")
+    kwargs["upstream_networks"] = tuple(upstream)
+    kwargs["authserv_id"] = policy.get("authserv_id", "") or kwargs["hostname"]
+    for key in ("trusted_authserv_ids", "trusted_arc_sealers"):
+        kwargs[key] = tuple(str(x).strip().lower() for x in policy.get(key, []))
+    if "check_spf" in policy:
+        kwargs["check_spf"] = policy["check_spf"]
+    if "dns_timeout" in policy:
+        if policy["dns_timeout"] <= 0:
+            p.add("policy.dns_timeout", "must be positive (seconds)")
+        kwargs["dns_timeout"] = float(policy["dns_timeout"])
     if "create_unknown_persons" in policy:
         kwargs["create_unknown_persons"] = policy["create_unknown_persons"]
     if "freemail_domains" in policy:
@@ -420,6 +454,8 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
 
     companies: list[Company] = []
     claimed: dict[str, str] = {}  # address -> "companies[i].users[j].key" first claim
+    claimed_by: dict[str, tuple[str, bool]] = {}  # address -> (company slug, is a primary)
+    domain_owner: dict[str, str] = {}  # internal domain -> first company claiming it
     user_index: dict[str, tuple[str, str]] = {}
     slugs: set[str] = set()
     raw_companies = top.get("companies", [])
@@ -442,6 +478,8 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
                 domains.append(normalize_domain(str(d)))
             except AddressError as exc:
                 p.add(f"{where}.internal_domains[{di}]", str(exc))
+                continue
+            domain_owner.setdefault(domains[-1], slug)
         verify = _check_table(p, f"{where}.sender_verification",
                               c.get("sender_verification", {}), _VERIFY_KEYS)
         minimum = verify.get("minimum", "strong")
@@ -469,18 +507,19 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
                 a = _address(p, f"{uwhere}.alternates[{ai}]", alt)
                 if a:
                     alternates.append(a)
-            if primary is None:
-                continue
-            if domains and primary.rpartition("@")[2] not in domains:
+            # A malformed primary still lets the user's other values be checked below, so
+            # that every problem of the file is reported in one pass.
+            if primary is not None and domains and primary.rpartition("@")[2] not in domains:
                 p.add(f"{uwhere}.address",
                       f"{primary} is outside the company's internal domains")
-            for key, addr in [("address", primary)] + [
+            for key, addr in ([("address", primary)] if primary else []) + [
                 (f"alternates[{i}]", a) for i, a in enumerate(alternates)
             ]:
                 if addr in claimed:
                     p.add(f"{uwhere}.{key}", f"{addr} is already claimed by {claimed[addr]}")
-                else:
+                elif primary is not None:
                     claimed[addr] = f"{uwhere}.{key}"
+                    claimed_by[addr] = (slug, key == "address")
                     user_index[addr] = (slug, primary)
             role = u.get("role", "user")
             if role not in ("admin", "user"):
@@ -503,6 +542,8 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
             digest = u.get("digest", "daily")
             if digest not in ("daily", "weekly", "off"):
                 p.add(f"{uwhere}.digest", "must be daily, weekly or off")
+            if primary is None:
+                continue
             users.append(User(
                 address=primary, company=slug, alternates=tuple(alternates),
                 name=u.get("name", ""), role=role, default_visibility=vis,
@@ -516,8 +557,17 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         ))
     # A company's own addresses (slug@mail_domain...) must not be a user's address.
     for addr, where in claimed.items():
-        if addr.rpartition("@")[2] == kwargs["mail_domain"]:
+        domain = addr.rpartition("@")[2]
+        if domain == kwargs["mail_domain"]:
             p.add(where, f"{addr} is inside dealmail's own mail domain")
+        # An address inside another company's internal domains belongs to that company's
+        # people: claiming it would let one tenant send as (and file mail of) another. A
+        # primary outside its own company's domains was already reported above.
+        owner = domain_owner.get(domain)
+        slug, is_primary = claimed_by[addr]
+        own_domains = next(c.internal_domains for c in companies if c.slug == slug)
+        if owner is not None and owner != slug and not (is_primary and own_domains):
+            p.add(where, f"{addr} is inside the internal domain {domain} of company {owner!r}")
     if p.items:
-        raise ConfigError(p.items)
+        raise ConfigError(p.in_file_order())
     return Config(companies=tuple(companies), user_index=user_index, **kwargs)
