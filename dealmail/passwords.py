@@ -58,13 +58,20 @@ def set_password_in_file(path: Path, address: str, password_hash: str) -> None:
             break
     if start is None:
         raise KeyError(address)
+    # The user's table runs from its header to the next header; its keys come in any order,
+    # so an existing password_hash line may sit above the address line too.
+    begin = 0
+    for j in range(start - 1, -1, -1):
+        if lines[j].lstrip().startswith("["):
+            begin = j + 1
+            break
     end = len(lines)
     for j in range(start + 1, len(lines)):
         if lines[j].lstrip().startswith("["):
             end = j
             break
     new_line = f'password_hash = "{password_hash}"\n'
-    for j in range(start + 1, end):
+    for j in range(begin, end):
         if re.match(r"^\s*password_hash\s*=", lines[j]):
             lines[j] = new_line
             break
