@@ -74,7 +74,7 @@ def conversations(user: m.User, person: m.Person | None = None, deal: m.Deal | N
     email_ids = [r.id for r in rows]
     sightings: dict[int, list[m.Sighting]] = {}
     if email_ids:
-        q = (m.Sighting.select(m.Sighting, m.User.address)
+        q = (m.Sighting.select(m.Sighting, m.User.id, m.User.address)
              .join(m.User, on=(m.Sighting.user == m.User.id))
              .where(m.Sighting.email.in_(email_ids)))
         for s in q:
@@ -147,12 +147,12 @@ def list_persons(company_id: int) -> list[dict[str, Any]]:
 def list_deals(company_id: int) -> list[dict[str, Any]]:
     out = []
     P = m.Person.alias()
-    O = m.Organization.alias()
+    Org = m.Organization.alias()
     U = m.User.alias()
-    q = (m.Deal.select(m.Deal, P.name.alias("person_name"), O.name.alias("org_name"),
+    q = (m.Deal.select(m.Deal, P.name.alias("person_name"), Org.name.alias("org_name"),
                        U.address.alias("owner_address"))
          .join(P, JOIN.LEFT_OUTER, on=(m.Deal.person == P.id))
-         .switch(m.Deal).join(O, JOIN.LEFT_OUTER, on=(m.Deal.organization == O.id))
+         .switch(m.Deal).join(Org, JOIN.LEFT_OUTER, on=(m.Deal.organization == Org.id))
          .switch(m.Deal).join(U, JOIN.LEFT_OUTER, on=(m.Deal.owner == U.id))
          .where(m.Deal.company == company_id).order_by(m.Deal.id))
     for d in q.objects():

@@ -81,8 +81,9 @@ class App:
     async def start(self) -> None:
         """Open the store and start the listeners (ports 0 pick free ones)."""
         self.open_store()
-        self.committer = GroupCommitter(Store(self.config.database_url, self.base))
-        self.committer.store.open()
+        # One peewee Database per process: it keeps one connection per thread, so the
+        # committer thread gets its own connection with the same durability pragmas.
+        self.committer = GroupCommitter(self.store)
         self.committer.start()
         self.handlers = self.build_handlers()
         self.routing = RoutingTable(self.config, frozenset(self.handlers))

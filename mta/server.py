@@ -102,9 +102,14 @@ class DealmailSMTP(SMTP):
         # aiosmtpd's own replies lack enhanced status codes (RFC 2034) or are 500s where a
         # 4xx/5xx with a precise meaning is due.
         if isinstance(status, str):
-            if status.startswith("552 Error: Too much mail data"):
+            if status.startswith(("552 Error: Too much mail data",
+                                  "552 Error: message size exceeds")):
                 status = str(replies.too_big())
-            elif status.startswith("500 Error: (") :
+            elif status.startswith("500 Line too long"):
+                # The upload was drained; the message breaks RFC 5322 §2.1.1 (998 octets).
+                status = str(replies.bad_content("a line is longer than 998 characters "
+                                                 "(RFC 5322 section 2.1.1)"))
+            elif status.startswith("500 Error: ("):
                 status = "451 4.3.0 Temporary local problem, please try again later"
         await super().push(status)
 

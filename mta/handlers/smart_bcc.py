@@ -16,8 +16,9 @@ from datetime import datetime
 from typing import Any
 
 from dealmail.config import Company, Config, User
+from linking.originals import originals_for
 from linking.parse import MessageRejected, ParsedMessage, parse_message
-from linking.record import Delivery, Directory, Original, RecordResult, record_email
+from linking.record import Delivery, Directory, RecordResult, record_email
 
 from .. import replies
 from ..replies import Reply
@@ -39,7 +40,6 @@ class Verification:
 
 
 Verifier = Callable[[DataContext, ParsedMessage, Company, User], Verification]
-OriginalsOf = Callable[[ParsedMessage, User, Company], tuple[str, list[Original]]]
 AfterRecord = Callable[[RecordResult, User, Company], None]
 
 
@@ -58,16 +58,6 @@ def network_verifier(config_of: Callable[[], Config]) -> Verifier:
     return verify
 
 
-def plain_original(parsed: ParsedMessage, when: datetime) -> Original:
-    return Original(
-        from_=parsed.from_, to=parsed.to, cc=parsed.cc, subject=parsed.subject,
-        date=parsed.date or when, message_id=parsed.message_id,
-        in_reply_to=parsed.in_reply_to, references=parsed.references,
-        thread_index=parsed.thread_index, snippet=parsed.snippet,
-        attachments=parsed.attachments, content_hash=parsed.content_hash,
-    )
-
-
 class SmartBccHandler:
     channel = "bcc"
 
@@ -77,14 +67,12 @@ class SmartBccHandler:
         directory_of: Callable[[], Directory],
         now: Callable[[], datetime],
         verifier: Verifier,
-        originals_of: OriginalsOf | None = None,
         after_record: AfterRecord | None = None,
     ) -> None:
         self.config_of = config_of
         self.directory_of = directory_of
         self.now = now
         self.verifier = verifier
-        self.originals_of = originals_of
         self.after_record = after_record
 
     def check(self, ctx: DataContext) -> Reply | Job:
@@ -125,10 +113,7 @@ class SmartBccHandler:
                      ctx.mail_from, user.address)
         deal_id = next((r.deal_id for r in ctx.routes if r.deal_id is not None), None)
         now = self.now()
-        if self.originals_of is not None:
-            channel, originals = self.originals_of(parsed, user, company)
-        else:
-            channel, originals = self.channel, [plain_original(parsed, now)]
+        channel, originals, _chains = originals_for(parsed, user, config, now)
         delivery = Delivery(
             user=user, company=company, channel=channel, queue_id=qid, received_at=now,
             envelope_from=ctx.mail_from, client_ip=ctx.peer_ip, verification=verdict.level,

@@ -1,0 +1,130 @@
+"""Shared fixtures: a real dealmail server on OS-assigned loopback ports with a real database.
+
+The server runs its own asyncio loop in a background thread, so tests drive it with blocking
+real clients (smtplib, swaks) exactly as a mail client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dealmail.app import App
+from dealmail.clock import FakeClock
+from dealmail.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "conf" / "dealmail.example.toml"
+CORPUS = ROOT.parent / "shared" / "corpus"
+
+
+def corpus_dir(*parts: str) -> Path:
+    """A folder of ../shared/corpus; fails loudly in CI, skips elsewhere when missing."""
+    path = CORPUS.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"corpus folder {path} is missing (CI must have ../shared/corpus)")
+        pytest.skip(f"corpus folder {path} not available here")
+    return path
+
+
+def make_config(tmp_path: Path, *overrides: str, path: Path = EXAMPLE) -> Config:
+    return load_config(path, [
+        f"database.url=sqlite:///{tmp_path}/dealmail.db",
+        "listeners.inbound=127.0.0.1:0",
+        "listeners.submission=",
+        f"server.demo_data={ROOT / 'conf' / 'demo'}",
+        *overrides,
+    ])
+
+
+class RunningApp:
+    """A started App in a background event loop thread."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> None:
+        from dealmail.cli import load_demo_if_empty
+
+        self.thread.start()
+        self.call(self.app.start())
+        load_demo_if_empty(self.app)
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    @property
+    def port(self) -> int:
+        return self.app.port("inbound")
+
+    def stop(self) -> None:
+        try:
+            self.call(self.app.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path, clock: FakeClock) -> Iterator[Any]:
+    started: list[RunningApp] = []
+
+    def start(*overrides: str, config: Config | None = None) -> RunningApp:
+        cfg = config or make_config(tmp_path, *overrides)
+        running = RunningApp(App(cfg, clock=clock, overrides=overrides, base=ROOT))
+        running.start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def server(server_factory: Any) -> RunningApp:
+    """The example config with the demo data, inbound SMTP on a free loopback port."""
+    return server_factory()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the local server, dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    name = f"dealmail_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres",
+                                 dbname="postgres", connect_timeout=3)
+    except Exception as exc:  # the driver's OperationalError
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,))
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()
