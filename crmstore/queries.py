@@ -159,6 +159,8 @@ def list_deals(company_id: int) -> list[dict[str, Any]]:
         out.append({"id": d.id, "title": d.title, "status": d.status, "stage": d.stage,
                     "person": d.person_name, "organization": d.org_name,
                     "owner": d.owner_address,
-                    "value": str(d.value) if d.value is not None else None,
+                    # Two decimals whatever the backend: SQLite's NUMERIC affinity gives
+                    # back 12000 for a stored 12000.00, PostgreSQL's numeric(14,2) 12000.00.
+                    "value": f"{d.value:.2f}" if d.value is not None else None,
                     "currency": d.currency})
     return out

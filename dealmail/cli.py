@@ -28,15 +28,34 @@ EXIT_DATA = 65  # EX_DATAERR
 EXIT_NOTFOUND = 67  # EX_NOUSER
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="config file (default: $DEALMAIL_CONFIG, else "
-                        "conf/dealmail.toml, else the example)")
-    common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (repeatable)")
-    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+def _common(level: int) -> argparse.ArgumentParser:
+    """The options every (sub)command takes, for the parser ``level`` deep.
 
-    p = argparse.ArgumentParser(prog="dealmail", parents=[common],
+    argparse copies every attribute a subparser sets over what the parent parser already
+    parsed, defaults included, so ``dealmail --config X check-config`` would lose ``X``. Below
+    the top level the defaults are therefore suppressed, and ``--set`` collects into its own
+    ``set_<level>`` list that :func:`_overrides` joins in command-line order."""
+    common = argparse.ArgumentParser(add_help=False)
+    default: Any = argparse.SUPPRESS if level else None
+    common.add_argument("--config", default=default,
+                        help="config file (default: $DEALMAIL_CONFIG, else "
+                        "conf/dealmail.toml, else the example)")
+    common.add_argument("--set", action="append", dest=f"set_{level}" if level else "set",
+                        default=argparse.SUPPRESS if level else [],
+                        metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        default=default)
+    return common
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Every ``--set`` of the command line, wherever it was given (later ones win)."""
+    return [*args.set, *getattr(args, "set_1", []), *getattr(args, "set_2", [])]
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _common(1)
+    p = argparse.ArgumentParser(prog="dealmail", parents=[_common(0)],
                                 description="Email-native mail server for sales teams.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the server until SIGTERM")
@@ -53,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("persons", "deals"):
         lp = sub.add_parser(name, parents=[common], help=f"{name} commands")
         lsub = lp.add_subparsers(dest="action", required=True)
-        ll = lsub.add_parser("list", parents=[common], help=f"list {name}")
+        ll = lsub.add_parser("list", parents=[_common(2)], help=f"list {name}")
         ll.add_argument("--company", metavar="SLUG")
         ll.add_argument("--json", action="store_true")
     cp = sub.add_parser("conversations", parents=[common],
@@ -74,6 +93,7 @@ def _load(args: argparse.Namespace) -> tuple[Config, bool]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.set = _overrides(args)
     try:
         config, fallback = _load(args)
     except ConfigError as exc:
@@ -87,7 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "serve":
         return serve(config, fallback, tuple(args.set))
     if command == "check-config":
-        print(config.describe())
+        lines = config.describe().splitlines()
+        if fallback:
+            lines[0] += " (the example: conf/dealmail.toml not found)"
+        print("\n".join(lines))
         return 0
     if command == "set-password":
         return _set_password(config, args.address)
@@ -124,9 +147,8 @@ def serve(config: Config, fallback: bool, overrides: tuple[str, ...]) -> int:
 
 def load_demo_if_empty(app: Any) -> None:
     """First start with ``server.demo_data`` set: load its CSVs into the empty database."""
-    from crmstore.importer import import_csv
-
     from crmstore import models as m
+    from crmstore.importer import import_csv
 
     config = app.config
     if not config.demo_data or not config.companies:
