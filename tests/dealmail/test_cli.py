@@ -142,7 +142,8 @@ def test_check_config_through_the_console_entry_point(conf: Path, tmp_path: Path
     assert done.stdout == ""
     problems = done.stderr.splitlines()
     assert problems[0] == f"{bad}:{where['max']}: limits.max_recipients: must be at least 1"
-    assert problems[1] == f"{bad}:{where['role']}: companies[0].users[0].role: must be admin or user"
+    assert problems[1] == (f"{bad}:{where['role']}: companies[0].users[0].role: "
+                           "must be admin or user")
     assert problems[2].startswith(f"{bad}:{where['bob']}: companies[0].users[1].address: "
                                   "malformed address 'bob@'")
     assert problems[3] == "dealmail: 3 problem(s) in the configuration; nothing started"

@@ -8,7 +8,9 @@ checks that the reported line is the one the admin must edit.
 
 from __future__ import annotations
 
+import logging
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,16 @@ from dealmail.config import ConfigError, find_config_path, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "conf" / "dealmail.example.toml"
+
+
+@pytest.fixture(autouse=True)
+def keep_logging() -> Iterator[None]:
+    """``dealmail.cli.main`` installs its own root log handler; give pytest's back after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 # A small valid config; tests append to it or replace pieces. Line numbers matter below.
 BASE = """\
