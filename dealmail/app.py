@@ -16,9 +16,11 @@ from pathlib import Path
 from crmstore.db import Store
 from linking.record import Directory
 from mta.committer import GroupCommitter
-from mta.handlers.smart_bcc import SmartBccHandler, deal_rcpt_check, network_verifier
+from mta.handlers.smart_bcc import SmartBccHandler, deal_rcpt_check
 from mta.routing import RoutingTable
+from mta.senderauth import DnsQuery, DnsTxt
 from mta.server import Handler, InboundHooks, start_listener
+from mta.verification import crypto_verifier
 
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, load_config
@@ -28,7 +30,11 @@ log = logging.getLogger("dealmail.app")
 
 class App:
     def __init__(self, config: Config, clock: Clock | None = None,
-                 overrides: tuple[str, ...] = (), base: Path | None = None) -> None:
+                 overrides: tuple[str, ...] = (), base: Path | None = None,
+                 dns_txt: DnsTxt | None = None, dns_query: DnsQuery | None = None) -> None:
+        # DNS is injected in tests (no test touches the network); None = dnspython.
+        self.dns_txt = dns_txt
+        self.dns_query = dns_query
         self.config = config
         self.overrides = overrides
         self.clock: Clock = clock or SystemClock()
@@ -56,10 +62,9 @@ class App:
         return self.directory
 
     def build_handlers(self) -> dict[str, Handler]:
-        bcc = SmartBccHandler(
-            self.get_config, self.get_directory, self.clock.now,
-            network_verifier(self.get_config),
-        )
+        verifier = crypto_verifier(self.get_config, self.dns_txt, self.dns_query,
+                                   clock=lambda: self.clock.now().timestamp())
+        bcc = SmartBccHandler(self.get_config, self.get_directory, self.clock.now, verifier)
         return {"bcc": bcc, "deal": bcc}
 
     def reload(self, path: Path | None = None) -> bool:

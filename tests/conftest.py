@@ -82,13 +82,39 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+class DnsRecords:
+    """Injected DNS for the server under test: no test touches the network. ``txt`` maps a
+    name to its TXT strings; a name in ``fail`` raises a temporary failure (timeout)."""
+
+    def __init__(self) -> None:
+        self.txt: dict[str, list[str]] = {}
+        self.fail: set[str] = set()
+
+    def lookup_txt(self, name: str) -> list[str]:
+        from mta.senderauth import DnsTempError
+
+        key = name.rstrip(".").lower()
+        if key in self.fail:
+            raise DnsTempError(f"timeout for {key} (injected)")
+        return list(self.txt.get(key, []))
+
+    def lookup(self, name: str, qtype: str) -> list[str]:
+        return []
+
+
 @pytest.fixture
-def server_factory(tmp_path: Path, clock: FakeClock) -> Iterator[Any]:
+def dns() -> DnsRecords:
+    return DnsRecords()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path, clock: FakeClock, dns: DnsRecords) -> Iterator[Any]:
     started: list[RunningApp] = []
 
     def start(*overrides: str, config: Config | None = None) -> RunningApp:
         cfg = config or make_config(tmp_path, *overrides)
-        running = RunningApp(App(cfg, clock=clock, overrides=overrides, base=ROOT))
+        running = RunningApp(App(cfg, clock=clock, overrides=overrides, base=ROOT,
+                                 dns_txt=dns.lookup_txt, dns_query=dns.lookup))
         running.start()
         started.append(running)
         return running

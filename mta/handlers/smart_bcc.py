@@ -9,6 +9,7 @@ cryptographic levels in ``mta.senderauth``). A message that passes is stored onc
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,25 +38,11 @@ class Verification:
     quarantine: bool = False
     temp_error: bool = False
     evidence: dict[str, Any] = field(default_factory=dict)
+    header: str | None = None  # our Authentication-Results line for the stored copy
 
 
 Verifier = Callable[[DataContext, ParsedMessage, Company, User], Verification]
 AfterRecord = Callable[[RecordResult, User, Company], None]
-
-
-def network_verifier(config_of: Callable[[], Config]) -> Verifier:
-    """Identity trusted only from the configured trusted networks (like Postfix mynetworks)."""
-
-    def verify(ctx: DataContext, parsed: ParsedMessage, company: Company,
-               user: User) -> Verification:
-        if config_of().is_trusted(ctx.peer_ip):
-            return Verification("trusted-network", f"client {ctx.peer_ip} is in a trusted "
-                                "network", True, evidence={"client_ip": ctx.peer_ip})
-        return Verification("none", f"client {ctx.peer_ip} is not in a trusted network and "
-                            "the message carries no accepted proof", False,
-                            evidence={"client_ip": ctx.peer_ip})
-
-    return verify
 
 
 class SmartBccHandler:
@@ -123,11 +110,17 @@ class SmartBccHandler:
         log.info("[%s] %s accepted from %s (%s, %s)", qid, mid, user.address, verdict.level,
                  channel)
 
+        # RFC 8601 §5: our verdict travels with the stored copy as the topmost header.
+        stored = (verdict.header.encode("utf-8", "surrogateescape") + b"\r\n" + ctx.raw
+                  if verdict.header else ctx.raw)
+
         def job() -> Reply:
             directory = self.directory_of()
             results = []
             for original in originals:
-                result = record_email(config, directory, original, ctx.raw, delivery)
+                result = record_email(config, directory, original, stored, delivery)
+                if result.duplicate:
+                    note_repeat(result, delivery)
                 results.append(result)
                 if self.after_record is not None and not result.duplicate:
                     self.after_record(result, user, company)
@@ -139,6 +132,30 @@ class SmartBccHandler:
             return replies.queued(qid)
 
         return job
+
+
+def note_repeat(result: RecordResult, delivery: Delivery) -> None:
+    """A copy this user already has. The same bytes from another network or envelope are a
+    replay of a signed message by someone who received it (RELIABILITY.md 0.7): log it and
+    keep it in the audit log (the user's digest lists it); the first copy stays the only one."""
+    from crmstore import models as m
+
+    first = (m.Sighting.select().where(m.Sighting.email == result.email_id)
+             .order_by(m.Sighting.id).first())
+    if first is None:
+        return
+    if (first.client_ip, first.envelope_from.lower()) == (
+            delivery.client_ip, delivery.envelope_from.lower()):
+        return
+    log.warning("[%s] replay attempt: email #%s first received from %s <%s>, again from %s "
+                "<%s>", delivery.queue_id, result.email_id, first.client_ip,
+                first.envelope_from, delivery.client_ip, delivery.envelope_from)
+    m.AuditEntry.create(
+        at=delivery.received_at.replace(tzinfo=None), company=first.email.company_id,
+        actor=delivery.user.address, action="replay", email=result.email_id,
+        detail_json=json.dumps({"client_ip": delivery.client_ip,
+                                "envelope_from": delivery.envelope_from,
+                                "queue_id": delivery.queue_id}))
 
 
 def deal_rcpt_check(directory_of: Callable[[], Directory]) -> Callable[[Any], Reply | None]:

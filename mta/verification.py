@@ -1,0 +1,83 @@
+"""The sender-verification decision point of the inbound handlers.
+
+``mta.senderauth`` says how sure we are that a message comes from its From (a level with
+evidence); this module applies the company's policy to that level: accept, refuse ``550 5.7.1``
+with the reason, quarantine, or defer ``451 4.7.5`` when DNS failed while a stronger level was
+still possible. It also builds our own Authentication-Results header (RFC 8601) for the stored
+copy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from dealmail.config import Company, Config, User
+from linking.parse import ParsedMessage
+
+from .handlers.smart_bcc import Verification, Verifier
+from .senderauth import (
+    LEVELS,
+    DnsQuery,
+    DnsTxt,
+    SenderVerifier,
+    VerifyPolicy,
+    dnspython_query,
+    dnspython_txt,
+    replay_key,
+)
+from .server import DataContext
+
+
+def policy_of(config: Config) -> VerifyPolicy:
+    return VerifyPolicy(
+        trusted_networks=config.trusted_networks,
+        trusted_authserv_ids=config.trusted_authserv_ids,
+        trusted_arc_sealers=config.trusted_arc_sealers,
+        check_spf=config.check_spf,
+        upstream_networks=config.upstream_networks,
+        dns_timeout=config.dns_timeout,
+    )
+
+
+def accepts(company: Company, level: str) -> bool:
+    """Whether ``level`` makes a message a user's tracked email for ``company``."""
+    if level in company.accept_levels:
+        return True
+    return LEVELS.index(level) >= LEVELS.index(company.min_verification)
+
+
+def crypto_verifier(
+    config_of: Callable[[], Config],
+    dns_txt: DnsTxt | None = None,
+    dns_query: DnsQuery | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Verifier:
+    """A :data:`Verifier` backed by DKIM/upstream A-R/ARC/trusted network/SPF checks."""
+
+    def verify(ctx: DataContext, parsed: ParsedMessage, company: Company,
+               user: User) -> Verification:
+        config = config_of()
+        txt = dns_txt or dnspython_txt(timeout=config.dns_timeout)
+        query = dns_query or dnspython_query(timeout=config.dns_timeout)
+        verifier = SenderVerifier(policy_of(config), txt, query, clock=clock)
+        verdict = verifier.verify(ctx.raw, parsed.from_.address, ctx.peer_ip, ctx.mail_from,
+                                  ctx.helo)
+        accepted = accepts(company, verdict.level)
+        evidence = verdict.as_dict()
+        evidence["client_ip"] = ctx.peer_ip
+        evidence["replay_key"] = replay_key(ctx.raw, verdict)
+        header = verifier.authentication_results(
+            config.authserv_id, verdict, parsed.from_.address.rpartition("@")[2])
+        return Verification(
+            level=verdict.level,
+            reason=verdict.reason,
+            accepted=accepted,
+            quarantine=not accepted and company.on_unverified == "quarantine",
+            # A temporary DNS failure matters only when it may have hidden an accepted level.
+            temp_error=verdict.temp_error and not accepted,
+            evidence=evidence,
+            header=f"Authentication-Results: {header}",
+        )
+
+    return verify

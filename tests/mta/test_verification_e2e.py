@@ -1,0 +1,118 @@
+"""Sender verification over SMTP: a client outside the trusted networks (bound to 127.0.0.2
+while only 127.0.0.1 is trusted) must prove alice's From with an aligned DKIM signature.
+
+DNS is the injected stub of tests/conftest.py; keys are generated at test start.
+"""
+
+from __future__ import annotations
+
+import smtplib
+from datetime import UTC, datetime
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crmstore import models as m
+from dealmail.clock import FakeClock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from senderauth_support import message, rsa_key, sign  # noqa: E402
+
+BCC = "example@dealmail.localhost"
+UNTRUSTED = "127.0.0.2"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """dkimpy stamps t= with the real time; a signature from the future is refused."""
+    return FakeClock(datetime.now(UTC))
+
+
+@pytest.fixture(scope="module")
+def key() -> Any:
+    return rsa_key(2048)
+
+
+@pytest.fixture
+def server(server_factory: Any, dns: Any, key: Any) -> Any:
+    dns.txt["sel._domainkey.example.com"] = [key.txt]
+    return server_factory("policy.trusted_networks=['127.0.0.1/32']")
+
+
+def to_customer(raw: bytes) -> bytes:
+    return raw.replace(b"To: Bob <bob@customer.test>", b"To: Carl <carl@other.test>")
+
+
+def send(port: int, raw: bytes, mail_from: str = "alice@example.com") -> Any:
+    with smtplib.SMTP("127.0.0.1", port, source_address=(UNTRUSTED, 0), timeout=30) as s:
+        return s.sendmail(mail_from, [BCC], raw)
+
+
+def refused(port: int, raw: bytes, **kw: Any) -> tuple[int, str]:
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        send(port, raw, **kw)
+    return info.value.smtp_code, info.value.smtp_error.decode()
+
+
+def test_signed_message_from_untrusted_network_is_strong(server: Any, key: Any) -> None:
+    raw = sign(to_customer(message()), "example.com", key)
+    send(server.port, raw)
+    [sighting] = list(m.Sighting.select())
+    assert sighting.verification == "strong"
+    stored = bytes(m.Email.get().raw)
+    assert stored.startswith(b"Authentication-Results: dealmail.localhost;")
+    assert b"dkim=pass" in stored.split(b"\r\n\r\n")[0]
+
+
+def test_changed_body_refused(server: Any, key: Any) -> None:
+    raw = sign(to_customer(message()), "example.com", key)
+    tampered = raw.replace(b"the quote is attached", b"the quote is attachez")
+    code, text = refused(server.port, tampered)
+    assert code == 550 and text.startswith("5.7.1")
+    assert m.Email.select().count() == 0
+
+
+def test_unaligned_signature_refused_with_reason(server: Any, key: Any, dns: Any) -> None:
+    dns.txt["sel._domainkey.evil.test"] = [key.txt]
+    raw = sign(to_customer(message()), "evil.test", key)
+    code, text = refused(server.port, raw)
+    assert code == 550 and "not aligned" in text
+    assert m.Email.select().count() == 0
+
+
+def test_unsigned_refused(server: Any) -> None:
+    code, text = refused(server.port, to_customer(message()))
+    assert code == 550 and text.startswith("5.7.1")
+
+
+def test_dns_timeout_defers(server: Any, key: Any, dns: Any) -> None:
+    dns.fail.add("sel._domainkey.example.com")
+    code, text = refused(server.port, sign(to_customer(message()), "example.com", key))
+    assert code == 451 and text.startswith("4.7.5")
+    assert m.Email.select().count() == 0
+
+
+def test_replay_from_elsewhere_is_one_email_and_audited(server: Any, key: Any) -> None:
+    raw = sign(to_customer(message()), "example.com", key)
+    send(server.port, raw)
+    send(server.port, raw, mail_from="attacker@evil.test")  # verbatim replay
+    assert m.Email.select().count() == 1 and m.Sighting.select().count() == 1
+    [audit] = list(m.AuditEntry.select().where(m.AuditEntry.action == "replay"))
+    assert "attacker@evil.test" in audit.detail_json
+
+
+def test_quarantine_policy_stores_invisible(server_factory: Any, dns: Any, key: Any) -> None:
+    running = server_factory(
+        "policy.trusted_networks=['127.0.0.1/32']", "server.demo_data=''",
+        "companies=[{slug='example', name='Example', internal_domains=['example.com'], "
+        "sender_verification={minimum='strong', on_unverified='quarantine'}, "
+        "users=[{address='alice@example.com'}]}]")
+    send(running.port, to_customer(message()))
+    [sighting] = list(m.Sighting.select())
+    assert sighting.visibility == "quarantined" and sighting.verification == "none"
+    from crmstore.visibility import can_see
+
+    alice = m.User.get(m.User.address == "alice@example.com")
+    assert not can_see(alice, sighting.email_id)
