@@ -7,8 +7,8 @@ DNS is the injected stub of tests/conftest.py; keys are generated at test start.
 from __future__ import annotations
 
 import smtplib
-from datetime import UTC, datetime
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from crmstore import models as m
 from dealmail.clock import FakeClock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from senderauth_support import message, rsa_key, sign  # noqa: E402
+from senderauth_support import message, rsa_key, sign
 
 BCC = "example@dealmail.localhost"
 UNTRUSTED = "127.0.0.2"
