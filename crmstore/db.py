@@ -64,7 +64,6 @@ def open_database(url: str, base: Path | None = None) -> Database:
             password=unquote(parsed.password) if parsed.password else None,
             host=parsed.hostname or "127.0.0.1",
             port=parsed.port or 5432,
-            autorollback=True,
         )
     raise StoreError(f"unsupported database url {url!r}")
 
@@ -114,7 +113,10 @@ class Store:
             mode = self.db.execute_sql("PRAGMA journal_mode").fetchone()[0]
             sync = self.db.execute_sql("PRAGMA synchronous").fetchone()[0]
             if str(self.url).endswith(":memory:"):
-                return
+                # Gone when the process exits (and one empty database per thread): a 250
+                # would promise what it cannot keep.
+                raise StoreError("sqlite:///:memory: keeps nothing after the process exits: "
+                                 "a 250 would not mean the message is durable; use a file")
             if mode.lower() != "wal" or int(sync) < 2:
                 raise StoreError(
                     f"SQLite must run with journal_mode=WAL and synchronous=FULL "
