@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         ll = lsub.add_parser("list", parents=[_common(2)], help=f"list {name}")
         ll.add_argument("--company", metavar="SLUG")
         ll.add_argument("--json", action="store_true")
+    xp = sub.add_parser("inspect", parents=[common],
+                        help="show how dealmail reads a message, storing nothing")
+    xp.add_argument("file", type=Path)
+    xp.add_argument("--company", metavar="SLUG",
+                    help="also show the persons and deals that would be linked")
+    xp.add_argument("--json", action="store_true")
     cp = sub.add_parser("conversations", parents=[common],
                         help="threads and emails of a person or deal, as a user may see them")
     cp.add_argument("--as", dest="as_user", required=True, metavar="USER_ADDRESS")
@@ -114,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if command == "set-password":
         return _set_password(config, args.address)
+    if command == "inspect":
+        return _inspect(config, args)
     try:
         return _store_command(config, args)
     except _CliError as exc:
@@ -186,6 +194,48 @@ def _set_password(config: Config, address: str) -> int:
         return EXIT_USAGE
     set_password_in_file(config.path, found[1].address, hash_password(password))
     print(f"password set for {found[1].address} in {config.path}")
+    return 0
+
+
+def _inspect(config: Config, args: argparse.Namespace) -> int:
+    from linking.parse import MessageRejected
+
+    from .inspect import inspect_message
+
+    try:
+        raw = args.file.read_bytes()
+    except OSError as exc:
+        print(f"dealmail: {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_DATA
+    store = None
+    if args.company:
+        from crmstore.db import Store
+
+        store = Store(config.database_url)
+        store.open()
+    try:
+        result = inspect_message(raw, config, args.company, with_db=store is not None)
+    except MessageRejected as exc:
+        print(f"dealmail: {args.file}: would be refused (554 5.6.0): {exc.reason}",
+              file=sys.stderr)
+        return EXIT_DATA
+    finally:
+        if store is not None:
+            store.close()
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2, default=str))
+    else:
+        print(f"kind: {result['kind']}; sender: {result['sender']['address']}"
+              f" (user: {result['sender_is_user'] or 'no'})")
+        if result["original"]:
+            o = result["original"]
+            print(f"forwarded original from {o['from']['address'] if o['from'] else '?'}: "
+                  f"{o['subject']} ({o['date']})")
+        for p in result["participants"]:
+            print(f"  {p['role']:<4} {p['address']} {p['name']}")
+        print(f"reply text: {result['reply_text'][:200]!r}")
+        if "would_link" in result:
+            print(f"would link: {json.dumps(result['would_link'], ensure_ascii=False)}")
     return 0
 
 

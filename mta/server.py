@@ -82,6 +82,7 @@ class DealmailSMTP(SMTP):
         first = self.transport is None
         if first and self._gate.open >= self._gate.limit:
             # RFC 5321 §3.8: 421 and close when the service cannot take the connection.
+            assert isinstance(transport, asyncio.WriteTransport)
             transport.write(b"421 4.3.2 Too many connections, try again later\r\n")
             transport.close()
             return
