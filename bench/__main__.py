@@ -1,0 +1,29 @@
+"""Command line of the benchmarks: ``python -m bench ingest|scale [--quick] [--json FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = p.add_subparsers(dest="mode", required=True)
+    for name, text in (("ingest", "dealmail's Smart BCC ingestion vs a bare aiosmtpd server"),
+                       ("scale", "ingestion cost and conversations query time as data grows")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+        sp.add_argument("--json", type=Path, metavar="FILE", help="write all figures here")
+    args = p.parse_args(argv)
+    if args.mode == "ingest":
+        from .ingest import main as ingest_main
+
+        return ingest_main(args.quick, args.json)
+    from .scale import main as scale_main
+
+    return scale_main(args.quick, args.json)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""Smoke test of the benchmark harness: ``python -m bench ingest --quick`` runs end to end.
+
+Only checks that the table is printed and that the JSON holds every scenario with a positive
+rate for both servers; timing figures are never asserted (they depend on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_ingest_quick_prints_table_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "ingest", "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dealmail ingest benchmark (quick" in proc.stdout
+    for header in ("msg/s", "p50 ms", "p99 ms", "CPU ms/msg", "ratio"):
+        assert header in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["mode"] == "quick"
+    assert set(data["scenarios"]) == {"persistent_c10", "persistent_c1", "half_rate"}
+    for name, scenario in data["scenarios"].items():
+        for server in ("baseline", "dealmail"):
+            figures = scenario[server]
+            assert figures["rate"] > 0, (name, server, figures)
+            assert figures["ok"] > 0, (name, server, figures)
+            assert figures["cpu_ms_per_msg"] is not None
+        assert scenario["ratio"] > 0
+    assert data["servers"]["dealmail"]["peak_rss_mib"] >= data["servers"]["dealmail"][
+        "idle_rss_mib"]
