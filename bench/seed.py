@@ -174,7 +174,7 @@ def seed_emails(store: Store, seeded: Seeded, count: int, *, hot_deal: int,
                            f"{eid:064x}", thread_id, f"seeded thread {thread_id}", when,
                            "alice@example.com", "Alice Admin",
                            f'[{{"address": "{addr}", "name": ""}}]', "[]",
-                           f"snippet of seeded email {eid}", len(raw), raw, "bcc", when))
+                           f"snippet of seeded email {eid}", len(raw), raw, "bcc", when, "", "[]"))
             sightings.append((first_sighting + n, eid, uid, "bcc", "shared", f"S{eid:011X}", when,
                               "alice@example.com", "127.0.0.1", "trusted-network", "{}", "[]"))
             pid = first_part + 2 * n
@@ -198,7 +198,7 @@ def _flush(store: Store, threads: list[tuple[Any, ...]], emails: list[tuple[Any,
     bulk_insert(store, m.Email, ["id", "company", "dedupe_key", "message_id", "content_hash",
                                  "thread", "subject", "date", "from_address", "from_name",
                                  "to_json", "cc_json", "snippet", "size", "raw", "kind",
-                                 "created_at"], emails)
+                                 "created_at", "references", "attachments_json"], emails)
     bulk_insert(store, m.Sighting, ["id", "email", "user", "channel", "visibility", "queue_id",
                                     "received_at", "envelope_from", "client_ip",
                                     "verification", "evidence_json", "decisions_json"],
