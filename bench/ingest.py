@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from . import loadgen
 from .seed import ROOT, Seeded, bench_config, open_store, seed_crm, server_overrides
@@ -111,7 +111,10 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(10)
 
-    def __enter__(self) -> ServerProcess:
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
