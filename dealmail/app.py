@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 from crmstore.db import Store
@@ -18,9 +19,9 @@ from linking.record import Directory
 from mta.committer import GroupCommitter
 from mta.handlers.smart_bcc import SmartBccHandler, deal_rcpt_check
 from mta.routing import RoutingTable
-from mta.senderauth import DnsQuery, DnsTxt
+from mta.senderauth import DnsQuery, DnsTxt, SenderVerifier, dnspython_txt
 from mta.server import Handler, InboundHooks, start_listener
-from mta.verification import crypto_verifier
+from mta.verification import crypto_verifier, policy_of
 
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, load_config
@@ -64,8 +65,17 @@ class App:
     def build_handlers(self) -> dict[str, Handler]:
         verifier = crypto_verifier(self.get_config, self.dns_txt, self.dns_query,
                                    clock=lambda: self.clock.now().timestamp())
-        bcc = SmartBccHandler(self.get_config, self.get_directory, self.clock.now, verifier)
+        bcc = SmartBccHandler(self.get_config, self.get_directory, self.clock.now, verifier,
+                              signature_check=self.check_signatures)
         return {"bcc": bcc, "deal": bcc}
+
+    def check_signatures(self, raw: bytes, from_domain: str) -> list[dict[str, object]]:
+        """DKIM results of a forwarded original (recorded, never a sender verification)."""
+        config = self.config
+        txt = self.dns_txt or dnspython_txt(timeout=config.dns_timeout)
+        checker = SenderVerifier(policy_of(config), txt, self.dns_query,
+                                 clock=lambda: self.clock.now().timestamp())
+        return [asdict(s) for s in checker.check_signatures(raw, from_domain)]
 
     def reload(self, path: Path | None = None) -> bool:
         """Validate the config file again and swap it in; keep the old one if invalid."""

@@ -54,7 +54,7 @@ def forwarded_original(chain: list[ForwardedMessage], parsed: ParsedMessage,
         references=inner.references or ([parsed.in_reply_to] if parsed.in_reply_to else [])
         + parsed.references,
         thread_index=None, snippet=_snip(inner.body), attachments=[],
-        content_hash=_content_hash(inner), forward=forward,
+        content_hash=_content_hash(inner), forward=forward, original_raw=inner.raw,
     )
 
 

@@ -45,6 +45,7 @@ class Original:
     attachments: list[dict[str, Any]]
     content_hash: str
     forward: dict[str, Any] | None = None  # the parsed forward (chain, note) when forwarded
+    original_raw: bytes | None = None  # an attached original's own bytes (to verify its DKIM)
 
 
 @dataclass

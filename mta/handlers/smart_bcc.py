@@ -43,6 +43,8 @@ class Verification:
 
 Verifier = Callable[[DataContext, ParsedMessage, Company, User], Verification]
 AfterRecord = Callable[[RecordResult, User, Company], None]
+# Checks the DKIM signatures of an attached original: (raw, from domain) -> results.
+SignatureCheck = Callable[[bytes, str], list[dict[str, Any]]]
 
 
 class SmartBccHandler:
@@ -55,7 +57,9 @@ class SmartBccHandler:
         now: Callable[[], datetime],
         verifier: Verifier,
         after_record: AfterRecord | None = None,
+        signature_check: SignatureCheck | None = None,
     ) -> None:
+        self.signature_check = signature_check
         self.config_of = config_of
         self.directory_of = directory_of
         self.now = now
@@ -101,6 +105,12 @@ class SmartBccHandler:
         deal_id = next((r.deal_id for r in ctx.routes if r.deal_id is not None), None)
         now = self.now()
         channel, originals, _chains = originals_for(parsed, user, config, now)
+        for original in originals:
+            # An attached original keeps its own signature: record whether it verifies, as
+            # evidence of who wrote it (it never makes the forward itself verified).
+            if original.original_raw and original.forward is not None and self.signature_check:
+                original.forward["dkim"] = self.signature_check(
+                    original.original_raw, original.from_.address.rpartition("@")[2])
         delivery = Delivery(
             user=user, company=company, channel=channel, queue_id=qid, received_at=now,
             envelope_from=ctx.mail_from, client_ip=ctx.peer_ip, verification=verdict.level,

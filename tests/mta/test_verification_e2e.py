@@ -116,3 +116,27 @@ def test_quarantine_policy_stores_invisible(server_factory: Any, dns: Any, key: 
 
     alice = m.User.get(m.User.address == "alice@example.com")
     assert not can_see(alice, sighting.email_id)
+
+
+def test_attached_original_signature_is_recorded(server_factory: Any, dns: Any,
+                                                 key: Any) -> None:
+    """A forwarded original attached as message/rfc822 keeps its own DKIM evidence."""
+    import json
+
+    dns.txt["sel._domainkey.customer.test"] = [key.txt]
+    original = sign(message(from_value="Bob <bob@customer.test>")
+                    .replace(b"To: Bob <bob@customer.test>", b"To: Alice <alice@example.com>"),
+                    "customer.test", key)
+    fwd = (b"From: Alice <alice@example.com>\r\nSubject: Fwd: Quote\r\n"
+           b"Message-ID: <fwd-att@example.com>\r\nMIME-Version: 1.0\r\n"
+           b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+           b"--b1\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n"
+           b"--b1\r\nContent-Type: message/rfc822\r\n\r\n" + original +
+           b"\r\n--b1--\r\n")
+    running = server_factory()  # trusted network: alice herself needs no signature here
+    with smtplib.SMTP("127.0.0.1", running.port) as s:
+        s.sendmail("alice@example.com", [BCC], fwd)
+    stored = m.Email.get(m.Email.from_address == "bob@customer.test")
+    forward = json.loads(stored.forward_json)
+    assert [sig["valid"] for sig in forward["dkim"]] == [True]
+    assert forward["dkim"][0]["domain"] == "customer.test"
