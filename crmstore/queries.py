@@ -21,7 +21,9 @@ class NotFound(LookupError):
 
 
 def find_user(address: str) -> m.User:
-    user = m.User.get_or_none(m.User.address == address.strip().lower())
+    """The active user with this primary address. A user removed from the config stays as an
+    inactive row (sightings and deals point at it) but reads nothing any more."""
+    user = m.User.get_or_none((m.User.address == address.strip().lower()) & m.User.active)
     if user is None:
         raise NotFound(f"unknown user {address!r}")
     return user
