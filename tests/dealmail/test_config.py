@@ -106,8 +106,6 @@ def test_example_loads_with_the_documented_demo_company() -> None:
     assert config.is_trusted("127.0.0.1") and not config.is_trusted("192.0.2.1")
 
 
-@pytest.mark.xfail(strict=True, reason="conf/dealmail.example.toml: `timezone` has no comment "
-                   "yet (reported to the main engineer; remove this mark once it has one)")
 def test_every_example_option_has_a_comment() -> None:
     """The example documents every option: each ``key =`` line follows a comment line or
     another documented key of the same group (the user blocks repeat the first one's keys)."""
