@@ -390,3 +390,18 @@ def test_config_resolution_through_the_cli(
     explicit = write(tmp_path, BASE.replace("Example Inc", "Cli Inc"), "cli.toml")
     assert main(["--config", str(explicit), "check-config"]) == 0
     assert "Cli Inc" in capsys.readouterr().out
+
+
+def test_sender_verification_sub_table_mistakes_name_their_lines(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE.replace(
+        'internal_domains = ["example.com"]\n',
+        'internal_domains = ["example.com"]\n\n[companies.sender_verification]\n'
+        'minimum = "trust-me"\naccept = ["spf", "dkim"]\non_unverified = "bounce"\n'))
+    assert problems_of(path) == [
+        f"{path}:10: companies[0].sender_verification.minimum: must be one of none, spf, "
+        "trusted-network, arc, upstream, strong",
+        f"{path}:11: companies[0].sender_verification.accept[1]: must be one of none, spf, "
+        "trusted-network, arc, upstream, strong",
+        f"{path}:12: companies[0].sender_verification.on_unverified: must be reject or "
+        "quarantine",
+    ]
