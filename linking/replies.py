@@ -161,10 +161,16 @@ _CONTACT_RE = re.compile(
 _SEPARATOR_RE = re.compile(r"^\s*[-_=*—–]*\s*$")
 # An "On <date> ... wrote:" written after reply text on the same line (talon's
 # _wrap_splitter_with_newline): split it onto its own line.
+# Only the end of a line is searched, with bounded repetitions, so that a long line cannot
+# make the regex backtrack for long (GitHub's pathological.txt is such a trap).
 _INLINE_ATTRIB_RE = re.compile(
-    rf"^(?P<pre>.*?\S)\s*(?P<attr>-*\s*\b(?:On|Le|Am|El|Op)\s.*\d.*(?:{_VERBS})\s*[:：]?\s*-*)\s*$",
+    rf"(?:(?<=\S)-+\s*|\s+-*\s*)(?P<attr>(?:On|Le|Am|El|Op)\s[^\n]{{0,250}}?\d[^\n]{{0,250}}?"
+    rf"(?:{_VERBS})\s*[:：]?\s*-*)\s*$",
     re.IGNORECASE,
 )
+_INLINE_ATTRIB_WINDOW = 400
+# Lines after this are not examined: the sender's text comes first, and talon stops at 1000.
+_MAX_LINES = 5000
 _LINK_OPEN_RE = re.compile(r"(?:\(|<)https?://[^)>\s]*$")
 
 # Attribution headers longer than this many lines are not considered (talon uses 4).
@@ -191,10 +197,15 @@ def extract_reply(text: str) -> str:
 def _split_lines(text: str) -> list[str]:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     out: list[str] = []
-    for line in text.split("\n"):
-        m = _INLINE_ATTRIB_RE.match(line)
-        if m and not _QUOTE_RE.match(line) and not _ATTRIB_START_RE.match(line):
-            out.extend([m.group("pre"), m.group("attr").strip()])
+    for line in text.split("\n")[:_MAX_LINES]:
+        if _QUOTE_RE.match(line) or _ATTRIB_START_RE.match(line):
+            out.append(line)
+            continue
+        offset = max(0, len(line) - _INLINE_ATTRIB_WINDOW)
+        m = _INLINE_ATTRIB_RE.search(line, offset)
+        pre = line[: m.start()].rstrip() if m else ""
+        if m and pre.strip():
+            out.extend([pre, m.group("attr").strip()])
         else:
             out.append(line)
     return out
@@ -235,12 +246,15 @@ def _attribution_len(lines: list[str], i: int) -> int:
             and (_VERB_END_RE.search(joined) or _VERB_MID_RE.search(joined))
         ):
             return j - i + 1
-        if by_date and j - i < 3 and _EMAIL_RE.search(joined):
-            if re.search(r"[:：]\s*$", line) or _VERB_END_RE.search(joined):
+        if by_date and j - i < 3:
+            if _VERB_END_RE.search(joined):
                 return j - i + 1
-            nxt = _next_nonblank(lines, j + 1)
-            if nxt is not None and _QUOTE_RE.match(lines[nxt]):
-                return j - i + 1
+            if _EMAIL_RE.search(joined):
+                if re.search(r"[:：]\s*$", line):
+                    return j - i + 1
+                nxt = _next_nonblank(lines, j + 1)
+                if nxt is not None and _QUOTE_RE.match(lines[nxt]):
+                    return j - i + 1
     return 0
 
 

@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from linking.replies import extract_reply, extract_reply_from_message
 
@@ -626,6 +628,56 @@ def test_deal_choice_answer(style: str, answer: str) -> None:
 )
 def test_signatures_and_edge_cases(body: str, expected: str) -> None:
     assert extract_reply(body) == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "なし\n\n差出人: dealmail <d@x>\n送信日時: 2026年11月26日 10:03\n"
+        "宛先: Alice\n件名: RE: 案件\n\nq",
+        "なし\n\n2026/11/26 10:03, dealmail wrote:\n> q\n> r",
+        "なし\n\n2026年11月26日 10:03 dealmail <d@x> のメッセージ:\n> q",
+        "なし\n\nDe : dealmail\nEnvoyé : jeudi 26 novembre 2026 10:03\nÀ : Alice\nObjet : q\n\nq",
+        "なし\n\nVon: dealmail <d@x>\nGesendet: Donnerstag, 26. November 2026 10:03\n"
+        "An: Alice\n\nq",
+        "なし\n\ndealmail <d@x.example> wrote:\n> q\n> r",
+        "なし\n---- dealmail wrote ----\n> q",
+        "なし On Thu, Nov 26, 2026 at 10:03 AM, d@x wrote:\n> q",
+        "> q\n> r\n\nなし\n",
+    ],
+)
+def test_more_client_styles(body: str) -> None:
+    assert extract_reply(body) == "なし"
+
+
+@pytest.mark.parametrize(
+    "note",
+    [
+        "Meeting notes: On 3 May we met Acme.\nThey want 20 seats.",
+        "Date: Friday 3 May\nTime: 10:00\nPlace: HQ",
+        "Call them back.\n\nJane Roe\n+1 555 123 4567",
+        "Thanks for the call, this is the summary.\nPrice: 20k",
+        "- item one\n- item two\n",
+        "Visit us now\n>>> >>>  http://www.domain.com <<<\nthen call",
+    ],
+)
+def test_notes_are_kept_whole(note: str) -> None:
+    assert extract_reply(note) == note.strip()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("> -:\n2aOnwrote@<>年月日From,.\r_")), max_size=400))
+def test_never_crashes_nor_grows(text: str) -> None:
+    reply = extract_reply(text)
+    assert reply == reply.strip()
+    assert len(reply) <= len(text)
+
+
+def test_long_lines_do_not_backtrack() -> None:
+    for text in ("On 1 " * 20000, "x On 1 wrote " * 5000, "From: a\n" * 50000):
+        start = time.perf_counter()
+        extract_reply(text)
+        assert time.perf_counter() - start < 2.0
 
 
 def test_html_reply_from_message_gmail_and_outlook() -> None:
