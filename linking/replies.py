@@ -532,13 +532,12 @@ class _HtmlToLines(HTMLParser):
         self.lines: list[tuple[str, bool]] = []
         self._cur: list[str] = []
         self._cur_quoted = False
-        # stack of (tag, is_quote_container, is_forward_gmail_quote)
+        # open elements: (tag, is a quote container)
         self._stack: list[tuple[str, bool]] = []
         self._quote_depth = 0
         self._skip_depth = 0
         self._pre_depth = 0
         self._stopped = False
-        self._pending_forward_check: list[int] = []
 
     # helpers
     def _flush(self) -> None:
