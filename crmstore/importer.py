@@ -108,6 +108,7 @@ _CURRENCY_RE = re.compile(r"^[A-Za-z]{3}$")
 _LIST_SPLIT_RE = re.compile(r"[,;\s]+")
 _EMAIL_SPLIT_RE = re.compile(r"[,;]")
 _EMAIL_COLUMN_RE = re.compile(r"^(?:e-?mails?|e-?mail addresse?s?)(?:\s*\d+|\s*-\s*.+|\s*\(.+\))?$")
+_NON_ASCII_RUN_RE = re.compile(r"[^\x00-\x7f]+")
 _ENTITY_PREFIXES = {"organization": "organization", "organisation": "organization",
                     "person": "person", "deal": "deal"}
 
@@ -145,35 +146,45 @@ class CsvImportError(Exception):
 # --------------------------------------------------------------------------- encoding
 
 
+# What CP932 text of a Japanese spreadsheet decodes to: kana, kanji, full-width forms, and the
+# JIS X 0208 symbols (※, ①, ■, ★, ×, °...), which CP932 maps to these code points.
+_JAPANESE_RANGES = (
+    (0x3000, 0x30FF),  # CJK punctuation, hiragana, katakana
+    (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF),  # kanji
+    (0xFF01, 0xFF9F), (0xFFE0, 0xFFE5),  # full-width forms, half-width katakana
+    (0x2010, 0x203B), (0x2100, 0x22FF), (0x2460, 0x24FF), (0x2500, 0x26FF),  # symbols
+    (0x3200, 0x33FF),  # enclosed and squared CJK (㈱, ㎡)
+)
+_JAPANESE_LATIN1 = frozenset("§¨°±´¶×÷")
+
+
 def _is_japanese(ch: str) -> bool:
     o = ord(ch)
-    return (0x3000 <= o <= 0x30FF  # CJK punctuation, hiragana, katakana
-            or 0x4E00 <= o <= 0x9FFF  # CJK unified ideographs
-            or 0xFF01 <= o <= 0xFF60  # full-width ASCII variants
-            or 0xFF61 <= o <= 0xFF9F)  # half-width katakana
+    return ch in _JAPANESE_LATIN1 or any(lo <= o <= hi for lo, hi in _JAPANESE_RANGES)
 
 
 def _plausible_cp932(text: str) -> bool:
     """Whether text decoded as CP932 reads as Japanese rather than as Windows-1252 bytes that
-    happen to form valid CP932 pairs (``Müller`` gives ``Mｭller``-like mojibake): it must hold
-    Japanese characters, no private-use characters (CP932 rows 0xF0-0xF9), and no Japanese
-    character squeezed between two ASCII letters, which real Japanese text does not do."""
-    japanese = 0
+    happen to form valid CP932 (``São Paulo`` -> ``S縊 Paulo``, ``Øresund`` -> ``ﾘresund``).
+
+    Windows-1252 accents come one at a time inside Latin words, so misread they give runs
+    of one character glued to an ASCII letter; Japanese comes in runs of several characters
+    (names, 株式会社). CP932 is chosen when all non-ASCII runs are Japanese characters, none
+    is private-use (CP932 lead bytes 0xF0-0xF9), and at most a quarter are such one-character
+    runs (``A社`` exists in Japanese, but not as the whole file)."""
+    runs = suspicious = 0
     n = len(text)
-    for i, ch in enumerate(text):
-        if ch.isascii():
-            continue
-        o = ord(ch)
-        if 0xE000 <= o <= 0xF8FF:
+    for match in _NON_ASCII_RUN_RE.finditer(text):  # skips the ASCII bulk at C speed
+        run = match.group()
+        runs += 1
+        if not all(_is_japanese(ch) for ch in run):
             return False
-        if not _is_japanese(ch):
-            continue
-        japanese += 1
-        before = text[i - 1] if i > 0 else ""
-        after = text[i + 1] if i + 1 < n else ""
-        if before.isascii() and before.isalpha() and after.isascii() and after.isalpha():
-            return False
-    return japanese > 0
+        if len(run) == 1:
+            before = text[match.start() - 1] if match.start() > 0 else ""
+            after = text[match.end()] if match.end() < n else ""
+            if (before.isascii() and before.isalpha()) or (after.isascii() and after.isalpha()):
+                suspicious += 1
+    return runs > 0 and suspicious * 4 <= runs
 
 
 def detect_encoding(data: bytes) -> str:
@@ -256,13 +267,16 @@ def _read_table(path: Path, data: bytes, encoding: str | None) -> _Table:
             if not any(c.strip() for c in cells):
                 continue  # blank line (spreadsheets append some)
             if header is None:
-                if start != 1:
-                    raise CsvImportError([f"{path}:1: (header): the header must be line 1"])
                 header = [c.strip() for c in cells]
                 continue
             rows.append((start, cells))
     except csv.Error as exc:
-        raise CsvImportError([f"{path}:{reader.line_num}: (file): malformed CSV: {exc}"]) from exc
+        # Name the line where the broken record starts (an unclosed quote swallows the rest
+        # of the file, so the line where the reader gave up is not where the mistake is).
+        raise CsvImportError([
+            f"{path}:{last + 1}: (file): malformed CSV in the record starting on this line "
+            f"(read up to line {reader.line_num}): {exc}"
+        ]) from exc
     if header is None:
         raise CsvImportError([f"{path}:1: (header): the file is empty"])
     return _Table(path, header, rows)

@@ -272,6 +272,11 @@ def test_wrong_forced_encoding_names_the_line(store: Store) -> None:
     ("Name\nMüller\n", "cp1252"),  # valid CP932 bytes, but not Japanese
     ("Name\nSociété Générale\n", "cp1252"),
     ("Name\nCafé\n", "cp1252"),
+    ("Name\nSão Paulo Ltda\n", "cp1252"),  # decodes as CP932 to S縊 Paulo
+    ("Name\nØresund\n", "cp1252"),  # decodes as CP932 to ﾘresund
+    ("Name,Org\nMÄRZ GmbH,Ça va SA\n", "cp1252"),
+    ("Name,Org\n山田太郎,A社\n佐藤花子,ABC株式会社\n", "cp932"),
+    ("Name,Note\n㈱テスト,※重要①\n", "cp932"),
 ])
 def test_detect_encoding(text: str, encoding: str) -> None:
     data = text.encode("utf-8" if encoding == "utf-8" else encoding)
@@ -352,6 +357,14 @@ def test_awkward_cell_text_is_stored_verbatim(store: Store, tmp_path: Path) -> N
     import_csv(store, "example", "deals", deals)
     deal = m.Deal.get(m.Deal.title == "No currency")
     assert (deal.currency, deal.stage, deal.value, deal.status) == ("", "", None, "open")
+
+
+def test_unclosed_quote_names_the_line_where_the_record_starts(store: Store,
+                                                             tmp_path: Path) -> None:
+    path = write(tmp_path, "p.csv", 'Name,Email\nA,a@x.test\n"B,b@x.test\nC,c@x.test\n')
+    with pytest.raises(CsvImportError, match=r"p\.csv:3: \(file\): malformed CSV"):
+        import_csv(store, "example", "persons", path)
+    assert m.Person.select().count() == 0
 
 
 def test_nul_character_is_refused(store: Store, tmp_path: Path) -> None:
