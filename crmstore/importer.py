@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import peewee
 from peewee import IntegrityError, Model
 
 from linking.addresses import AddressError, normalize_address, normalize_domain
@@ -521,9 +522,16 @@ def _insert(store: Store, model: type[Model], fields: list[Any],
     plain = (int, str, type(None))  # stored as is; skipping db_value halves the Python work
     values = [tuple(v if type(v) in plain else c(v) for c, v in zip(convert, row, strict=True))
               for row in rows]
+    # The driver's own exceptions become peewee's (IntegrityError...), as for any query.
+    with peewee.__exception_wrapper__:
+        _driver_insert(store, table, columns, len(fields), values)
+
+
+def _driver_insert(store: Store, table: str, columns: str, width: int,
+                   values: list[tuple[Any, ...]]) -> None:
     cursor = store.db.cursor()
     if store.is_sqlite:
-        marks = ", ".join("?" * len(fields))
+        marks = ", ".join("?" * width)
         cursor.executemany(f'INSERT INTO "{table}" ({columns}) VALUES ({marks})', values)
         return
     # PostgreSQL: COPY is its bulk-load path (a third faster than multi-row INSERTs here).

@@ -415,6 +415,34 @@ def test_progress_is_reported(store: Store, tmp_path: Path) -> None:
     assert all(b[0] >= a[0] for a, b in itertools.pairwise(calls))
 
 
+def test_concurrent_writer_conflict_writes_nothing(store: Store, tmp_path: Path) -> None:
+    """On PostgreSQL another process (a Smart BCC delivery) may create the same address
+    while the file is being checked; the import then fails whole with a clear message."""
+    if store.is_sqlite:
+        pytest.skip("SQLite: the import holds the write lock from its first read")
+    import psycopg2
+    lines = ["Name,Email"] + [f"P{i},p{i}@x.test" for i in range(1500)]
+    path = write(tmp_path, "p.csv", "\n".join(lines) + "\n")
+    company = store.company_id("example")
+    db = store.db.database
+
+    def meanwhile(done: int, total: int) -> None:
+        if done == 1000:
+            other = psycopg2.connect(host=PG_HOST, user="postgres", dbname=db)
+            other.autocommit = True
+            with other.cursor() as cur:
+                cur.execute("INSERT INTO person (company_id, name, auto_created, created_at) "
+                            "VALUES (%s, 'Auto', true, now()) RETURNING id", (company,))
+                pid = cur.fetchone()[0]
+                cur.execute("INSERT INTO person_address (person_id, company_id, address) "
+                            "VALUES (%s, %s, 'p1200@x.test')", (pid, company))
+            other.close()
+
+    with pytest.raises(CsvImportError, match="the database changed during the import"):
+        import_csv(store, "example", "persons", path, progress=meanwhile)
+    assert [p.name for p in m.Person.select()] == ["Auto"]
+
+
 # --------------------------------------------------------------------------- volume
 
 
