@@ -81,7 +81,14 @@ def _upgrade_1_to_2(db: Database) -> None:
     )
 
 
-UPGRADES = {1: _upgrade_1_to_2}
+def _upgrade_2_to_3(db: Database) -> None:
+    """Version 3 widens sighting.visibility to hold "quarantined" (PostgreSQL enforces
+    VARCHAR lengths; SQLite never did, so it needs no change)."""
+    if not isinstance(db, SqliteDatabase):
+        db.execute_sql('ALTER TABLE "sighting" ALTER COLUMN "visibility" TYPE VARCHAR(16)')
+
+
+UPGRADES = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3}
 
 
 class Store:

@@ -25,7 +25,7 @@ from peewee import (
     TextField,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def utcnow() -> datetime:
@@ -163,7 +163,7 @@ class Sighting(BaseModel):
     email = ForeignKeyField(Email, backref="sightings", on_delete="CASCADE")
     user = ForeignKeyField(User, backref="sightings", on_delete="CASCADE")
     channel = CharField(max_length=8)  # bcc | forward | relay | imap
-    visibility = CharField(max_length=8)  # shared | private | quarantined
+    visibility = CharField(max_length=16)  # shared | private | quarantined
     queue_id = CharField(max_length=32, index=True)
     received_at = DateTimeField(index=True)
     envelope_from = CharField(max_length=320, default="")

@@ -199,7 +199,7 @@ def test_fresh_database_gets_the_current_schema(
     backend: tuple[str, str], stores: list[Store],
 ) -> None:
     store = open_store(stores, backend[1])
-    assert store.schema_version() == m.SCHEMA_VERSION == 2
+    assert store.schema_version() == m.SCHEMA_VERSION == 3
     for model in m.ALL_MODELS:
         table = model._meta.table_name
         assert store.db.table_exists(table), table
@@ -219,8 +219,8 @@ def test_version_1_database_is_upgraded_with_its_data(
     dialect, url = backend
     make_v1(dialect, url)
     store = open_store(stores, url)
-    assert store.schema_version() == 2
-    assert sorted(r.version for r in m.SchemaInfo.select()) == [1, 2]
+    assert store.schema_version() == 3
+    assert sorted(r.version for r in m.SchemaInfo.select()) == [1, 2, 3]
     assert "decisions_json" in columns(store, "sighting")
     assert "forward_json" in columns(store, "email")
 
@@ -251,7 +251,15 @@ def test_version_1_database_is_upgraded_with_its_data(
                       decisions_json='["deal #1 followed from the thread"]')
     assert m.Sighting.select().count() == 2
     store.close()
-    assert open_store(stores, url).schema_version() == 2  # no second upgrade
+    assert open_store(stores, url).schema_version() == 3  # no second upgrade
+    second = m.Email.create(
+        company=email.company_id, dedupe_key="<v3@example.com>", message_id="<v3@example.com>",
+        content_hash="ghi", thread=email.thread_id, subject="Quarantined",
+        date=datetime(2026, 2, 2),
+        raw=b"q")
+    m.Sighting.create(email=second, user=m.User.get().id, channel="bcc",
+                      visibility="quarantined", queue_id="Q3",
+                      received_at=datetime(2026, 2, 2))  # v3 column width, on both backends
 
 
 def test_newer_schema_is_refused_untouched(
@@ -262,9 +270,11 @@ def test_newer_schema_is_refused_untouched(
     store.close()
     newer = Store(backend[1])
     stores.append(newer)
-    with pytest.raises(StoreError, match=r"schema version 3 is newer than this dealmail \(2\)"):
+    with pytest.raises(StoreError, match=rf"schema version {m.SCHEMA_VERSION + 1} is newer "
+                       rf"than this dealmail \({m.SCHEMA_VERSION}\)"):
         newer.open()
-    assert sorted(r.version for r in m.SchemaInfo.select()) == [2, 3]
+    assert sorted(r.version for r in m.SchemaInfo.select()) == [m.SCHEMA_VERSION,
+                                                                m.SCHEMA_VERSION + 1]
 
 
 # --------------------------------------------------------------------------- durability

@@ -265,10 +265,6 @@ CASES: list[tuple[Callable[[World], m.Email], set[str]]] = [
 def test_visibility_table(
     world: World, build: Callable[[World], m.Email], expected: set[str],
 ) -> None:
-    if ("quarantined" in build.__name__ and not world_is_sqlite()
-            and m.Sighting.visibility.max_length < len("quarantined")):
-        pytest.xfail("crmstore.models: Sighting.visibility is VARCHAR(8), 'quarantined' has 11 "
-                     "characters; PostgreSQL refuses the row (reported to the main engineer)")
     decoy = owner_shared_linked_to_person(world)  # another email, visible to example's users
     email = build(world)
     by_can_see = {name for name in USERS if can_see(world.users[name], email.id)}
@@ -295,9 +291,6 @@ def world_is_sqlite() -> bool:
     return isinstance(m.Sighting._meta.database, SqliteDatabase)
 
 
-@pytest.mark.xfail(strict=True, reason="crmstore.models: Sighting.visibility max_length=8 is "
-                   "too short for 'quarantined' (PostgreSQL refuses such a sighting); needs "
-                   "max_length=16 and a schema upgrade (reported to the main engineer)")
 def test_every_visibility_value_fits_its_column() -> None:
     assert m.Sighting.visibility.max_length >= max(map(len, ("shared", "private",
                                                              "quarantined")))
