@@ -49,7 +49,8 @@ deals
     deal is identified by (title, person, organization).
 
 An import adds and changes, it never erases: an empty cell or a missing column leaves the stored
-value as it is.
+value as it is. Given the config's freemail and internal domains, an organization cannot own
+such a domain and a person cannot have an address in the company's own domains.
 
 Encoding: UTF-8 with or without a byte-order mark, else Shift_JIS/CP932 (Japanese spreadsheet
 exports), else Windows-1252 (see :func:`detect_encoding`); ``--encoding`` forces one.
@@ -65,7 +66,7 @@ import csv
 import io
 import re
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -394,9 +395,13 @@ def _key(name: str) -> str:
 class _Rows:
     """Problems of one file, with access to a row's cells by field."""
 
-    def __init__(self, table: _Table, cols: dict[str, list[int]]) -> None:
+    def __init__(self, table: _Table, cols: dict[str, list[int]],
+                 freemail: frozenset[str] = frozenset(),
+                 internal: frozenset[str] = frozenset()) -> None:
         self.table = table
         self.cols = cols
+        self.freemail = freemail
+        self.internal = internal
         self.problems: list[str] = []
 
     def column_name(self, field_name: str) -> str:
@@ -553,13 +558,20 @@ def _driver_insert(store: Store, table: str, columns: str, width: int,
 def import_csv(store: Store, company_slug: str, kind: str, path: Path,
                encoding: str | None = None,
                progress: Callable[[int, int], None] | None = None,
-               *, now: Callable[[], datetime] = m.utcnow) -> ImportReport:
+               *, now: Callable[[], datetime] = m.utcnow,
+               freemail_domains: Iterable[str] = (),
+               internal_domains: Iterable[str] = ()) -> ImportReport:
     """Import one CSV file of ``kind`` into the company ``company_slug``.
 
     Runs in one transaction; raises :class:`CsvImportError` (nothing written) listing every
     bad row, :class:`crmstore.db.StoreError` for an unknown company, ``ValueError`` for an
     unknown kind. ``progress(done, total)`` is called every 1,000 rows checked and once when
-    the rows are written. ``now`` gives the timestamps of new and changed rows."""
+    the rows are written. ``now`` gives the timestamps of new and changed rows.
+
+    Pass the config's ``policy.freemail_domains`` and the company's ``internal_domains``
+    (normalised, as the config holds them): an organization cannot own a freemail or an
+    internal domain, and a person cannot have an address in an internal domain (DESIGN.md:
+    those addresses are colleagues, never customers)."""
     if kind not in KINDS:
         raise ValueError(f"unknown import kind {kind!r}; expected one of {', '.join(KINDS)}")
     try:
@@ -568,7 +580,7 @@ def import_csv(store: Store, company_slug: str, kind: str, path: Path,
         raise CsvImportError([f"{path}:1: (file): cannot read: {exc.strerror}"]) from exc
     table = _read_table(path, data, encoding)
     cols = _columns_for(kind, table.header)
-    rows = _Rows(table, cols)
+    rows = _Rows(table, cols, frozenset(freemail_domains), frozenset(internal_domains))
     importer = {"organizations": _import_organizations, "persons": _import_persons,
                 "deals": _import_deals}[kind]
     try:
@@ -667,7 +679,16 @@ def _import_organizations(store: Store, company_id: int, rows: _Rows,
             continue
         for d in domains:
             owner = domain_owner.get(d)
-            if d in seen_domain:
+            if d in rows.internal:
+                rows.add(line, rows.column_name("domains"),
+                         f"{d} is one of the company's own domains: its addresses are "
+                         "colleagues, never an organization's")
+                bad = True
+            elif d in rows.freemail:
+                rows.add(line, rows.column_name("domains"),
+                         f"{d} is a freemail domain: it cannot identify one organization")
+                bad = True
+            elif d in seen_domain:
                 rows.add(line, rows.column_name("domains"),
                          f"domain {d} also on line {seen_domain[d]}")
                 bad = True
@@ -783,6 +804,10 @@ def _import_persons(store: Store, company_id: int, rows: _Rows,
         for a in addrs:
             if a in users:
                 rows.add(line, email_col, f"{a} is a dealmail user's address, not a customer's")
+                bad = True
+            elif a.rpartition("@")[2] in rows.internal:
+                rows.add(line, email_col, f"{a} is in one of the company's own domains: a "
+                         "colleague, not a customer")
                 bad = True
             elif a in seen_addr:
                 rows.add(line, email_col, f"address {a} also on line {seen_addr[a]}")

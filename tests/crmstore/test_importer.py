@@ -389,6 +389,25 @@ def test_organization_domains_and_website(store: Store, tmp_path: Path) -> None:
         import_csv(store, "example", "organizations", clash)
 
 
+def test_freemail_and_internal_domains_are_refused(store: Store, tmp_path: Path) -> None:
+    config = load_config(EXAMPLE)
+    company = config.company("example")
+    assert company is not None
+    freemail, internal = config.freemail_domains, company.internal_domains
+    orgs = write(tmp_path, "o.csv", "Name,Domains\nGmail fans,gmail.com\nUs,example.com\n")
+    with pytest.raises(CsvImportError) as info:
+        import_csv(store, "example", "organizations", orgs, freemail_domains=freemail,
+                   internal_domains=internal)
+    assert [p.split(": ", 2)[0].rsplit(":", 1)[1] for p in info.value.problems] == ["2", "3"]
+    assert "freemail" in info.value.problems[0]
+    assert "own domains" in info.value.problems[1]
+    persons = write(tmp_path, "p.csv", "Name,Email\nColleague,carol@example.com\n")
+    with pytest.raises(CsvImportError, match=r"p\.csv:2: Email: carol@example\.com is in one"):
+        import_csv(store, "example", "persons", persons, freemail_domains=freemail,
+                   internal_domains=internal)
+    assert m.Organization.select().count() == m.Person.select().count() == 0
+
+
 def test_deal_external_id_is_its_identity(store: Store, tmp_path: Path) -> None:
     import_demo(store)
     header = "Deal - ID,Deal - Title,Deal - Status,Person - Email,Deal - Value,Deal - Stage\n"
