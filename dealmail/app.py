@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 from crmstore.db import Store
 from linking.record import Directory
 from mta.committer import GroupCommitter
 from mta.handlers.smart_bcc import SmartBccHandler, deal_rcpt_check
+from mta.relay.mx import AddrLookup, MxLookup
+from mta.relay.outbox import OutboxSettings, OutboxWorker
+from mta.relay.retry import parse_schedule
 from mta.routing import RoutingTable
 from mta.senderauth import DnsQuery, DnsTxt, SenderVerifier, dnspython_txt
 from mta.server import Handler, InboundHooks, start_listener
@@ -32,10 +37,19 @@ log = logging.getLogger("dealmail.app")
 class App:
     def __init__(self, config: Config, clock: Clock | None = None,
                  overrides: tuple[str, ...] = (), base: Path | None = None,
-                 dns_txt: DnsTxt | None = None, dns_query: DnsQuery | None = None) -> None:
+                 dns_txt: DnsTxt | None = None, dns_query: DnsQuery | None = None,
+                 mx_lookup: MxLookup | None = None, addr_lookup: AddrLookup | None = None,
+                 outbox_ssl_context: ssl.SSLContext | None = None,
+                 start_outbox_worker: bool = True) -> None:
         # DNS is injected in tests (no test touches the network); None = dnspython.
         self.dns_txt = dns_txt
         self.dns_query = dns_query
+        self.mx_lookup = mx_lookup
+        self.addr_lookup = addr_lookup
+        self.outbox_ssl_context = outbox_ssl_context
+        # Tests drive the worker with run_once() and an injected clock instead.
+        self.start_outbox_worker = start_outbox_worker
+        self.outbox: OutboxWorker | None = None
         self.config = config
         self.overrides = overrides
         self.clock: Clock = clock or SystemClock()
@@ -46,6 +60,7 @@ class App:
         self.directory: Directory | None = None
         self.routing = RoutingTable(config)
         self.servers: dict[str, asyncio.Server] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.handlers: dict[str, Handler] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -68,6 +83,27 @@ class App:
         bcc = SmartBccHandler(self.get_config, self.get_directory, self.clock.now, verifier,
                               signature_check=self.check_signatures)
         return {"bcc": bcc, "deal": bcc}
+
+    def build_outbox(self) -> OutboxWorker:
+        c = self.config
+        settings = OutboxSettings(
+            smarthost=c.outbox_smarthost, smarthost_tls=c.outbox_smarthost_tls,
+            smarthost_username=c.outbox_smarthost_username or None,
+            smarthost_password=c.outbox_smarthost_password or None,
+            helo_name=c.hostname, reporting_mta=c.hostname,
+            dsn_from=f"Mail Delivery System <MAILER-DAEMON@{c.mail_domain}>",
+            lease=timedelta(seconds=c.outbox_lease_seconds),
+        )
+        schedule = parse_schedule(c.outbox_retry_schedule,
+                                  give_up_after=timedelta(hours=c.outbox_give_up_after_hours))
+        return OutboxWorker(self.store, self.clock, settings, schedule, self.mx_lookup,
+                            self.addr_lookup, self.outbox_ssl_context)
+
+    def after_commit(self) -> None:
+        """Called from the committer thread once a batch is durable: wake the outbox worker
+        (it only ever sends what is committed)."""
+        if self.outbox is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.outbox.wake)
 
     def check_signatures(self, raw: bytes, from_domain: str) -> list[dict[str, object]]:
         """DKIM results of a forwarded original (recorded, never a sender verification)."""
@@ -98,8 +134,12 @@ class App:
         self.open_store()
         # One peewee Database per process: it keeps one connection per thread, so the
         # committer thread gets its own connection with the same durability pragmas.
-        self.committer = GroupCommitter(self.store)
+        self.loop = asyncio.get_running_loop()
+        self.committer = GroupCommitter(self.store, after_commit=self.after_commit)
         self.committer.start()
+        self.outbox = self.build_outbox()
+        if self.start_outbox_worker:
+            self.outbox.start(self.config.outbox_poll_seconds)
         self.handlers = self.build_handlers()
         self.routing = RoutingTable(self.config, frozenset(self.handlers))
         hooks = InboundHooks(
@@ -131,6 +171,8 @@ class App:
             await server.wait_closed()
         if self.committer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.committer.stop)
+        if self.outbox is not None:
+            await self.outbox.stop()
         self.executor.shutdown(wait=True)
         self.store.close()
         log.info("stopped")

@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
         ll = lsub.add_parser("list", parents=[_common(2)], help=f"list {name}")
         ll.add_argument("--company", metavar="SLUG")
         ll.add_argument("--json", action="store_true")
+    op = sub.add_parser("outbox", parents=[common],
+                        help="list what dealmail sends (questions, digests, relayed mail, DSNs)")
+    op.add_argument("action", nargs="?", choices=["list", "retry", "drop"], default="list")
+    op.add_argument("id", nargs="?", type=int)
+    op.add_argument("--json", action="store_true")
     xp = sub.add_parser("inspect", parents=[common],
                         help="show how dealmail reads a message, storing nothing")
     xp.add_argument("file", type=Path)
@@ -309,6 +314,8 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
                               f"{r['organization'] or '-':<20} {r['value'] or '-'} "
                               f"{r['currency']} owner {r['owner'] or '-'}")
             return 0
+        if args.command == "outbox":
+            return _outbox(args)
         if args.command == "conversations":
             return _conversations(config, store, args)
     except queries.NotFound as exc:
@@ -316,6 +323,33 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
     finally:
         store.close()
     raise _CliError(f"unknown command {args.command}", EXIT_USAGE)
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from mta.relay import outbox
+
+    if args.action in ("retry", "drop"):
+        if args.id is None:
+            raise _CliError(f"outbox {args.action} needs an item id", EXIT_USAGE)
+        done = (outbox.retry_item(args.id, datetime.now(UTC)) if args.action == "retry"
+                else outbox.drop_item(args.id))
+        if not done:
+            raise _CliError(f"no {'retryable' if args.action == 'retry' else 'queued'} "
+                            f"outbox item {args.id}", EXIT_NOTFOUND)
+        print(f"outbox item {args.id}: {'due now' if args.action == 'retry' else 'dropped'}")
+        return 0
+    items = outbox.list_items()
+    if args.json:
+        print(json.dumps(items, ensure_ascii=False, indent=2))
+        return 0
+    for i in items:
+        print(f"#{i['id']:<6} {i['state']:<8} {i['kind']:<9} attempts {i['attempts']:<3} "
+              f"{', '.join(i['to'])[:40]:<40} {i['subject'][:40]}"
+              + (f"  next {i['next_attempt']}" if i["next_attempt"] else "")
+              + (f"  ({i['last_error'][:60]})" if i["last_error"] else ""))
+    return 0
 
 
 def _conversations(config: Config, store: Any, args: argparse.Namespace) -> int:

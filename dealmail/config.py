@@ -114,6 +114,14 @@ class Config:
     check_spf: bool = True
     dns_timeout: float = 5.0
     demo_data: str = ""
+    outbox_smarthost: str = ""
+    outbox_smarthost_tls: str = "required"
+    outbox_smarthost_username: str = ""
+    outbox_smarthost_password: str = ""
+    outbox_retry_schedule: str = "5m,10m,20m,40m,1h*200"
+    outbox_give_up_after_hours: float = 120.0
+    outbox_lease_seconds: int = 600
+    outbox_poll_seconds: float = 5.0
     companies: tuple[Company, ...] = ()
     # Derived index: normalised address -> (company slug, user address).
     user_index: Mapping[str, tuple[str, str]] = field(default_factory=dict)
@@ -251,6 +259,10 @@ _DATABASE_KEYS = {"url": str}
 _LISTENER_KEYS = {"inbound": str, "submission": str, "max_connections": int,
                   "command_timeout": (int, float), "data_timeout": (int, float)}
 _LIMIT_KEYS = {"message_size": int, "max_recipients": int}
+_OUTBOX_KEYS = {"smarthost": str, "smarthost_tls": str, "smarthost_username": str,
+                "smarthost_password": str, "retry_schedule": str,
+                "give_up_after_hours": (int, float), "lease_seconds": int,
+                "poll_seconds": (int, float)}
 _POLICY_KEYS = {"trusted_networks": list, "create_unknown_persons": bool,
                 "freemail_domains": list, "thread_window_days": int, "choice_token_days": int,
                 "authserv_id": str, "trusted_authserv_ids": list, "trusted_arc_sealers": list,
@@ -357,17 +369,46 @@ def _address(p: _Problems, key: str, value: Any) -> str | None:
         return None
 
 
+def _validate_outbox(p: _Problems, outbox: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    from mta.relay.retry import parse_schedule
+
+    host = outbox.get("smarthost", "")
+    if host and not re.match(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", host):
+        p.add("outbox.smarthost", "must be HOST:PORT, or empty for direct MX delivery")
+    tls = outbox.get("smarthost_tls", "required")
+    if tls not in ("required", "implicit", "opportunistic"):
+        p.add("outbox.smarthost_tls", "must be required, implicit or opportunistic")
+    if bool(outbox.get("smarthost_username")) != bool(outbox.get("smarthost_password")):
+        p.add("outbox.smarthost_username", "smarthost_username and smarthost_password go "
+              "together")
+    schedule = outbox.get("retry_schedule")
+    if schedule is not None:
+        try:
+            parse_schedule(schedule)
+        except ValueError as exc:
+            p.add("outbox.retry_schedule", str(exc))
+    for key in ("give_up_after_hours", "lease_seconds", "poll_seconds"):
+        if key in outbox and outbox[key] <= 0:
+            p.add(f"outbox.{key}", "must be positive")
+    for key, value in outbox.items():
+        kwargs[f"outbox_{key}"] = float(value) if key in ("give_up_after_hours",
+                                                          "poll_seconds") else value
+
+
 def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     p = _Problems(path, text)
     top_schema = {"server": dict, "database": dict, "listeners": dict, "limits": dict,
+                  "outbox": dict,
                   "policy": dict, "companies": list}
     top = _check_table(p, "", data, top_schema)
     server = _check_table(p, "server", top.get("server", {}), _SERVER_KEYS)
     database = _check_table(p, "database", top.get("database", {}), _DATABASE_KEYS)
     listeners = _check_table(p, "listeners", top.get("listeners", {}), _LISTENER_KEYS)
     limits = _check_table(p, "limits", top.get("limits", {}), _LIMIT_KEYS)
+    outbox = _check_table(p, "outbox", top.get("outbox", {}), _OUTBOX_KEYS)
     policy = _check_table(p, "policy", top.get("policy", {}), _POLICY_KEYS)
     kwargs: dict[str, Any] = {"path": path}
+    _validate_outbox(p, outbox, kwargs)
 
     mail_domain = server.get("mail_domain", "dealmail.localhost")
     try:

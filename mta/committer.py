@@ -34,8 +34,10 @@ class CommitterStopped(RuntimeError):
 
 class GroupCommitter:
     def __init__(self, store: Store, max_batch: int = 64,
-                 before_commit: BeforeCommit | None = None) -> None:
+                 before_commit: BeforeCommit | None = None,
+                 after_commit: Callable[[], None] | None = None) -> None:
         self.store = store
+        self.after_commit = after_commit
         self.max_batch = max_batch
         self.before_commit = before_commit
         self._queue: queue.SimpleQueue[tuple[Job, Future[Any]] | None] = queue.SimpleQueue()
@@ -124,6 +126,8 @@ class GroupCommitter:
             return
         self.batches += 1
         self.jobs += len(results)
+        if self.after_commit is not None:
+            self.after_commit()
         for fut, ok, value in results:
             if ok:
                 fut.set_result(value)

@@ -1,0 +1,282 @@
+"""The durable outbox: everything dealmail sends, written in the transaction that caused it,
+delivered by one worker after the commit.
+
+* :func:`enqueue` is called inside a handler's (or the CLI's) transaction: one row per
+  destination domain (RFC 5321 §5.1 routes by domain), so one domain's trouble never delays or
+  re-sends another's. Nothing is sent from inside a transaction.
+* :class:`OutboxWorker` claims due rows with a lease (``SELECT … FOR UPDATE SKIP LOCKED`` on
+  PostgreSQL, so several dealmail processes share one outbox; SQLite is single-process),
+  delivers them with :func:`mta.relay.delivery.deliver`, then records per recipient: delivered
+  and permanently failed recipients leave the row, temporary ones stay for the next attempt on
+  the retry schedule. A worker killed mid-delivery leaves its lease to expire: the row is then
+  claimed again (at-least-once, the attempt counted).
+* A permanent failure or a give-up produces one DSN (RFC 3464) to the envelope sender, queued
+  from the null sender; dealmail's own notices use the null sender, so no DSN is ever made
+  about them and no backscatter reaches unverified addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from typing import Any
+
+from crmstore import models as m
+from crmstore.db import Store
+from dealmail.clock import Clock, naive_utc
+from linking.addresses import domain_of
+
+from .delivery import DeliveryResult, Outcome, RecipientResult, Route, deliver
+from .dsn import build_dsn
+from .mx import AddrLookup, MxLookup, RouteError, resolve_routes
+from .retry import RetrySchedule
+
+log = logging.getLogger("dealmail.outbox")
+
+
+def as_bytes(message: EmailMessage | bytes) -> bytes:
+    if isinstance(message, bytes):
+        return message
+    return message.as_bytes(policy=SMTP_POLICY)
+
+
+def enqueue(
+    message: EmailMessage | bytes,
+    *,
+    kind: str,
+    mail_from: str,
+    recipients: Sequence[str],
+    now: datetime,
+    company_id: int | None = None,
+    subject: str = "",
+    dedupe_key: str | None = None,
+) -> list[int]:
+    """Queue ``message`` for ``recipients`` (must run inside the caller's transaction).
+
+    ``dedupe_key`` makes the call idempotent (a digest for one period, a question for one
+    batch): a second call with the same key queues nothing and returns []."""
+    if dedupe_key is not None and m.OutboxItem.select().where(
+            m.OutboxItem.dedupe_key.startswith(dedupe_key + "#")).exists():
+        return []
+    raw = as_bytes(message)
+    if not subject and isinstance(message, EmailMessage):
+        subject = str(message.get("Subject", ""))
+    by_domain: dict[str, list[str]] = {}
+    for rcpt in recipients:
+        by_domain.setdefault(domain_of(rcpt.lower()), []).append(rcpt)
+    ids = []
+    when = naive_utc(now)
+    for domain, rcpts in sorted(by_domain.items()):
+        item = m.OutboxItem.create(
+            company=company_id, kind=kind, mail_from=mail_from,
+            recipients_json=json.dumps(rcpts), domain=domain, subject=subject[:500],
+            message=raw, state="queued", attempts=0, next_attempt_at=when, created_at=when,
+            dedupe_key=f"{dedupe_key}#{domain}" if dedupe_key else None,
+        )
+        ids.append(item.id)
+    return ids
+
+
+@dataclass
+class OutboxSettings:
+    smarthost: str = ""  # HOST:PORT, or "" for direct MX delivery
+    smarthost_tls: str = "required"
+    smarthost_username: str | None = None
+    smarthost_password: str | None = None
+    helo_name: str = "dealmail.localhost"
+    reporting_mta: str = "dealmail.localhost"
+    dsn_from: str = "Mail Delivery System <MAILER-DAEMON@dealmail.localhost>"
+    lease: timedelta = timedelta(minutes=10)
+    batch: int = 20
+    timeout: float = 60.0
+    mx_port: int = 25
+
+
+RouteResolver = Callable[[str], list[Route]]
+
+
+class OutboxWorker:
+    """Claims due outbox items and delivers them; ``run_once`` is the unit tests drive."""
+
+    def __init__(self, store: Store, clock: Clock, settings: OutboxSettings,
+                 schedule: RetrySchedule, mx_lookup: MxLookup | None = None,
+                 addr_lookup: AddrLookup | None = None, ssl_context: Any = None,
+                 worker_id: str = "w1") -> None:
+        self.store = store
+        self.clock = clock
+        self.settings = settings
+        self.schedule = schedule
+        self.mx_lookup = mx_lookup
+        self.addr_lookup = addr_lookup
+        self.ssl_context = ssl_context
+        self.worker_id = worker_id
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # ----------------------------------------------------------------- routes
+
+    def routes_for(self, domain: str) -> list[Route]:
+        s = self.settings
+        if s.smarthost:
+            host, _, port = s.smarthost.rpartition(":")
+            return [Route(host=host.strip("[]"), port=int(port), tls=s.smarthost_tls,
+                          username=s.smarthost_username, password=s.smarthost_password,
+                          ssl_context=self.ssl_context)]
+        if self.mx_lookup is None or self.addr_lookup is None:
+            from .mx import dnspython_addr_lookup, dnspython_mx_lookup
+
+            self.mx_lookup = self.mx_lookup or dnspython_mx_lookup()
+            self.addr_lookup = self.addr_lookup or dnspython_addr_lookup()
+        return resolve_routes(domain, self.mx_lookup, self.addr_lookup, port=s.mx_port)
+
+    # ----------------------------------------------------------------- claiming
+
+    def claim(self) -> list[m.OutboxItem]:
+        """Lease up to ``batch`` due items (one transaction)."""
+        now = naive_utc(self.clock.now())
+        lease_until = now + self.settings.lease
+        with self.store.transaction():
+            q = (m.OutboxItem.select()
+                 .where((m.OutboxItem.state == "queued") & (m.OutboxItem.next_attempt_at <= now)
+                        & (m.OutboxItem.lease_until.is_null()
+                           | (m.OutboxItem.lease_until < now)))
+                 .order_by(m.OutboxItem.next_attempt_at, m.OutboxItem.id)
+                 .limit(self.settings.batch))
+            if not self.store.is_sqlite:
+                q = q.for_update(skip_locked=True)
+            items = list(q)
+            if items:
+                # The attempt is counted when it starts: a worker killed mid-delivery still
+                # used one (at-least-once, RELIABILITY.md D.6).
+                (m.OutboxItem.update(lease_until=lease_until,
+                                     attempts=m.OutboxItem.attempts + 1)
+                 .where(m.OutboxItem.id.in_([i.id for i in items])).execute())
+                for i in items:
+                    i.attempts += 1
+        return items
+
+    # ----------------------------------------------------------------- delivering
+
+    async def run_once(self) -> int:
+        """Deliver every due item once; returns how many items were attempted."""
+        loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(None, self.claim)
+        for item in items:
+            result = await self._attempt(item)
+            await loop.run_in_executor(None, self.record, item, result)
+        return len(items)
+
+    async def _attempt(self, item: m.OutboxItem) -> DeliveryResult:
+        recipients = json.loads(item.recipients_json)
+        try:
+            routes = self.routes_for(item.domain)
+        except RouteError as exc:
+            outcome = Outcome.PERMANENT if exc.permanent else Outcome.TEMPORARY
+            code = 550 if exc.permanent else 451
+            return DeliveryResult([RecipientResult(r, outcome, code, f"{exc.status} {exc}")
+                                   for r in recipients], transcript_error=str(exc))
+        return await deliver(bytes(item.message), item.mail_from, recipients, routes,
+                             self.settings.helo_name, timeout=self.settings.timeout)
+
+    def record(self, item: m.OutboxItem, result: DeliveryResult) -> None:
+        """Store one attempt's outcome (one transaction): pending recipients stay queued."""
+        now = naive_utc(self.clock.now())
+        delivered = result.by_outcome(Outcome.DELIVERED)
+        failed = result.by_outcome(Outcome.PERMANENT)
+        temporary = result.by_outcome(Outcome.TEMPORARY)
+        next_at = None
+        if temporary:
+            next_at = self.schedule.next_attempt(item.attempts, item.created_at, now)
+            if next_at is not None:
+                next_at = naive_utc(next_at)
+        gave_up = temporary if (temporary and next_at is None) else []
+        errors = "; ".join(f"{r.address}: {r.code} {r.message}" for r in failed + temporary)
+        with self.store.transaction():
+            fields: dict[Any, Any] = {m.OutboxItem.lease_until: None,
+                                      m.OutboxItem.last_error: errors[:2000]}
+            if temporary and next_at is not None:
+                fields[m.OutboxItem.recipients_json] = json.dumps([r.address for r in temporary])
+                fields[m.OutboxItem.next_attempt_at] = next_at
+            elif delivered:
+                fields[m.OutboxItem.state] = "sent"
+                fields[m.OutboxItem.sent_at] = now
+            else:
+                fields[m.OutboxItem.state] = "failed"
+            m.OutboxItem.update(fields).where(m.OutboxItem.id == item.id).execute()
+            if failed or gave_up:
+                self._queue_dsn(item, failed + gave_up, now)
+        log.info("outbox #%s (%s to %s): %d delivered, %d failed, %d deferred%s", item.id,
+                 item.kind, item.domain, len(delivered), len(failed), len(temporary),
+                 f" until {next_at}" if next_at else (" (gave up)" if gave_up else ""))
+
+    def _queue_dsn(self, item: m.OutboxItem, failed: list[RecipientResult],
+                   now: datetime) -> None:
+        s = self.settings
+        dsn = build_dsn(bytes(item.message), item.mail_from, failed, s.reporting_mta,
+                        s.dsn_from, item.created_at, now)
+        if dsn is None:  # never about a null-sender message (RFC 3464 §2, RFC 5321 §6.2)
+            return
+        enqueue(dsn, kind="dsn", mail_from="", recipients=[item.mail_from], now=now,
+                company_id=item.company_id)
+
+    # ----------------------------------------------------------------- running
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self, poll_seconds: float = 5.0) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(poll_seconds))
+
+    async def _run(self, poll_seconds: float) -> None:
+        while not self._stopping:
+            try:
+                while await self.run_once():
+                    pass
+            except Exception:
+                log.exception("outbox worker pass failed; retrying at the next poll")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), poll_seconds)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+
+def list_items(limit: int = 200) -> list[dict[str, Any]]:
+    """``dealmail outbox --json``: newest first."""
+    out = []
+    for i in (m.OutboxItem.select().order_by(m.OutboxItem.id.desc()).limit(limit)):
+        out.append({
+            "id": i.id, "kind": i.kind, "to": json.loads(i.recipients_json),
+            "subject": i.subject, "state": i.state, "attempts": i.attempts,
+            "next_attempt": i.next_attempt_at.isoformat() + "Z" if i.state == "queued" else None,
+            "last_error": i.last_error, "created": i.created_at.isoformat() + "Z",
+        })
+    return out
+
+
+def retry_item(item_id: int, now: datetime) -> bool:
+    """Admin: make a queued or failed item due now."""
+    return bool(m.OutboxItem.update(state="queued", next_attempt_at=naive_utc(now),
+                                    lease_until=None)
+                .where((m.OutboxItem.id == item_id)
+                       & m.OutboxItem.state.in_(["queued", "failed"])).execute())
+
+
+def drop_item(item_id: int) -> bool:
+    """Admin: give up an item without a DSN."""
+    return bool(m.OutboxItem.update(state="dropped", lease_until=None)
+                .where((m.OutboxItem.id == item_id) & (m.OutboxItem.state == "queued"))
+                .execute())
