@@ -175,7 +175,9 @@ def load_demo_if_empty(app: Any) -> None:
     for kind in ("organizations", "persons", "deals"):
         path = folder / f"{kind}.csv"
         if path.exists():
-            report = import_csv(app.store, slug, kind, path)
+            report = import_csv(app.store, slug, kind, path,
+                                freemail_domains=config.freemail_domains,
+                                internal_domains=config.companies[0].internal_domains)
             log.info("demo data: imported %s rows of %s into company %s", report.rows, kind,
                      slug)
 
@@ -285,8 +287,12 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
 
             company_id(args.company)
             try:
+                company = config.company(args.company)
+                assert company is not None
                 report = import_csv(store, args.company, args.kind, args.file, args.encoding,
-                                    progress=_progress_bar(sys.stderr.isatty()))
+                                    progress=_progress_bar(sys.stderr.isatty()),
+                                    freemail_domains=config.freemail_domains,
+                                    internal_domains=company.internal_domains)
             except CsvImportError as exc:
                 for problem in exc.problems:
                     print(problem, file=sys.stderr)
