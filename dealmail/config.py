@@ -122,6 +122,17 @@ class Config:
     outbox_give_up_after_hours: float = 120.0
     outbox_lease_seconds: int = 600
     outbox_poll_seconds: float = 5.0
+    # Authenticated relay (mta/relay/submission.py): implicit-TLS listener, certificate,
+    # bare CR/LF policy, login throttling, DKIM keys as (domain, selector, key file).
+    submissions_listen: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    relay_bare_newlines: str = "normalize"
+    relay_auth_max_failures: int = 5
+    relay_auth_window_seconds: float = 900.0
+    relay_auth_lockout_seconds: float = 900.0
+    relay_auth_failure_delay: float = 1.0
+    relay_dkim: tuple[tuple[str, str, str], ...] = ()
     companies: tuple[Company, ...] = ()
     # Derived index: normalised address -> (company slug, user address).
     user_index: Mapping[str, tuple[str, str]] = field(default_factory=dict)
@@ -256,7 +267,7 @@ class _Problems:
 _SERVER_KEYS = {"mail_domain": str, "hostname": str, "log_level": str, "log_file": str,
                 "demo_data": str}
 _DATABASE_KEYS = {"url": str}
-_LISTENER_KEYS = {"inbound": str, "submission": str, "max_connections": int,
+_LISTENER_KEYS = {"inbound": str, "submission": str, "submissions": str, "max_connections": int,
                   "command_timeout": (int, float), "data_timeout": (int, float)}
 _LIMIT_KEYS = {"message_size": int, "max_recipients": int}
 _OUTBOX_KEYS = {"smarthost": str, "smarthost_tls": str, "smarthost_username": str,
@@ -395,10 +406,55 @@ def _validate_outbox(p: _Problems, outbox: dict[str, Any], kwargs: dict[str, Any
                                                           "poll_seconds") else value
 
 
+_TLS_KEYS = {"cert_file": str, "key_file": str}
+_RELAY_KEYS = {"bare_newlines": str, "auth_max_failures": int,
+               "auth_window_seconds": (int, float), "auth_lockout_seconds": (int, float),
+               "auth_failure_delay": (int, float), "dkim": list}
+_DKIM_KEYS = {"domain": str, "selector": str, "key_file": str}
+
+
+def _validate_relay(p: _Problems, tls: dict[str, Any], relay: dict[str, Any],
+                    kwargs: dict[str, Any]) -> None:
+    if bool(tls.get("cert_file")) != bool(tls.get("key_file")):
+        p.add("tls.cert_file", "cert_file and key_file go together (both empty: a "
+              "self-signed certificate is created under var/tls/)")
+    kwargs["tls_cert_file"] = tls.get("cert_file", "")
+    kwargs["tls_key_file"] = tls.get("key_file", "")
+    policy = relay.get("bare_newlines", "normalize")
+    if policy not in ("normalize", "reject"):
+        p.add("relay.bare_newlines", "must be normalize or reject")
+    kwargs["relay_bare_newlines"] = policy
+    if relay.get("auth_max_failures", 5) < 1:
+        p.add("relay.auth_max_failures", "must be at least 1")
+    for key in ("auth_window_seconds", "auth_lockout_seconds"):
+        if relay.get(key, 1) <= 0:
+            p.add(f"relay.{key}", "must be positive (seconds)")
+    if relay.get("auth_failure_delay", 0) < 0:
+        p.add("relay.auth_failure_delay", "must not be negative (seconds)")
+    for key in ("auth_max_failures", "auth_window_seconds", "auth_lockout_seconds",
+                "auth_failure_delay"):
+        if key in relay:
+            kwargs[f"relay_{key}"] = (relay[key] if key == "auth_max_failures"
+                                      else float(relay[key]))
+    keys: list[tuple[str, str, str]] = []
+    for i, raw in enumerate(relay.get("dkim", [])):
+        entry = _check_table(p, f"relay.dkim[{i}]", raw, _DKIM_KEYS)
+        if not all(entry.get(k) for k in _DKIM_KEYS):
+            p.add(f"relay.dkim[{i}]", "needs domain, selector and key_file")
+            continue
+        try:
+            domain = normalize_domain(entry["domain"])
+        except AddressError as exc:
+            p.add(f"relay.dkim[{i}].domain", str(exc))
+            continue
+        keys.append((domain, entry["selector"], entry["key_file"]))
+    kwargs["relay_dkim"] = tuple(keys)
+
+
 def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     p = _Problems(path, text)
     top_schema = {"server": dict, "database": dict, "listeners": dict, "limits": dict,
-                  "outbox": dict,
+                  "outbox": dict, "tls": dict, "relay": dict,
                   "policy": dict, "companies": list}
     top = _check_table(p, "", data, top_schema)
     server = _check_table(p, "server", top.get("server", {}), _SERVER_KEYS)
@@ -409,6 +465,8 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     policy = _check_table(p, "policy", top.get("policy", {}), _POLICY_KEYS)
     kwargs: dict[str, Any] = {"path": path}
     _validate_outbox(p, outbox, kwargs)
+    _validate_relay(p, _check_table(p, "tls", top.get("tls", {}), _TLS_KEYS),
+                    _check_table(p, "relay", top.get("relay", {}), _RELAY_KEYS), kwargs)
 
     mail_domain = server.get("mail_domain", "dealmail.localhost")
     try:
@@ -429,7 +487,8 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         p.add("database.url", "must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
     kwargs["database_url"] = url
 
-    for key, attr in (("inbound", "inbound_listen"), ("submission", "submission_listen")):
+    for key, attr in (("inbound", "inbound_listen"), ("submission", "submission_listen"),
+                      ("submissions", "submissions_listen")):
         if key in listeners:
             value = listeners[key]
             if value and not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", value):
