@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from crmstore import models as m
+from crmstore.hotpath import HotPath
 from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
 
 from .addresses import Mailbox, domain_of
 from .parse import normalize_subject
-from .threads import find_thread, thread_index_key
+from .threads import thread_index_key
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Directory:
         self.config = config
         self.company_ids = {c.slug: c.id for c in m.Company.select(m.Company.id, m.Company.slug)}
         self.user_ids = {u.address: u.id for u in m.User.select(m.User.id, m.User.address)}
+        self.hot = HotPath(m.Email._meta.database)
+        self.freemail = frozenset(config.freemail_domains)
         self.internal: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         for c in config.companies:
             addrs = frozenset(a for u in c.users for a in u.addresses)
@@ -102,46 +105,79 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
-def _match_person(
-    directory: Directory, company_id: int, box: Mailbox, create: bool, freemail: frozenset[str],
-    now: datetime, decisions: list[str], created: list[int],
-) -> int | None:
-    row = (m.PersonAddress.select(m.PersonAddress.person)
-           .where((m.PersonAddress.company == company_id)
-                  & (m.PersonAddress.address == box.address)).first())
-    if row is not None:
-        decisions.append(f"{box.address} matched person #{row.person_id}")
-        return int(row.person_id)
-    domain = domain_of(box.address)
-    if not create:
-        decisions.append(f"{box.address}: unknown correspondent (persons are not created)")
-        return None
-    if domain in freemail:
-        decisions.append(f"{box.address}: unknown correspondent at a free-mail domain, "
-                         "no person created")
-        return None
-    org = _org_for_domain(company_id, domain, freemail)
-    person = m.Person.create(company=company_id, name=box.name or box.address.split("@")[0],
-                             organization=org, auto_created=True, created_at=now)
-    m.PersonAddress.create(person=person, company=company_id, address=box.address)
-    created.append(person.id)
-    decisions.append(f"{box.address}: created person #{person.id}"
-                     + (f" in organization #{org}" if org else ""))
-    return int(person.id)
+class _Lookup:
+    """Per-message memo of person and organization lookups (one query per address/domain)."""
+
+    def __init__(self, hot: HotPath, company_id: int, freemail: frozenset[str]) -> None:
+        self.hot = hot
+        self.company_id = company_id
+        self.freemail = freemail
+        self.orgs: dict[str, int | None] = {}
+        self.person_org: dict[int, int | None] = {}
+
+    def org_of_domain(self, domain: str) -> int | None:
+        if domain in self.freemail:
+            return None
+        if domain not in self.orgs:
+            self.orgs[domain] = self.hot.org_of_domain(self.company_id, domain)
+        return self.orgs[domain]
+
+    def person(self, box: Mailbox, create: bool, now: datetime, decisions: list[str],
+               created: list[int]) -> int | None:
+        found = self.hot.person_of_address(self.company_id, box.address)
+        if found is not None:
+            pid, org = found
+            self.person_org[pid] = org
+            decisions.append(f"{box.address} matched person #{pid}")
+            return pid
+        domain = domain_of(box.address)
+        if not create:
+            decisions.append(f"{box.address}: unknown correspondent (persons are not created)")
+            return None
+        if domain in self.freemail:
+            decisions.append(f"{box.address}: unknown correspondent at a free-mail domain, "
+                             "no person created")
+            return None
+        org = self.org_of_domain(domain)
+        pid = self.hot.insert(m.Person, {
+            "company": self.company_id, "name": (box.name or box.address.split("@")[0])[:300],
+            "organization": org, "auto_created": True, "created_at": now})
+        self.hot.insert(m.PersonAddress, {"person": pid, "company": self.company_id,
+                                          "address": box.address})
+        self.person_org[pid] = org
+        created.append(pid)
+        decisions.append(f"{box.address}: created person #{pid}"
+                         + (f" in organization #{org}" if org else ""))
+        return pid
 
 
-def _org_for_domain(company_id: int, domain: str, freemail: frozenset[str]) -> int | None:
-    if domain in freemail:
-        return None
-    row = (m.OrgDomain.select(m.OrgDomain.organization)
-           .where((m.OrgDomain.company == company_id) & (m.OrgDomain.domain == domain)).first())
-    return int(row.organization_id) if row else None
+def _find_thread(hot: HotPath, company_id: int, original: Original, external: set[str],
+                 when: datetime, window_days: int) -> tuple[int | None, str]:
+    """The existing thread this email joins, and why. Order of evidence: references we
+    stored (RFC 5322 §3.6.4), Outlook's Thread-Index, then subject + shared participant."""
+    refs = [x for x in [original.in_reply_to, *original.references] if x]
+    tid = hot.thread_of_message_ids(company_id, refs[-50:])
+    if tid is not None:
+        return tid, "references"
+    key = thread_index_key(original.thread_index)
+    if key:
+        tid = hot.thread_of_index(company_id, key)
+        if tid is not None:
+            return tid, "thread-index"
+    subject_key = normalize_subject(original.subject)
+    if subject_key and external:
+        since = when - timedelta(days=window_days)
+        for cand in hot.thread_candidates(company_id, subject_key, since):
+            if hot.thread_shares_participant(cand, external):
+                return cand, "subject and participant"
+    return None, "new"
 
 
 def record_email(
     config: Config, directory: Directory, original: Original, raw: bytes, delivery: Delivery,
 ) -> RecordResult:
     """Write the rows for one received copy. Must run inside a transaction."""
+    hot = directory.hot
     company = delivery.company
     company_id = directory.company_ids[company.slug]
     user_id = directory.user_ids[delivery.user.address]
@@ -149,21 +185,18 @@ def record_email(
     decisions: list[str] = []
     dedupe_key = (original.message_id or f"hash:{original.content_hash}")[:400]
 
-    existing = m.Email.get_or_none((m.Email.company == company_id)
-                                   & (m.Email.dedupe_key == dedupe_key))
+    existing = hot.email_by_key(company_id, dedupe_key)
     if existing is not None:
-        seen = m.Sighting.get_or_none((m.Sighting.email == existing.id)
-                                      & (m.Sighting.user == user_id))
-        if seen is not None:
-            return RecordResult(existing.id, None, True, False, existing.thread_id, [], None,
+        if hot.has_sighting(existing[0], user_id):
+            return RecordResult(existing[0], None, True, False, existing[1], [], None,
                                 False, None, ["repeat of an email this user already has"])
-        decisions.append(f"same message already stored as email #{existing.id}: "
+        decisions.append(f"same message already stored as email #{existing[0]}: "
                          "new sighting only")
 
     # Participants and persons.
     boxes = ([(original.from_, "from")] + [(b, "to") for b in original.to]
              + [(b, "cc") for b in original.cc])
-    freemail = frozenset(config.freemail_domains)
+    lookup = _Lookup(hot, company_id, directory.freemail)
     person_of: dict[str, int | None] = {}
     created: list[int] = []
     for box, _role in boxes:
@@ -172,71 +205,70 @@ def record_email(
         if directory.is_internal(company, box.address):
             person_of[box.address] = None
             continue
-        person_of[box.address] = _match_person(
-            directory, company_id, box, config.create_unknown_persons, freemail, now,
-            decisions, created)
+        person_of[box.address] = lookup.person(box, config.create_unknown_persons, now,
+                                               decisions, created)
     persons = sorted({p for p in person_of.values() if p is not None})
     external = {a for a in person_of if not directory.is_internal(company, a)}
     if not external:
         decisions.append("internal only: no customer among the participants")
 
     when = naive_utc(original.date)
+    have: set[tuple[int | None, int | None, int | None]] = set()
     if existing is None:
-        thread, why = find_thread(
-            company_id, [x for x in [original.in_reply_to, *original.references] if x],
-            thread_index_key(original.thread_index), original.subject, external, when,
-            config.thread_window_days)
-        if thread is None:
-            thread = m.Thread.create(company=company_id,
-                                     subject_key=normalize_subject(original.subject),
-                                     created_at=now, last_at=when)
+        thread_id, why = _find_thread(hot, company_id, original, external, when,
+                                      config.thread_window_days)
+        if thread_id is None:
+            thread_id = hot.insert(m.Thread, {
+                "company": company_id, "subject_key": normalize_subject(original.subject),
+                "deal": None, "created_at": now, "last_at": when})
+            thread_deal = None
         else:
-            decisions.append(f"joins thread #{thread.id} ({why})")
-            if when > thread.last_at:
-                thread.last_at = when
-                thread.save(only=[m.Thread.last_at])
-        email = m.Email.create(
-            company=company_id, dedupe_key=dedupe_key, message_id=original.message_id,
-            content_hash=original.content_hash, thread=thread, subject=original.subject,
-            date=when, from_address=original.from_.address, from_name=original.from_.name,
-            to_json=_json([b.as_dict() for b in original.to]),
-            cc_json=_json([b.as_dict() for b in original.cc]),
-            in_reply_to=original.in_reply_to, references=" ".join(original.references),
-            thread_index=thread_index_key(original.thread_index), snippet=original.snippet,
-            attachments_json=_json(original.attachments), size=len(raw), raw=raw,
-            kind=delivery.channel if delivery.channel == "forward" else "bcc",
-            forward_json=_json(original.forward) if original.forward else None,
-            created_at=now,
-        )
-        m.Participant.insert_many([
-            {"email": email.id, "address": box.address, "name": box.name[:300], "role": role,
+            decisions.append(f"joins thread #{thread_id} ({why})")
+            hot.touch_thread(thread_id, when)
+            thread_deal = hot.thread_row(thread_id)[1]
+        email_id = hot.insert(m.Email, {
+            "company": company_id, "dedupe_key": dedupe_key, "message_id": original.message_id,
+            "content_hash": original.content_hash, "thread": thread_id,
+            "subject": original.subject, "date": when,
+            "from_address": original.from_.address, "from_name": original.from_.name[:300],
+            "to_json": _json([b.as_dict() for b in original.to]),
+            "cc_json": _json([b.as_dict() for b in original.cc]),
+            "in_reply_to": original.in_reply_to, "references": " ".join(original.references),
+            "thread_index": thread_index_key(original.thread_index),
+            "snippet": original.snippet, "attachments_json": _json(original.attachments),
+            "size": len(raw), "raw": raw,
+            "kind": delivery.channel if delivery.channel == "forward" else "bcc",
+            "forward_json": _json(original.forward) if original.forward else None,
+            "created_at": now,
+        })
+        hot.insert_many(m.Participant, [
+            {"email": email_id, "address": box.address, "name": box.name[:300], "role": role,
              "person": person_of.get(box.address)}
             for box, role in boxes
-        ]).execute()
+        ])
     else:
-        email = existing
-        thread = m.Thread.get_by_id(existing.thread_id)
+        email_id, thread_id = existing
+        thread_deal = hot.thread_row(thread_id)[1]
+        # Links are per email: a second sighting adds nothing twice.
+        have = hot.links_of_email(email_id)
 
-    # Links to persons and organizations (idempotent: a second sighting adds nothing twice).
-    have = {(lk.person_id, lk.deal_id, lk.organization_id)
-            for lk in m.Link.select().where(m.Link.email == email.id)}
     new_links: list[dict[str, Any]] = []
     orgs: set[int] = set()
     for pid in persons:
         if (pid, None, None) not in have:
-            new_links.append({"email": email.id, "person": pid, "source": "auto",
-                              "created_at": now})
-        person = m.Person.get_by_id(pid)
-        if person.organization_id:
-            orgs.add(person.organization_id)
-    for addr in external:
-        org = _org_for_domain(company_id, domain_of(addr), freemail)
+            new_links.append({"email": email_id, "person": pid, "deal": None,
+                              "organization": None, "source": "auto", "created_at": now})
+        org = lookup.person_org.get(pid)
+        if org:
+            orgs.add(org)
+    for addr in sorted(external):
+        org = lookup.org_of_domain(domain_of(addr))
         if org:
             orgs.add(org)
     for oid in sorted(orgs):
         if (None, None, oid) not in have:
-            new_links.append({"email": email.id, "organization": oid, "source": "auto",
-                              "created_at": now})
+            new_links.append({"email": email_id, "person": None, "deal": None,
+                              "organization": oid, "source": "auto", "created_at": now})
 
     # The deal.
     deal_id: int | None = None
@@ -247,61 +279,49 @@ def record_email(
     if delivery.deal_id is not None:
         deal_id, deal_source = delivery.deal_id, "address"
         decisions.append(f"deal #{deal_id} named by the +deal address")
-        if thread.deal_id is None:
-            thread.deal = deal_id
-            thread.save(only=[m.Thread.deal])
+        if thread_deal is None:
+            hot.set_thread_deal(thread_id, deal_id)
     elif existing_deals:
         deal_id = existing_deals[0]
-    elif thread.deal_id is not None:
-        deal_id, deal_source = thread.deal_id, "thread"
+    elif thread_deal is not None:
+        deal_id, deal_source = thread_deal, "thread"
         decisions.append(f"deal #{deal_id} followed from the thread")
     elif not delivery.user.auto_link_deals:
         decisions.append("automatic deal linking is off for this user")
     elif persons:
-        open_deals = list(
-            m.Deal.select(m.Deal.id, m.Deal.title)
-            .where(m.Deal.person.in_(persons) & (m.Deal.status == "open")
-                   & (m.Deal.company == company_id))
-            .order_by(m.Deal.id))
+        open_deals = hot.open_deals(company_id, persons)
         if len(open_deals) == 1:
-            deal_id = open_deals[0].id
-            decisions.append(f"deal #{deal_id} {open_deals[0].title!r}: the person's only "
+            deal_id = open_deals[0][0]
+            decisions.append(f"deal #{deal_id} {open_deals[0][1]!r}: the person's only "
                              "open deal")
-            thread.deal = deal_id
-            thread.save(only=[m.Thread.deal])
+            hot.set_thread_deal(thread_id, deal_id)
         elif len(open_deals) > 1:
             needs_choice = True
-            cands = [d.id for d in open_deals]
             decisions.append("needs choice among " + ", ".join(
-                f"#{d.id} {d.title!r}" for d in open_deals))
-            already = (m.PendingChoice.select(m.PendingChoice.id)
-                       .where((m.PendingChoice.thread == thread.id)
-                              & (m.PendingChoice.user == user_id)
-                              & m.PendingChoice.state.in_(["pending", "asked"])).first())
-            if already is None:
-                pending_id = m.PendingChoice.create(
-                    user=user_id, email=email.id, thread=thread.id, person=persons[0],
-                    candidates_json=_json(cands), state="pending", created_at=now,
-                ).id
-            else:
-                pending_id = already.id
+                f"#{d} {title!r}" for d, title in open_deals))
+            pending_id = hot.pending_for_thread(thread_id, user_id)
+            if pending_id is None:
+                pending_id = hot.insert(m.PendingChoice, {
+                    "user": user_id, "email": email_id, "thread": thread_id,
+                    "person": persons[0], "candidates_json": _json([d for d, _ in open_deals]),
+                    "state": "pending", "created_at": now})
         else:
             decisions.append("no open deal for the matched persons")
     if deal_id is not None and deal_id not in existing_deals:
-        new_links.append({"email": email.id, "deal": deal_id, "source": deal_source,
-                          "created_at": now})
-    if new_links:
-        m.Link.insert_many(new_links).execute()
+        new_links.append({"email": email_id, "person": None, "deal": deal_id,
+                          "organization": None, "source": deal_source, "created_at": now})
+    hot.insert_many(m.Link, new_links)
 
     visibility = "quarantined" if delivery.quarantined else delivery.user.default_visibility
-    sighting = m.Sighting.create(
-        email=email.id, user=user_id, channel=delivery.channel, visibility=visibility,
-        queue_id=delivery.queue_id, received_at=now, envelope_from=delivery.envelope_from,
-        client_ip=delivery.client_ip, verification=delivery.verification,
-        evidence_json=_json(delivery.evidence), decisions_json=_json(decisions),
-    )
+    sighting_id = hot.insert(m.Sighting, {
+        "email": email_id, "user": user_id, "channel": delivery.channel,
+        "visibility": visibility, "queue_id": delivery.queue_id, "received_at": now,
+        "envelope_from": delivery.envelope_from, "client_ip": delivery.client_ip,
+        "verification": delivery.verification, "evidence_json": _json(delivery.evidence),
+        "decisions_json": _json(decisions),
+    })
     return RecordResult(
-        email_id=email.id, sighting_id=sighting.id, duplicate=False,
-        new_email=existing is None, thread_id=thread.id, persons=persons, deal_id=deal_id,
+        email_id=email_id, sighting_id=sighting_id, duplicate=False,
+        new_email=existing is None, thread_id=thread_id, persons=persons, deal_id=deal_id,
         needs_choice=needs_choice, pending_choice_id=pending_id, decisions=decisions,
     )
