@@ -19,7 +19,7 @@ from typing import Any
 from dealmail.config import Company, Config, User
 from linking.originals import originals_for
 from linking.parse import MessageRejected, ParsedMessage, parse_message
-from linking.record import Delivery, Directory, RecordResult, record_email
+from linking.record import Delivery, Directory, Original, RecordResult, record_email
 
 from .. import replies
 from ..replies import Reply
@@ -125,23 +125,32 @@ class SmartBccHandler:
                   if verdict.header else ctx.raw)
 
         def job() -> Reply:
-            directory = self.directory_of()
-            results = []
-            for original in originals:
-                result = record_email(config, directory, original, stored, delivery)
-                if result.duplicate:
-                    note_repeat(result, delivery)
-                results.append(result)
-                if self.after_record is not None and not result.duplicate:
-                    self.after_record(result, user, company)
-            for original, result in zip(originals, results, strict=True):
-                log.info("[%s] %s stored as email #%s%s: %s", qid,
-                         original.message_id or "-", result.email_id,
-                         " (repeat, no-op)" if result.duplicate else "",
-                         "; ".join(result.decisions) or "no decision")
+            store_copies(config, self.directory_of(), originals, stored, delivery,
+                         self.after_record)
             return replies.queued(qid)
 
         return job
+
+
+def store_copies(config: Config, directory: Directory, originals: list[Original],
+                 stored: bytes, delivery: Delivery,
+                 after_record: AfterRecord | None) -> list[RecordResult]:
+    """Store and link one received copy (inside the caller's transaction): the part every
+    capturing channel shares (Smart BCC, forwards, the authenticated relay)."""
+    results = []
+    for original in originals:
+        result = record_email(config, directory, original, stored, delivery)
+        if result.duplicate:
+            note_repeat(result, delivery)
+        results.append(result)
+        if after_record is not None and not result.duplicate:
+            after_record(result, delivery.user, delivery.company)
+    for original, result in zip(originals, results, strict=True):
+        log.info("[%s] %s stored as email #%s%s: %s", delivery.queue_id,
+                 original.message_id or "-", result.email_id,
+                 " (repeat, no-op)" if result.duplicate else "",
+                 "; ".join(result.decisions) or "no decision")
+    return results
 
 
 def note_repeat(result: RecordResult, delivery: Delivery) -> None:
