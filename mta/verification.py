@@ -54,13 +54,24 @@ def crypto_verifier(
     clock: Callable[[], float] = time.time,
 ) -> Verifier:
     """A :data:`Verifier` backed by DKIM/upstream A-R/ARC/trusted network/SPF checks."""
+    # One SenderVerifier (and dnspython resolver, which reads resolv.conf when built) per
+    # config, rebuilt when a reload swaps the config: not one per message.
+    built: dict[int, SenderVerifier] = {}
+
+    def verifier_for(config: Config) -> SenderVerifier:
+        found = built.get(id(config))
+        if found is None:
+            txt = dns_txt or dnspython_txt(timeout=config.dns_timeout)
+            query = dns_query or dnspython_query(timeout=config.dns_timeout)
+            built.clear()
+            found = built[id(config)] = SenderVerifier(policy_of(config), txt, query,
+                                                       clock=clock)
+        return found
 
     def verify(ctx: DataContext, parsed: ParsedMessage, company: Company,
                user: User) -> Verification:
         config = config_of()
-        txt = dns_txt or dnspython_txt(timeout=config.dns_timeout)
-        query = dns_query or dnspython_query(timeout=config.dns_timeout)
-        verifier = SenderVerifier(policy_of(config), txt, query, clock=clock)
+        verifier = verifier_for(config)
         verdict = verifier.verify(ctx.raw, parsed.from_.address, ctx.peer_ip, ctx.mail_from,
                                   ctx.helo)
         accepted = accepts(company, verdict.level)

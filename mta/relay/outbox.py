@@ -142,11 +142,15 @@ class OutboxWorker:
         """Lease up to ``batch`` due items (one transaction)."""
         now = naive_utc(self.clock.now())
         lease_until = now + self.settings.lease
+        due = ((m.OutboxItem.state == "queued") & (m.OutboxItem.next_attempt_at <= now)
+               & (m.OutboxItem.lease_until.is_null() | (m.OutboxItem.lease_until < now)))
+        # A read first: the write lock is taken only when something is due, so the worker
+        # never competes with the ingestion commits for nothing.
+        if not m.OutboxItem.select(m.OutboxItem.id).where(due).exists():
+            return []
         with self.store.transaction():
             q = (m.OutboxItem.select()
-                 .where((m.OutboxItem.state == "queued") & (m.OutboxItem.next_attempt_at <= now)
-                        & (m.OutboxItem.lease_until.is_null()
-                           | (m.OutboxItem.lease_until < now)))
+                 .where(due)
                  .order_by(m.OutboxItem.next_attempt_at, m.OutboxItem.id)
                  .limit(self.settings.batch))
             if not self.store.is_sqlite:
