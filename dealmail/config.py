@@ -107,6 +107,8 @@ class Config:
     freemail_domains: tuple[str, ...] = DEFAULT_FREEMAIL
     thread_window_days: int = 30
     choice_token_days: int = 14
+    choice_batch_minutes: int = 5
+    choice_questions_per_hour: int = 6
     authserv_id: str = ""
     trusted_authserv_ids: tuple[str, ...] = ()
     trusted_arc_sealers: tuple[str, ...] = ()
@@ -276,6 +278,7 @@ _OUTBOX_KEYS = {"smarthost": str, "smarthost_tls": str, "smarthost_username": st
                 "poll_seconds": (int, float)}
 _POLICY_KEYS = {"trusted_networks": list, "create_unknown_persons": bool,
                 "freemail_domains": list, "thread_window_days": int, "choice_token_days": int,
+                "choice_batch_minutes": int, "choice_questions_per_hour": int,
                 "authserv_id": str, "trusted_authserv_ids": list, "trusted_arc_sealers": list,
                 "upstream_networks": list, "check_spf": bool, "dns_timeout": (int, float)}
 _COMPANY_KEYS = {"slug": str, "name": str, "internal_domains": list, "users": list,
@@ -551,6 +554,14 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
             if policy[key] < 1:
                 p.add(f"policy.{key}", "must be at least 1")
             kwargs[key] = policy[key]
+    if "choice_batch_minutes" in policy:
+        if not 0 <= policy["choice_batch_minutes"] <= 1440:
+            p.add("policy.choice_batch_minutes", "must be between 0 and 1440 (minutes)")
+        kwargs["choice_batch_minutes"] = policy["choice_batch_minutes"]
+    if "choice_questions_per_hour" in policy:
+        if policy["choice_questions_per_hour"] < 1:
+            p.add("policy.choice_questions_per_hour", "must be at least 1")
+        kwargs["choice_questions_per_hour"] = policy["choice_questions_per_hour"]
 
     companies: list[Company] = []
     claimed: dict[str, str] = {}  # address -> "companies[i].users[j].key" first claim
