@@ -17,8 +17,12 @@ from datetime import timedelta
 from pathlib import Path
 
 from crmstore.db import Store
+from digest.questions import after_record_hook
+from digest.scheduler import DigestScheduler
 from linking.record import Directory
 from mta.committer import GroupCommitter
+from mta.handlers.ask import AskHandler
+from mta.handlers.choice import ChoiceHandler, choice_rcpt_check
 from mta.handlers.smart_bcc import SmartBccHandler, deal_rcpt_check
 from mta.relay.mx import AddrLookup, MxLookup
 from mta.relay.outbox import OutboxSettings, OutboxWorker
@@ -50,6 +54,7 @@ class App:
         # Tests drive the worker with run_once() and an injected clock instead.
         self.start_outbox_worker = start_outbox_worker
         self.outbox: OutboxWorker | None = None
+        self.digests: DigestScheduler | None = None
         self.config = config
         self.overrides = overrides
         self.clock: Clock = clock or SystemClock()
@@ -82,7 +87,13 @@ class App:
                                    clock=lambda: self.clock.now().timestamp())
         bcc = SmartBccHandler(self.get_config, self.get_directory, self.clock.now, verifier,
                               signature_check=self.check_signatures)
-        return {"bcc": bcc, "deal": bcc}
+        # Deal-choice questions are queued in the transaction that stored the email (issue 6).
+        bcc.after_record = after_record_hook(self.get_config, self.get_directory,
+                                             self.clock.now)
+        choice = ChoiceHandler(self.get_config, self.get_directory, self.clock.now, verifier)
+        # +ask: the same sender verification as Smart BCC (issue 8).
+        ask = AskHandler(self.get_config, self.clock.now, verifier)
+        return {"bcc": bcc, "deal": bcc, "ask": ask, "choice": choice}
 
     def build_outbox(self) -> OutboxWorker:
         c = self.config
@@ -140,11 +151,17 @@ class App:
         self.outbox = self.build_outbox()
         if self.start_outbox_worker:
             self.outbox.start(self.config.outbox_poll_seconds)
+        # Digests: polled every minute; tests call self.digests.run_once(now) instead.
+        self.digests = DigestScheduler(self.store, self.get_config, self.clock)
+        self.digests.start(60.0, after_queue=self.after_commit)
         self.handlers = self.build_handlers()
         self.routing = RoutingTable(self.config, frozenset(self.handlers))
+        deal_check = deal_rcpt_check(self.get_directory)
+        choice_check = choice_rcpt_check(self.get_directory)
         hooks = InboundHooks(
             lambda: self.routing, self.handlers, self.committer, self.executor,
-            self.config.max_recipients, rcpt_check=deal_rcpt_check(self.get_directory),
+            self.config.max_recipients,
+            rcpt_check=lambda route: deal_check(route) or choice_check(route),
         )
         c = self.config
         if c.inbound_listen:
@@ -154,6 +171,10 @@ class App:
                 data_timeout=c.data_timeout, max_connections=c.max_connections,
             )
             log.info("inbound SMTP listening on %s", self.address("inbound"))
+        # Authenticated relay (submission with STARTTLS, optional implicit TLS).
+        from mta.relay.submission import start_submission_listeners
+
+        self.servers.update(await start_submission_listeners(self))
 
     def address(self, name: str) -> str:
         sock = self.servers[name].sockets[0]
@@ -171,6 +192,8 @@ class App:
             await server.wait_closed()
         if self.committer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.committer.stop)
+        if self.digests is not None:
+            await self.digests.stop()
         if self.outbox is not None:
             await self.outbox.stop()
         self.executor.shutdown(wait=True)

@@ -93,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--person", metavar="ADDRESS")
     target.add_argument("--deal", type=int, metavar="ID")
     cp.add_argument("--json", action="store_true")
+    dp = sub.add_parser("digest", parents=[common],
+                        help="compose a user's digest now (since their last one) and queue it")
+    dp.add_argument("--user", required=True, metavar="ADDRESS")
+    dp.add_argument("--dry-run", action="store_true",
+                    help="print the composed message instead of queueing it")
     return p
 
 
@@ -324,6 +329,8 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
             return _outbox(args)
         if args.command == "conversations":
             return _conversations(config, store, args)
+        if args.command == "digest":
+            return _digest(config, store, args)
     except queries.NotFound as exc:
         raise _CliError(str(exc), EXIT_NOTFOUND) from exc
     finally:
@@ -382,6 +389,47 @@ def _conversations(config: Config, store: Any, args: argparse.Namespace) -> int:
                 print(f"        {e['snippet'][:100]}")
     if result["hidden"]:
         print(f"\n  ({result['hidden']} email(s) you may not see are not shown)")
+    return 0
+
+
+def _digest(config: Config, store: Any, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from digest.digests import (
+        compose_digest,
+        default_since,
+        digest_message,
+        find_user_config,
+        last_digest_until,
+        queue_digest,
+    )
+
+    try:
+        _company, user = find_user_config(config, args.user)
+    except LookupError as exc:
+        raise _CliError(str(exc), EXIT_NOTFOUND) from exc
+    now = datetime.now(UTC)
+    with store.transaction():
+        since = default_since(user, now, last_digest_until(user.address))
+        digest = compose_digest(config, user.address, since, now, now)
+        if digest.empty:
+            print(f"digest for {user.address}: nothing since {since:%Y-%m-%d %H:%M} UTC; "
+                  "not sent")
+            return 0
+        if args.dry_run:
+            # Headers and the readable text part (the HTML alternative is its twin).
+            msg = digest_message(config, digest, now)
+            for name, value in msg.items():
+                if name.lower() not in ("content-type", "mime-version",
+                                        "content-transfer-encoding"):
+                    print(f"{name}: {value}")
+            body = msg.get_body(preferencelist=("plain",))
+            print()
+            sys.stdout.write(body.get_content() if body is not None else "")
+            return 0
+        ids = queue_digest(config, digest, f"manual-{now:%Y%m%dT%H%M%S.%f}", now)
+    print(f"digest for {user.address}: {digest.email_count} email(s); queued as outbox "
+          + ", ".join(f"#{i}" for i in ids))
     return 0
 
 
