@@ -111,10 +111,13 @@ def dns() -> DnsRecords:
 def server_factory(tmp_path: Path, clock: FakeClock, dns: DnsRecords) -> Iterator[Any]:
     started: list[RunningApp] = []
 
-    def start(*overrides: str, config: Config | None = None) -> RunningApp:
+    def start(*overrides: str, config: Config | None = None,
+              start_outbox_worker: bool = True) -> RunningApp:
         cfg = config or make_config(tmp_path, *overrides)
+        # start_outbox_worker=False: the test drives app.outbox.run_once() itself.
         running = RunningApp(App(cfg, clock=clock, overrides=overrides, base=ROOT,
-                                 dns_txt=dns.lookup_txt, dns_query=dns.lookup))
+                                 dns_txt=dns.lookup_txt, dns_query=dns.lookup,
+                                 start_outbox_worker=start_outbox_worker))
         running.start()
         started.append(running)
         return running
