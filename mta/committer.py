@@ -10,6 +10,7 @@ lone client never waits for a grouping window (DESIGN.md, measured facts).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -32,6 +33,16 @@ class CommitterStopped(RuntimeError):
     """The committer is shutting down; the job was not run (answer 451)."""
 
 
+def _settle(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for afut, ok, value in items:
+        if afut.done():  # the client went away and the waiter was cancelled
+            continue
+        if ok:
+            afut.set_result(value)
+        else:
+            afut.set_exception(value)
+
+
 class GroupCommitter:
     def __init__(self, store: Store, max_batch: int = 64,
                  before_commit: BeforeCommit | None = None,
@@ -45,6 +56,8 @@ class GroupCommitter:
         self._stopping = threading.Event()
         self.batches = 0
         self.jobs = 0
+        # Futures of submit_async: concurrent future id -> (loop, asyncio future).
+        self._async: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -56,6 +69,20 @@ class GroupCommitter:
             return fut
         self._queue.put((job, fut))
         return fut
+
+    def submit_async(self, job: Callable[[], T]) -> asyncio.Future[T]:
+        """Like :meth:`submit`, for the event loop: the batch's results reach the loop in one
+        wake-up (one ``call_soon_threadsafe`` per batch instead of one per message)."""
+        loop = asyncio.get_running_loop()
+        afut: asyncio.Future[T] = loop.create_future()
+        if self._stopping.is_set():
+            afut.set_exception(CommitterStopped("committer stopped"))
+            return afut
+        cfut: Future[T] = Future()
+        # Registered before the job is queued: the committer may finish it at once.
+        self._async[id(cfut)] = (loop, afut)
+        self._queue.put((job, cfut))
+        return afut
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish every job already submitted, then stop."""
@@ -117,22 +144,32 @@ class GroupCommitter:
         except BaseException as exc:
             # The commit itself failed: nothing of this batch is durable.
             log.error("commit of %d job(s) failed: %r", len(batch), exc)
-            for fut, _ok, _value in results:
-                fut.set_exception(exc)
-            for _job, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+            failed = [(fut, False, exc) for _job, fut in batch]
+            self._resolve(failed)
             self._reconnect()
             return
         self.batches += 1
         self.jobs += len(results)
         if self.after_commit is not None:
             self.after_commit()
+        self._resolve(results)
+
+    def _resolve(self, results: list[tuple[Future[Any], bool, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]]
+        by_loop = {}
         for fut, ok, value in results:
             if ok:
                 fut.set_result(value)
             else:
                 fut.set_exception(value)
+            target = self._async.pop(id(fut), None)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], ok, value))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                log.debug("event loop closed before %d result(s) arrived", len(items))
 
     def _reconnect(self) -> None:
         """After a failed commit the connection may be dead (PostgreSQL restarted): reopen it

@@ -206,7 +206,7 @@ class InboundHooks:
             if isinstance(decided, Reply):
                 reply = decided
             else:
-                reply = await asyncio.wrap_future(self.committer.submit(decided))
+                reply = await self.committer.submit_async(decided)
         except Exception:
             log.exception("[%s] fault while handling DATA from %s", queue_id, ctx.peer_ip)
             reply = replies.temp_failure(queue_id)
