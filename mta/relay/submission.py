@@ -1,0 +1,627 @@
+"""The authenticated relay: mail clients send through dealmail, a copy is captured and linked.
+
+Listeners (RFC 6409 message submission): ``listeners.submission`` with STARTTLS (RFC 3207),
+and optionally ``listeners.submissions`` with TLS from the first byte (RFC 8314 §3.3).
+
+* AUTH PLAIN (RFC 4616) and LOGIN, offered and accepted only under TLS: before STARTTLS the
+  EHLO does not list AUTH and ``AUTH`` answers ``538 5.7.11`` (RFC 4954 §6). The password is
+  checked with :func:`dealmail.passwords.verify_password` in a worker thread (scrypt, constant
+  time; an unknown login costs the same as a wrong password and gets the same ``535 5.7.8``).
+  The login is the user's primary address.
+* Failed logins are counted per client IP and per account (:class:`AuthThrottle`, on the
+  injected clock): each failure is answered a little later, and after
+  ``relay.auth_max_failures`` within the window further logins get ``421 4.7.0`` and the
+  connection is closed, for ``relay.auth_lockout_seconds`` (RFC 4954 §4 lets a server limit
+  attempts). Credentials never reach a log line: aiosmtpd logs each command line, so a filter
+  redacts AUTH lines on its logger.
+* Nothing is relayed without authentication (``530 5.7.0`` at MAIL, RFC 4954 §6). The
+  envelope sender and the header From (and Sender, when present) must be addresses of the
+  authenticated user, primary or alternate: otherwise ``553 5.7.1`` (RELIABILITY.md A.30).
+* A bare CR or LF in the message is normalised to CRLF or refused (``relay.bare_newlines``):
+  aiosmtpd passes them through, and a lenient downstream server would read ``\\n.\\r\\n`` as the
+  end of data (outbound SMTP smuggling, RELIABILITY.md 0.3 and A.25).
+
+Capture and queueing happen in one transaction (the group committer's): the message is stored
+and linked exactly like a Smart BCC copy (:func:`mta.handlers.smart_bcc.store_copies`, channel
+``relay``, the user's default visibility), unless every recipient is a colleague; and one
+outbox item per destination domain is queued with the envelope sender. The ``250`` is sent
+after the commit; the committer's after-commit hook wakes the outbox worker. The stored copy
+keeps its ``Bcc:`` header; the delivered copy loses it (RFC 5322 §3.6.3), gains a
+``Received:`` line (RFC 5321 §4.4, ``with ESMTPSA``, RFC 3848) and, when configured, a DKIM
+signature of the sender's domain (RFC 6376) computed on the CRLF form that leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import re
+import ssl
+from base64 import b64decode
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, Envelope, Session
+
+from dealmail.config import Config, User
+from dealmail.passwords import verify_password
+from linking.addresses import AddressError, domain_of, normalize_address, parse_strict_mailbox
+from linking.originals import plain_original
+from linking.parse import MessageRejected, parse_message
+from linking.record import Delivery, Directory
+
+from .. import replies
+from ..committer import GroupCommitter
+from ..handlers.smart_bcc import AfterRecord, store_copies
+from ..replies import Reply
+from ..server import ConnectionGate, DataContext, DealmailSMTP, Job, new_queue_id, parse_listen
+from .delivery import has_bare_cr_or_lf, normalize_line_endings
+from .outbox import enqueue
+
+__all__ = [
+    "AuthThrottle",
+    "RelayHandler",
+    "SubmissionHooks",
+    "SubmissionSMTP",
+    "complete_headers",
+    "dkim_sign",
+    "install_auth_redaction",
+    "outgoing_copy",
+    "received_line",
+    "start_submission",
+    "start_submission_listeners",
+    "strip_bcc",
+]
+
+log = logging.getLogger("dealmail.relay")
+
+AUTH_OK = "235 2.7.0 Authentication successful"
+# RFC 4954 §6: the same answer whether the login is unknown or the password wrong.
+AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+AUTH_LOCKED = "421 4.7.0 Too many failed logins; try again later"
+AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+
+_BCC_RE = re.compile(rb"^bcc[ \t]*:", re.IGNORECASE)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_AUTH_LINE_RE = re.compile(r"auth\b|auth_|base64|challenge", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------- throttling
+
+
+@dataclass
+class AuthThrottle:
+    """Failed-login counters per client IP and per account, on the injected clock.
+
+    Lives in the App (one per process); only the event loop thread touches it."""
+
+    now: Callable[[], datetime]
+    max_failures: int = 5
+    window: timedelta = timedelta(minutes=15)
+    lockout: timedelta = timedelta(minutes=15)
+    delay_step: float = 1.0
+    max_keys: int = 100_000
+    _failures: dict[str, list[datetime]] = field(default_factory=dict)
+    _locked: dict[str, datetime] = field(default_factory=dict)
+
+    @staticmethod
+    def _keys(ip: str, login: str | None) -> list[str]:
+        keys = [f"ip:{ip}"]
+        if login:
+            keys.append(f"account:{login.lower()}")
+        return keys
+
+    def locked(self, ip: str, login: str | None = None) -> bool:
+        now = self.now()
+        for key in self._keys(ip, login):
+            until = self._locked.get(key)
+            if until is not None:
+                if until > now:
+                    return True
+                del self._locked[key]
+        return False
+
+    def failure(self, ip: str, login: str | None) -> float:
+        """Count a failure; returns the seconds to wait before answering it."""
+        now = self.now()
+        if len(self._failures) > self.max_keys:
+            self._prune(now)
+        worst = 0
+        for key in self._keys(ip, login):
+            recent = [t for t in self._failures.get(key, []) if now - t < self.window]
+            recent.append(now)
+            self._failures[key] = recent
+            worst = max(worst, len(recent))
+            if len(recent) >= self.max_failures:
+                self._locked[key] = now + self.lockout
+                self._failures.pop(key, None)
+        return min(worst, self.max_failures) * self.delay_step
+
+    def success(self, ip: str, login: str) -> None:
+        self._failures.pop(f"account:{login.lower()}", None)
+
+    def _prune(self, now: datetime) -> None:
+        # Bounded memory under a distributed brute force: forget counters outside the window.
+        for key in [k for k, v in self._failures.items() if not v or now - v[-1] >= self.window]:
+            del self._failures[key]
+        for key in [k for k, until in self._locked.items() if until <= now]:
+            del self._locked[key]
+
+
+class _RedactAuth(logging.Filter):
+    """Drops the argument values of aiosmtpd's log lines about AUTH (it logs every command
+    line, with the base64 credentials), so no password reaches a log (RELIABILITY.md A.29)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record is not ours to fix
+            return True
+        if _AUTH_LINE_RE.search(text):
+            record.msg = "%s"
+            record.args = ("(AUTH exchange, redacted)",)
+        return True
+
+
+def install_auth_redaction() -> None:
+    """Idempotent: one redacting filter on aiosmtpd's logger."""
+    logger = logging.getLogger("mail.log")
+    if not any(isinstance(f, _RedactAuth) for f in logger.filters):
+        logger.addFilter(_RedactAuth())
+
+
+# --------------------------------------------------------------------------- message editing
+
+
+def _header_end(raw: bytes) -> int:
+    i = raw.find(b"\r\n\r\n")
+    return len(raw) if i == -1 else i + 2  # offset just past the last header line's CRLF
+
+
+def strip_bcc(raw: bytes) -> bytes:
+    """Remove every ``Bcc:`` field (with its folded continuation lines) from the header block
+    of a CRLF message; everything else is kept byte for byte (RFC 5322 §3.6.3)."""
+    end = _header_end(raw)
+    lines = raw[:end].split(b"\r\n")
+    kept: list[bytes] = []
+    dropping = False
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and dropping:
+            continue
+        dropping = bool(_BCC_RE.match(line))
+        if not dropping:
+            kept.append(line)
+    return b"\r\n".join(kept) + raw[end:]
+
+
+def _has_header(raw: bytes, name: bytes) -> bool:
+    pattern = re.compile(rb"^" + re.escape(name) + rb"[ \t]*:", re.IGNORECASE | re.MULTILINE)
+    return pattern.search(raw[:_header_end(raw)]) is not None
+
+
+def complete_headers(raw: bytes, hostname: str, now: datetime) -> bytes:
+    """RFC 6409 §8.2/§8.3: a submission server may add a missing Date and Message-ID; we do,
+    so that replies thread and the stored copy and the delivered copy share one id."""
+    added = b""
+    if not _has_header(raw, b"message-id"):
+        added += f"Message-ID: {make_msgid(domain=hostname)}\r\n".encode()
+    if not _has_header(raw, b"date"):
+        added += f"Date: {format_datetime(now)}\r\n".encode()
+    if not added:
+        return raw
+    end = _header_end(raw)
+    return raw[:end] + added + raw[end:]
+
+
+def _clean(text: str, limit: int = 200) -> str:
+    # HELO and login come from the client: no CR/LF may reach a header (RELIABILITY.md A.35).
+    return _CONTROL_RE.sub("", text)[:limit] or "unknown"
+
+
+def received_line(helo: str, ip: str, hostname: str, queue_id: str, login: str,
+                  recipients: list[str], now: datetime) -> bytes:
+    """RFC 5321 §4.4 trace field; ``ESMTPSA`` = ESMTP + STARTTLS/TLS + AUTH (RFC 3848)."""
+    for_part = f"\r\n\tfor <{_clean(recipients[0])}>" if len(recipients) == 1 else ""
+    line = (f"Received: from {_clean(helo)} ([{_clean(ip)}])\r\n\tby {hostname} (dealmail) "
+            f"with ESMTPSA id {queue_id}{for_part}\r\n\t(authenticated sender {_clean(login)})"
+            f"; {format_datetime(now)}\r\n")
+    return line.encode("utf-8")
+
+
+def dkim_sign(raw: bytes, domain: str, selector: str, key_pem: bytes) -> bytes:
+    """Prepend a DKIM-Signature (relaxed/relaxed, rsa- or ed25519-sha256 by key type)."""
+    import dkim
+
+    header = dkim.sign(raw, selector.encode(), domain.encode(), key_pem,
+                       canonicalize=(b"relaxed", b"relaxed"), linesep=b"\r\n")
+    return bytes(header) + raw
+
+
+def outgoing_copy(raw: bytes, received: bytes, dkim_key: tuple[str, str, bytes] | None) -> bytes:
+    """The delivered copy: no Bcc, our Received line on top, DKIM-signed when a key is set."""
+    out = received + strip_bcc(raw)
+    if dkim_key is not None:
+        domain, selector, pem = dkim_key
+        out = dkim_sign(out, domain, selector, pem)
+    return out
+
+
+# --------------------------------------------------------------------------- the handler
+
+
+def _owned(user: User, address: str) -> bool:
+    try:
+        return normalize_address(address) in user.addresses
+    except AddressError:
+        return False
+
+
+class RelayHandler:
+    """Decides about one submitted message (worker thread) and returns the committer's job."""
+
+    channel = "relay"
+
+    def __init__(self, config_of: Callable[[], Config], directory_of: Callable[[], Directory],
+                 now: Callable[[], datetime], base: Path,
+                 after_record: AfterRecord | None = None) -> None:
+        self.config_of = config_of
+        self.directory_of = directory_of
+        self.now = now
+        self.base = base
+        self.after_record = after_record
+
+    def _dkim_key(self, config: Config, from_domain: str) -> tuple[str, str, bytes] | None:
+        for domain, selector, key_file in config.relay_dkim:
+            if domain == from_domain:
+                try:
+                    return domain, selector, (self.base / key_file).read_bytes()
+                except OSError as exc:
+                    # Misconfiguration must not hold users' mail: send unsigned, loudly.
+                    log.error("DKIM key %s for %s unreadable (%s): sending unsigned",
+                              key_file, domain, exc.strerror)
+        return None
+
+    def check(self, ctx: DataContext, recipients: list[str]) -> Reply | Job:
+        qid = ctx.queue_id
+        config = self.config_of()
+        found = config.find_user(ctx.authenticated_as or "")
+        if found is None:
+            # The account disappeared from the config during the session (reload).
+            return Reply(451, "4.7.0", "Your account changed; log in again")
+        company, user = found
+        raw = ctx.raw
+        if has_bare_cr_or_lf(raw):
+            if config.relay_bare_newlines == "reject":
+                log.info("[%s] refused from %s: bare CR or LF", qid, user.address)
+                return replies.bad_content(
+                    "bare CR or LF in the message; lines must end with CRLF "
+                    "(RFC 5322 section 2.3)")
+            raw = normalize_line_endings(raw)
+            log.info("[%s] bare CR/LF normalised to CRLF", qid)
+        now = self.now()
+        raw = complete_headers(raw, config.hostname, now)
+        try:
+            parsed = parse_message(raw)
+        except MessageRejected as exc:
+            log.info("[%s] refused from %s: %s", qid, user.address, exc.reason)
+            return replies.bad_content(exc.reason)
+        claimed = [parsed.from_.address]
+        sender_header = parsed.headers.get("sender")
+        if sender_header:
+            try:
+                claimed.append(parse_strict_mailbox(str(sender_header)).address)
+            except AddressError:
+                return replies.bad_content("unreadable Sender header")
+        for address in claimed:
+            if address not in user.addresses:
+                log.info("[%s] refused: %s may not send as %s", qid, user.address, address)
+                return Reply(553, "5.7.1", f"Sender address rejected: <{address}> not owned "
+                                           f"by user {user.address}")
+        directory = self.directory_of()
+        everyone = [*recipients, *(b.address for b in parsed.to + parsed.cc)]
+        external = [a for a in everyone if not directory.is_internal(company, a.lower())]
+        track = bool(external) and not parsed.is_auto
+        received = received_line(ctx.helo, ctx.peer_ip, config.hostname, qid, user.address,
+                                 recipients, now)
+        outgoing = outgoing_copy(raw, received,
+                                 self._dkim_key(config, domain_of(parsed.from_.address)))
+        delivery = Delivery(
+            user=user, company=company, channel=self.channel, queue_id=qid, received_at=now,
+            envelope_from=ctx.mail_from, client_ip=ctx.peer_ip, verification="authenticated",
+            evidence={"method": "smtp-auth", "login": user.address,
+                      "tls": bool(ctx.extra.get("tls"))},
+        )
+        # RFC 8601 §2.7.4: the stored copy says how its sender was authenticated.
+        stored = (f"Authentication-Results: {config.authserv_id}; auth=pass "
+                  f"smtp.auth={user.address}\r\n").encode() + raw
+        mid = parsed.message_id or "-"
+        company_ids = directory.company_ids
+
+        def job() -> Reply:
+            if track:
+                store_copies(config, directory, [plain_original(parsed, now)], stored,
+                             delivery, self.after_record)
+            else:
+                log.info("[%s] %s not tracked (%s)", qid, mid,
+                         "automatic message" if parsed.is_auto else "colleagues only")
+            ids = enqueue(outgoing, kind="relay", mail_from=ctx.mail_from,
+                          recipients=recipients, now=now,
+                          company_id=company_ids.get(company.slug), subject=parsed.subject)
+            log.info("[%s] %s from %s queued for %d recipient(s) as outbox %s", qid, mid,
+                     user.address, len(recipients), ",".join(f"#{i}" for i in ids))
+            return Reply(250, "2.0.0", f"Ok: queued as {qid}")
+
+        return job
+
+
+# --------------------------------------------------------------------------- SMTP side
+
+
+def _is_tls(server: Any) -> bool:
+    transport = server.transport
+    return server._tls_protocol is not None or (
+        transport is not None and transport.get_extra_info("sslcontext") is not None)
+
+
+class SubmissionSMTP(DealmailSMTP):
+    """The protocol of the submission listeners."""
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # RFC 3207 §4.2: STARTTLS once; aiosmtpd would start a second handshake on the TLS
+        # stream (RELIABILITY.md A.27).
+        if _is_tls(self):
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
+
+class SubmissionHooks:
+    """aiosmtpd hook object of the submission listeners."""
+
+    def __init__(self, config_of: Callable[[], Config], handler: RelayHandler,
+                 throttle: AuthThrottle, committer: GroupCommitter,
+                 executor: ThreadPoolExecutor) -> None:
+        self.config_of = config_of
+        self.handler = handler
+        self.throttle = throttle
+        self.committer = committer
+        self.executor = executor
+
+    async def handle_EHLO(self, server: Any, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        return [*responses[:-1], *extra, responses[-1]]
+
+    # ------------------------------------------------------------------ AUTH
+
+    async def _refuse_locked(self, server: Any) -> None:
+        await server.push(AUTH_LOCKED)
+        transport = server.transport
+        if transport is not None:
+            transport.close()
+
+    async def _credentials(self, server: Any, args: list[str]) -> tuple[bytes, bytes] | None:
+        """(login, password) from AUTH PLAIN or LOGIN; None after a protocol error reply."""
+        mechanism = args[0].upper()
+        try:
+            if mechanism == "PLAIN":
+                if len(args) == 1:
+                    blob = await server.challenge_auth("")
+                    if blob is MISSING:
+                        return None
+                else:
+                    blob = b64decode(args[1].encode(), validate=True)
+                parts = blob.split(b"\x00")
+                if len(parts) != 3:
+                    await server.push("501 5.5.2 Cannot split the PLAIN response")
+                    return None
+                return parts[1], parts[2]  # RFC 4616 §2: authzid NUL authcid NUL passwd
+            if mechanism == "LOGIN":
+                if len(args) == 1:
+                    login = await server.challenge_auth("Username:")
+                    if login is MISSING:
+                        return None
+                else:
+                    login = b64decode(args[1].encode(), validate=True)
+                password = await server.challenge_auth("Password:")
+                if password is MISSING:
+                    return None
+                return login, password
+        except (binascii.Error, ValueError):
+            await server.push("501 5.5.2 Cannot decode base64")
+            return None
+        await server.push("504 5.5.4 Unrecognized authentication type")
+        return None
+
+    async def handle_AUTH(self, server: Any, session: Session, envelope: Envelope,
+                          args: list[str]) -> str | None:
+        ip = _peer_ip(session)
+        if not _is_tls(server):
+            return AUTH_NEEDS_TLS
+        if self.throttle.locked(ip):
+            log.info("AUTH from %s refused: too many failures", ip)
+            await self._refuse_locked(server)
+            return None
+        creds = await self._credentials(server, args)
+        if creds is None:
+            return None
+        login_bytes, password_bytes = creds
+        login = login_bytes.decode("utf-8", "replace").strip()
+        password = password_bytes.decode("utf-8", "replace")
+        try:
+            login = normalize_address(login)
+        except AddressError:
+            login = login.lower()
+        if self.throttle.locked(ip, login):
+            log.info("AUTH from %s refused: too many failures", ip)
+            await self._refuse_locked(server)
+            return None
+        config = self.config_of()
+        found = config.find_user(login)
+        user = found[1] if found is not None and found[1].address == login else None
+        stored = user.password_hash if user is not None else None
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self.executor, verify_password, password, stored)
+        if ok and user is not None:
+            self.throttle.success(ip, login)
+            session.authenticated = True
+            session.auth_data = user.address  # type: ignore[assignment]
+            log.info("AUTH ok: %s from %s", user.address, ip)
+            return AUTH_OK
+        delay = self.throttle.failure(ip, login)
+        # The login is logged only when it is a user's address: a password typed into the
+        # login field must not end up in the log.
+        log.info("AUTH failed from %s for %s", ip,
+                 user.address if user is not None else "an unknown login")
+        if delay > 0:
+            await asyncio.sleep(delay)  # slows a guesser down (server side; tests use 0)
+        if self.throttle.locked(ip, login):
+            await self._refuse_locked(server)
+            return None
+        return AUTH_INVALID
+
+    # ------------------------------------------------------------------ transaction
+
+    def _user(self, session: Session) -> User | None:
+        if not session.authenticated or not isinstance(session.auth_data, str):
+            return None
+        found = self.config_of().find_user(session.auth_data)
+        return found[1] if found is not None else None
+
+    async def handle_MAIL(self, server: Any, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        user = self._user(session)
+        if user is None:
+            return "530 5.7.0 Authentication required"
+        if address not in ("", "<>") and not _owned(user, address):
+            log.info("MAIL FROM <%s> refused: not an address of %s", _clean(address),
+                     user.address)
+            return f"553 5.7.1 Sender address rejected: not owned by user {user.address}"
+        envelope.mail_from = "" if address == "<>" else address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: Any, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if self._user(session) is None:
+            # Never an open relay (RFC 5321 §7.1); aiosmtpd's auth_required already said 530.
+            return "550 5.7.1 Relaying denied: authenticate first"
+        if len(envelope.rcpt_tos) >= self.config_of().max_recipients:
+            return str(replies.too_many_recipients())
+        try:
+            normal = normalize_address(address)
+        except AddressError:
+            return "501 5.1.3 Bad recipient address syntax"
+        local = normal.rpartition("@")[0]
+        if any(c in local for c in '%!@"') or normal.rpartition("@")[2].startswith("["):
+            # Source-route and percent-hack forms (RELIABILITY.md A.31): no legitimate client
+            # needs them, and a lenient next hop could relay them on.
+            return "553 5.1.3 Recipient address form not accepted here"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
+        queue_id = new_queue_id()
+        ctx = DataContext(
+            raw=bytes(envelope.original_content or b""), mail_from=envelope.mail_from or "",
+            routes=[], peer_ip=_peer_ip(session), helo=session.host_name or "",
+            queue_id=queue_id, authenticated_as=session.auth_data
+            if isinstance(session.auth_data, str) else None,
+            smtp_utf8="SMTPUTF8" in [o.upper() for o in envelope.mail_options],
+            extra={"tls": _is_tls(server)},
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            decided = await loop.run_in_executor(self.executor, self.handler.check, ctx,
+                                                 list(envelope.rcpt_tos))
+            if isinstance(decided, Reply):
+                reply = decided
+            else:
+                reply = await asyncio.wrap_future(self.committer.submit(decided))
+        except Exception:
+            log.exception("[%s] fault while relaying for %s", queue_id, ctx.authenticated_as)
+            reply = replies.temp_failure(queue_id)
+        return str(reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        incident = new_queue_id()
+        log.error("incident %s: submission session error", incident, exc_info=error)
+        return str(replies.temp_failure(incident))
+
+
+def _peer_ip(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "")
+
+
+async def start_submission(
+    hooks: SubmissionHooks, listen: str, tls_context: ssl.SSLContext, *, implicit: bool,
+    hostname: str, data_size_limit: int, command_timeout: float, data_timeout: float,
+    max_connections: int,
+) -> asyncio.Server:
+    """Listen on ``HOST:PORT``: STARTTLS (``implicit=False``) or TLS from the first byte."""
+    install_auth_redaction()
+    host, port = parse_listen(listen)
+    gate = ConnectionGate(max_connections)
+    loop = asyncio.get_running_loop()
+
+    def factory() -> SubmissionSMTP:
+        protocol = SubmissionSMTP(
+            hooks, gate=gate, data_timeout=data_timeout, data_size_limit=data_size_limit,
+            enable_SMTPUTF8=True, hostname=hostname, ident="dealmail ESMTP submission",
+            timeout=command_timeout, loop=loop, auth_required=True, auth_require_tls=True,
+            tls_context=None if implicit else tls_context,
+        )
+        if implicit:
+            # aiosmtpd counts only STARTTLS as TLS for AUTH; here every byte is under TLS
+            # (and handle_AUTH checks the transport itself).
+            protocol._auth_require_tls = False
+        return protocol
+
+    return await loop.create_server(factory, host=host, port=port,
+                                     ssl=tls_context if implicit else None)
+
+
+async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
+    """Start the listeners the config asks for (App.start calls this): ``submission`` and
+    ``submissions``. The relay captures with the same ``after_record`` as Smart BCC."""
+    from .tlscert import submission_context
+
+    c: Config = app.config
+    servers: dict[str, asyncio.Server] = {}
+    if not (c.submission_listen or c.submissions_listen):
+        return servers
+    context = submission_context(c.tls_cert_file, c.tls_key_file, c.hostname, app.base,
+                                 app.clock.now())
+    handler = RelayHandler(app.get_config, app.get_directory, app.clock.now, app.base,
+                           after_record=getattr(app.handlers.get("bcc"), "after_record", None))
+    throttle = AuthThrottle(
+        app.clock.now, max_failures=c.relay_auth_max_failures,
+        window=timedelta(seconds=c.relay_auth_window_seconds),
+        lockout=timedelta(seconds=c.relay_auth_lockout_seconds),
+        delay_step=c.relay_auth_failure_delay)
+    hooks = SubmissionHooks(app.get_config, handler, throttle, app.committer, app.executor)
+    for name, listen, implicit in (("submission", c.submission_listen, False),
+                                   ("submissions", c.submissions_listen, True)):
+        if not listen:
+            continue
+        servers[name] = await start_submission(
+            hooks, listen, context, implicit=implicit, hostname=c.hostname,
+            data_size_limit=c.message_size_limit, command_timeout=c.command_timeout,
+            data_timeout=c.data_timeout, max_connections=c.max_connections)
+        sock = servers[name].sockets[0].getsockname()
+        log.info("%s listening on %s:%s (%s)", name, sock[0], sock[1],
+                 "implicit TLS" if implicit else "STARTTLS")
+    return servers
+
+

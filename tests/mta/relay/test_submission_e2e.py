@@ -1,0 +1,536 @@
+"""Authenticated relay end to end: real dealmail submission listeners on loopback ports, real
+clients (smtplib, swaks --tls --auth), a real SMTP server (``SmtpSink``) as the smarthost.
+
+The App runs with the example config (passwords set with ``set_password_in_file``), the demo
+CRM, an injected clock, and the outbox worker driven by hand (``run_outbox()``), so no test
+sleeps. RELIABILITY.md cases covered here: A.22 (Received with ESMTPSA), A.25 (outbound
+smuggling, both policies), A.26 (STARTTLS command injection), A.27 (second STARTTLS),
+A.28 (no AUTH before TLS, implicit TLS works, the inbound listener never offers AUTH),
+A.29 (brute force per IP and per account, same answer, no password in logs), A.30 (sender
+ownership, alternates allowed), A.31 (open relay on every listener), D.6.15 (the downstream
+receives CRLF and dot-stuffed data; DKIM computed on that form).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crmstore import models as m
+from dealmail.app import App
+from dealmail.clock import FakeClock
+from dealmail.passwords import hash_password, set_password_in_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from conftest import EXAMPLE, RunningApp, make_config
+from smtpsink import SmtpSink
+
+ALICE_PW = "correct horse battery staple"
+BOB_PW = "bob-secret-2026"
+
+
+class Relay:
+    """A started dealmail with its submission ports, its smarthost sink and a TLS client
+    context that trusts the self-signed certificate dealmail created on first start."""
+
+    def __init__(self, running: RunningApp, sink: SmtpSink, base: Path) -> None:
+        self.running = running
+        self.app = running.app
+        self.sink = sink
+        self.client_tls = ssl.create_default_context(
+            cafile=str(base / "var" / "tls" / "dealmail-selfsigned.crt"))
+
+    @property
+    def sub_port(self) -> int:
+        return self.app.port("submission")
+
+    @property
+    def subs_port(self) -> int:
+        return self.app.port("submissions")
+
+    @property
+    def inbound_port(self) -> int:
+        return self.app.port("inbound")
+
+    def run_outbox(self) -> int:
+        assert self.app.outbox is not None
+        return int(self.running.call(self.app.outbox.run_once()))
+
+    def client(self, source: str | None = None) -> smtplib.SMTP:
+        s = smtplib.SMTP("127.0.0.1", self.sub_port, timeout=30,
+                         source_address=(source, 0) if source else None)
+        s.ehlo("client.test")
+        s.starttls(context=self.client_tls)
+        s.ehlo("client.test")
+        return s
+
+    def login(self, user: str = "alice@example.com", password: str = ALICE_PW,
+              source: str | None = None) -> smtplib.SMTP:
+        s = self.client(source)
+        s.login(user, password)
+        return s
+
+    def send(self, message: EmailMessage | bytes, rcpts: list[str],
+             mail_from: str = "alice@example.com", user: str = "alice@example.com",
+             password: str = ALICE_PW) -> Any:
+        raw = message if isinstance(message, bytes) else message.as_bytes(policy=SMTP_POLICY)
+        with self.login(user, password) as s:
+            return s.sendmail(mail_from, rcpts, raw)
+
+
+@pytest.fixture
+def relay_factory(tmp_path: Path, clock: FakeClock, dns: Any) -> Iterator[Any]:
+    started: list[tuple[RunningApp, SmtpSink]] = []
+
+    def start(*overrides: str, lenient: bool = False) -> Relay:
+        conf = tmp_path / "dealmail.toml"
+        shutil.copy(EXAMPLE, conf)
+        set_password_in_file(conf, "alice@example.com", hash_password(ALICE_PW))
+        set_password_in_file(conf, "bob@example.com", hash_password(BOB_PW))
+        sink = SmtpSink(starttls=True, lenient=lenient).start()
+        cfg = make_config(
+            tmp_path,
+            "listeners.submission=127.0.0.1:0", "listeners.submissions=127.0.0.1:0",
+            f"outbox.smarthost=127.0.0.1:{sink.port}", "outbox.smarthost_tls=required",
+            "relay.auth_failure_delay=0", *overrides, path=conf)
+        running = RunningApp(App(cfg, clock=clock, base=tmp_path, dns_txt=dns.lookup_txt,
+                                 dns_query=dns.lookup, outbox_ssl_context=sink.client_ssl_context,
+                                 start_outbox_worker=False))
+        running.start()
+        started.append((running, sink))
+        return Relay(running, sink, tmp_path)
+
+    yield start
+    for running, sink in started:
+        running.stop()
+        sink.stop()
+
+
+@pytest.fixture
+def relay(relay_factory: Any) -> Relay:
+    return relay_factory()
+
+
+def msg(frm: str = "Alice <alice@example.com>", to: str = "Ann <ann@customer.test>",
+        subject: str = "Our offer", body: str = "Hello Ann,\nhere is the offer.\n",
+        **headers: str) -> EmailMessage:
+    e = EmailMessage()
+    e["From"] = frm
+    e["To"] = to
+    e["Subject"] = subject
+    e["Date"] = "Thu, 26 Nov 2026 10:00:00 +0100"
+    e["Message-ID"] = headers.pop("message_id", None) or make_msgid(domain="example.com")
+    for k, v in headers.items():
+        e[k.replace("_", "-")] = v
+    e.set_content(body)
+    return e
+
+
+def auth_plain(s: smtplib.SMTP, user: str, password: str) -> tuple[int, bytes]:
+    """One AUTH PLAIN exchange (smtplib.login would try every mechanism: two failures)."""
+    blob = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    return s.docmd("AUTH", f"PLAIN {blob}")
+
+
+def items(kind: str | None = None) -> list[m.OutboxItem]:
+    q = m.OutboxItem.select().order_by(m.OutboxItem.id)
+    if kind:
+        q = q.where(m.OutboxItem.kind == kind)
+    return list(q)
+
+
+# --------------------------------------------------------------------------- capture
+
+
+def test_capture_and_delivery(relay: Relay) -> None:
+    message = msg(Cc="Carl <carl@other.test>", Bcc="boss@partner.test")
+    mid = message["Message-ID"]
+    refused = relay.send(message, ["ann@customer.test", "carl@other.test",
+                                   "boss@partner.test"])
+    assert refused == {}
+
+    # Stored and linked like a BCC copy, in the same transaction as the queueing.
+    email = m.Email.get(m.Email.message_id == mid)
+    sighting = m.Sighting.get(m.Sighting.email == email.id)
+    assert sighting.channel == "relay"
+    assert sighting.visibility == "shared"  # alice's default visibility
+    assert sighting.verification == "authenticated"
+    assert b"Bcc: boss@partner.test" in bytes(email.raw)  # kept in the stored copy
+    ann = m.PersonAddress.get(m.PersonAddress.address == "ann@customer.test").person_id
+    assert ann in {p.person_id for p in m.Participant.select()
+                   .where(m.Participant.email == email.id)}
+
+    queued = items("relay")
+    assert sorted(i.domain for i in queued) == ["customer.test", "other.test", "partner.test"]
+    assert {i.mail_from for i in queued} == {"alice@example.com"}
+
+    assert relay.run_outbox() == 3
+    got = relay.sink.messages
+    assert sorted(r for g in got for r in g.rcpt_tos) == [
+        "ann@customer.test", "boss@partner.test", "carl@other.test"]
+    for g in got:
+        assert g.tls and g.mail_from == "alice@example.com"
+        headers = g.data.split(b"\r\n\r\n", 1)[0]
+        assert b"\nBcc:" not in headers and not headers.startswith(b"Bcc:")
+        assert f"Message-ID: {mid}".encode() in headers  # replies thread on it
+        assert headers.startswith(b"Received: from client.test ([127.0.0.1])")
+        assert b"with ESMTPSA id" in headers
+        assert b"Hello Ann," in g.data
+    assert {i.state for i in items("relay")} == {"sent"}
+
+
+def test_colleagues_only_are_delivered_but_not_tracked(relay: Relay) -> None:
+    message = msg(to="Bob <bob@example.com>", subject="lunch?")
+    relay.send(message, ["bob@example.com"])
+    assert m.Email.select().where(
+        m.Email.message_id == message["Message-ID"]).count() == 0
+    assert len(items("relay")) == 1
+    assert relay.run_outbox() == 1
+    assert relay.sink.messages[0].rcpt_tos == ["bob@example.com"]
+
+
+def test_swaks_tls_auth_plain_and_login(relay: Relay) -> None:
+    swaks = shutil.which("swaks")
+    if swaks is None:
+        pytest.skip("swaks not installed (scripts/test installs it)")
+    for mech in ("PLAIN", "LOGIN"):
+        result = subprocess.run(
+            [swaks, "--server", "127.0.0.1", "--port", str(relay.sub_port), "--tls",
+             "--auth", mech, "--auth-user", "alice@example.com", "--auth-password", ALICE_PW,
+             "--ehlo", "swaks.test", "--from", "alice@example.com",
+             "--to", "ann@customer.test", "--header", f"Subject: via swaks {mech}",
+             "--header", "From: Alice <alice@example.com>", "--body", "sent by swaks"],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "235 2.7.0" in result.stdout
+        assert "250 2.0.0 Ok: queued as" in result.stdout
+    subjects = sorted(i.subject for i in items("relay"))
+    assert subjects == ["via swaks LOGIN", "via swaks PLAIN"]
+    assert relay.run_outbox() == 2
+    assert len(relay.sink.messages) == 2
+    assert m.Sighting.select().where(m.Sighting.channel == "relay").count() == 2
+
+
+def test_implicit_tls_listener(relay: Relay) -> None:
+    with smtplib.SMTP_SSL("127.0.0.1", relay.subs_port, context=relay.client_tls,
+                          timeout=30) as s:
+        s.ehlo("client.test")
+        assert "starttls" not in s.esmtp_features
+        assert "PLAIN" in s.esmtp_features["auth"]
+        s.login("alice@example.com", ALICE_PW)
+        s.sendmail("alice@example.com", ["ann@customer.test"],
+                   msg().as_bytes(policy=SMTP_POLICY))
+    assert len(items("relay")) == 1
+
+
+# --------------------------------------------------------------------------- AUTH
+
+
+def test_wrong_password_and_unknown_user_get_the_same_answer(relay_factory: Any) -> None:
+    relay = relay_factory("relay.auth_max_failures=10")
+    answers = []
+    for user, password in (("alice@example.com", "wrong"), ("nobody@example.com", ALICE_PW),
+                           ("alice", ALICE_PW)):
+        with relay.client() as s:
+            answers.append(auth_plain(s, user, password))
+    assert answers[0] == (535, b"5.7.8 Authentication credentials invalid")
+    assert answers[0] == answers[1] == answers[2]
+    # smtplib's LOGIN path (PLAIN, then LOGIN) gets the same refusal.
+    with relay.client() as s, pytest.raises(smtplib.SMTPAuthenticationError) as info:
+        s.login("alice@example.com", "wrong again")
+    assert (info.value.smtp_code, info.value.smtp_error) == answers[0]
+    # A user without a password (carol has none in the example) cannot log in either.
+    relay.login().quit()
+
+
+def test_auth_before_starttls_is_refused(relay: Relay) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.sub_port, timeout=30) as s:
+        s.ehlo("client.test")
+        assert "auth" not in s.esmtp_features
+        assert "starttls" in s.esmtp_features
+        blob = base64.b64encode(f"\0alice@example.com\0{ALICE_PW}".encode()).decode()
+        code, text = s.docmd("AUTH", f"PLAIN {blob}")
+        assert (code, text) == (538, b"5.7.11 Encryption required for requested "
+                                     b"authentication mechanism")
+        code, _ = s.docmd("MAIL", "FROM:<alice@example.com>")
+        assert code == 530
+    # The inbound listener never offers AUTH at all (RELIABILITY.md A.28).
+    with smtplib.SMTP("127.0.0.1", relay.inbound_port, timeout=30) as s:
+        s.ehlo("client.test")
+        assert "auth" not in s.esmtp_features
+        code, _ = s.docmd("AUTH", f"PLAIN {blob}")
+        assert code >= 500
+    assert items() == []
+
+
+def test_second_starttls_and_injected_commands(relay: Relay) -> None:
+    with relay.client() as s:
+        code, _ = s.docmd("STARTTLS")
+        assert code == 503
+    # A.26: a command pipelined after STARTTLS in cleartext is discarded.
+    sock = socket.create_connection(("127.0.0.1", relay.sub_port), timeout=30)
+    f = sock.makefile("rb")
+    f.readline()
+    sock.sendall(b"EHLO x.test\r\n")
+    while not f.readline().startswith(b"250 "):
+        pass
+    sock.sendall(b"STARTTLS\r\nMAIL FROM:<alice@example.com>\r\n")
+    assert f.readline().startswith(b"220")
+    tls = relay.client_tls.wrap_socket(sock, server_hostname="127.0.0.1")
+    tf = tls.makefile("rb")
+    tls.sendall(b"EHLO x.test\r\n")
+    lines = []
+    while not (line := tf.readline()).startswith(b"250 "):
+        lines.append(line)
+    tls.sendall(b"RCPT TO:<ann@customer.test>\r\n")
+    assert tf.readline()[:3] in (b"503", b"530")  # the injected MAIL never happened
+    tls.close()
+
+
+def test_brute_force_is_slowed_then_refused_per_ip_and_account(
+        relay_factory: Any, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    relay = relay_factory("relay.auth_max_failures=3", "relay.auth_lockout_seconds=600")
+    # Per IP: three failures from 127.0.0.2, the third answered 421 4.7.0 and closed.
+    with relay.client("127.0.0.2") as s:
+        assert auth_plain(s, "alice@example.com", "guess")[0] == 535
+        assert auth_plain(s, "nobody@example.com", "guess")[0] == 535
+        assert auth_plain(s, "bob@example.com", "guess") == (
+            421, b"4.7.0 Too many failed logins; try again later")
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            s.noop()  # the connection was closed after the 421
+    # The right password from that IP is refused too, for a while.
+    with relay.client("127.0.0.2") as s:
+        code, text = s.docmd("AUTH", "PLAIN " + base64.b64encode(
+            f"\0bob@example.com\0{BOB_PW}".encode()).decode())
+        assert (code, text) == (421, b"4.7.0 Too many failed logins; try again later")
+    # Another IP is not affected.
+    relay.login("bob@example.com", BOB_PW, source="127.0.0.3").quit()
+    # Per account: failures for alice spread over several IPs (one above from 127.0.0.2)
+    # lock alice everywhere.
+    with relay.client("127.0.0.4") as s:
+        assert auth_plain(s, "alice@example.com", "guess")[0] == 535
+    with relay.client("127.0.0.5") as s:
+        assert auth_plain(s, "alice@example.com", "guess")[0] == 421
+    with relay.client("127.0.0.7") as s:
+        assert auth_plain(s, "alice@example.com", ALICE_PW)[0] == 421
+    # After the lockout (injected clock) both work again.
+    clock.advance(timedelta(seconds=601))
+    relay.login("alice@example.com", ALICE_PW, source="127.0.0.7").quit()
+    relay.login("bob@example.com", BOB_PW, source="127.0.0.2").quit()
+    # Passwords never reach a log line, not even base64-encoded, at DEBUG.
+    text = caplog.text
+    for secret in (ALICE_PW, BOB_PW, "guess"):
+        assert secret not in text
+        assert base64.b64encode(f"\0alice@example.com\0{secret}".encode()).decode() not in text
+        assert base64.b64encode(secret.encode()).decode() not in text
+    assert "AUTH failed from 127.0.0.2" in text
+
+
+# --------------------------------------------------------------------------- senders
+
+
+def test_sending_as_a_colleague_is_refused(relay: Relay) -> None:
+    with relay.login() as s:
+        code, text = s.docmd("MAIL", "FROM:<bob@example.com>")
+        assert code == 553 and text.startswith(b"5.7.1 Sender address rejected: not owned")
+        s.rset()
+        # Case-insensitive, and alternates are allowed.
+        assert s.docmd("MAIL", "FROM:<Alice.Personal@MAIL.TEST>")[0] == 250
+        s.rset()
+        # Header From of a colleague with alice's envelope: refused at DATA.
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            s.sendmail("alice@example.com", ["ann@customer.test"],
+                       msg(frm="Bob <bob@example.com>").as_bytes(policy=SMTP_POLICY))
+        assert info.value.smtp_code == 553
+        assert b"5.7.1" in info.value.smtp_error
+        # A Sender header must be hers too.
+        with pytest.raises(smtplib.SMTPDataError):
+            s.sendmail("alice@example.com", ["ann@customer.test"],
+                       msg(Sender="bob@example.com").as_bytes(policy=SMTP_POLICY))
+        s.sendmail("alice.personal@mail.test", ["ann@customer.test"],
+                   msg(frm="Alice <alice.personal@mail.test>").as_bytes(policy=SMTP_POLICY))
+    assert len(items("relay")) == 1
+
+
+OPEN_RELAY_ADDRESSES = [
+    # The classic open-relay test set (RELIABILITY.md A.8/A.31).
+    "victim@elsewhere.test",
+    "victim%elsewhere.test@dealmail.localhost",
+    '"victim@elsewhere.test"@dealmail.localhost',
+    "victim@elsewhere.test@dealmail.localhost",
+    "@dealmail.localhost:victim@elsewhere.test",
+    "elsewhere.test!victim@dealmail.localhost",
+    "victim@[127.0.0.1]",
+    "victim%elsewhere.test@[127.0.0.1]",
+]
+
+
+def test_open_relay_attempts_on_every_listener(relay: Relay) -> None:
+    # Submission without AUTH (after STARTTLS, on both listeners): nothing is accepted.
+    for make in (relay.client, lambda: _implicit(relay)):
+        with make() as s:
+            assert s.docmd("MAIL", "FROM:<alice@example.com>")[0] == 530
+            for rcpt in OPEN_RELAY_ADDRESSES:
+                assert s.docmd("RCPT", f"TO:<{rcpt}>")[0] >= 500
+    # Inbound listener: only dealmail's own addresses; anything else 550 5.1.1 (or a
+    # syntax refusal for the malformed forms).
+    with smtplib.SMTP("127.0.0.1", relay.inbound_port, timeout=30) as s:
+        s.ehlo("client.test")
+        assert s.docmd("MAIL", "FROM:<spammer@evil.test>")[0] == 250
+        for rcpt in OPEN_RELAY_ADDRESSES:
+            code, text = s.docmd("RCPT", f"TO:<{rcpt}>")
+            assert code in (550, 553, 501), (rcpt, code, text)
+            if rcpt == "victim@elsewhere.test":
+                assert text.startswith(b"5.1.1")
+    # Authenticated: the odd forms are refused too, a plain address is relayed.
+    with relay.login() as s:
+        assert s.docmd("MAIL", "FROM:<alice@example.com>")[0] == 250
+        for rcpt in OPEN_RELAY_ADDRESSES[1:]:
+            if rcpt.startswith("@"):
+                continue  # RFC 5321 §4.1.1.3: the source route is dropped: a plain address
+            assert s.docmd("RCPT", f"TO:<{rcpt}>")[0] >= 500, rcpt
+        assert s.docmd("RCPT", "TO:<victim@elsewhere.test>")[0] == 250
+    assert items() == []
+    assert relay.run_outbox() == 0 and relay.sink.messages == []
+
+
+def _implicit(relay: Relay) -> smtplib.SMTP:
+    s = smtplib.SMTP_SSL("127.0.0.1", relay.subs_port, context=relay.client_tls, timeout=30)
+    s.ehlo("client.test")
+    return s
+
+
+# --------------------------------------------------------------------------- smuggling
+
+
+SMUGGLING_VECTORS = [b"\n.\r\n", b"\n.\n", b"\r\n.\r", b"\r.\r\n"]
+
+
+def _smuggling_body(vector: bytes) -> bytes:
+    head = msg(subject="smuggle").as_bytes(policy=SMTP_POLICY)
+    return (head + b"first part" + vector + b"MAIL FROM:<ceo@example.com>\r\n"
+            b"RCPT TO:<victim@customer.test>\r\nDATA\r\nFrom: ceo@example.com\r\n\r\n"
+            b"smuggled\r\n")
+
+
+def _send_raw(s: smtplib.SMTP, data: bytes, rcpt: str = "ann@customer.test") -> tuple[int, bytes]:
+    """MAIL/RCPT/DATA with the bytes sent as they are (smtplib.data would fix line ends)."""
+    assert s.docmd("MAIL", "FROM:<alice@example.com>")[0] == 250
+    assert s.docmd("RCPT", f"TO:<{rcpt}>")[0] == 250
+    assert s.docmd("DATA")[0] == 354
+    s.send(data + b"\r\n.\r\n")
+    return s.getreply()
+
+
+def test_bare_lf_smuggling_is_normalised(relay_factory: Any) -> None:
+    relay = relay_factory(lenient=True)
+    with relay.login() as s:
+        for vector in SMUGGLING_VECTORS:
+            code, text = _send_raw(s, _smuggling_body(vector))
+            assert code == 250, text
+    assert relay.run_outbox() == len(SMUGGLING_VECTORS)
+    got = relay.sink.messages
+    # The lenient sink would split on a bare-LF end of data: it saw one message per send.
+    assert len(got) == len(SMUGGLING_VECTORS)
+    assert not any(g.smuggled for g in got)
+    for g in got:
+        assert g.rcpt_tos == ["ann@customer.test"]
+        assert b"smuggled" in g.data
+        body = g.data
+        assert b"\r\n" in body and b"\n" not in body.replace(b"\r\n", b"")
+        assert b"\r" not in body.replace(b"\r\n", b"")
+
+
+def test_bare_lf_rejected_by_policy(relay_factory: Any) -> None:
+    relay = relay_factory("relay.bare_newlines=reject", lenient=True)
+    with relay.login() as s:
+        code, text = _send_raw(s, _smuggling_body(b"\n.\r\n"))
+        assert code == 554 and text.startswith(b"5.6.0")
+    assert items() == []
+
+
+# --------------------------------------------------------------------------- DKIM
+
+
+def test_dkim_signature_on_the_delivered_form(relay_factory: Any, tmp_path: Path) -> None:
+    dkim = pytest.importorskip("dkim")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "dkim.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    relay = relay_factory(
+        'relay.dkim=[{domain = "example.com", selector = "dm", key_file = "dkim.key"}]')
+    relay.send(msg(body="line one\nline two\n.dot line\n"), ["ann@customer.test"])
+    assert relay.run_outbox() == 1
+    data = relay.sink.messages[0].data
+    assert data.startswith(b"DKIM-Signature:")
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        assert name == b"dm._domainkey.example.com."
+        return record
+
+    assert dkim.verify(data, dnsfunc=dnsfunc)
+
+
+def test_outbox_cli_lists_relay_items(relay: Relay) -> None:
+    relay.send(msg(), ["ann@customer.test"])
+    from mta.relay.outbox import list_items
+
+    listed = list_items()
+    assert listed[0]["kind"] == "relay" and listed[0]["to"] == ["ann@customer.test"]
+    assert json.dumps(listed)  # the --json form is serialisable
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_throttle_delay_grows_and_the_window_forgets() -> None:
+    from datetime import UTC, datetime
+
+    from mta.relay.submission import AuthThrottle
+
+    clock = FakeClock(datetime(2026, 1, 1, tzinfo=UTC))
+    t = AuthThrottle(clock.now, max_failures=3, window=timedelta(minutes=10),
+                     lockout=timedelta(minutes=5), delay_step=0.5)
+    assert t.failure("192.0.2.1", "a@x.test") == 0.5
+    assert t.failure("192.0.2.1", "b@x.test") == 1.0  # the IP's second failure
+    clock.advance(timedelta(minutes=11))  # both forgotten: outside the window
+    assert t.failure("192.0.2.1", "a@x.test") == 0.5
+    t.failure("192.0.2.1", "a@x.test")
+    assert not t.locked("192.0.2.1")
+    t.failure("192.0.2.9", "a@x.test")  # the account's third
+    assert t.locked("192.0.2.77", "a@x.test") and not t.locked("192.0.2.77", "b@x.test")
+    clock.advance(timedelta(minutes=5, seconds=1))
+    assert not t.locked("192.0.2.77", "a@x.test")
+
+
+def test_strip_bcc_keeps_everything_else() -> None:
+    from mta.relay.submission import strip_bcc
+
+    raw = (b"From: a@example.com\r\nBcc: x@y.test,\r\n\tz@y.test\r\nTo: b@c.test\r\n"
+           b"bcc:\r\nSubject: s\r\n\r\nBcc: in the body stays\r\n")
+    assert strip_bcc(raw) == (b"From: a@example.com\r\nTo: b@c.test\r\nSubject: s\r\n\r\n"
+                              b"Bcc: in the body stays\r\n")
