@@ -51,7 +51,7 @@ def open_database(url: str, base: Path | None = None) -> Database:
                 "synchronous": 2,  # FULL: fsync the WAL at every commit (durability).
                 "foreign_keys": 1,
                 "busy_timeout": 5000,
-                "cache_size": -64000,
+                "cache_size": -16000,  # 16 MiB: the hot indexes, not message blobs
                 "temp_store": "memory",
             },
             check_same_thread=False,

@@ -166,3 +166,14 @@ def list_deals(company_id: int) -> list[dict[str, Any]]:
                     "value": f"{d.value:.2f}" if d.value is not None else None,
                     "currency": d.currency})
     return out
+
+
+def stored_copy(sighting: m.Sighting) -> bytes:
+    """A user's stored copy of an email as bytes: our Authentication-Results header for that
+    copy (RFC 8601 §5, topmost), then the message exactly as received."""
+    evidence = json.loads(sighting.evidence_json or "{}")
+    header = evidence.get("authentication_results")
+    raw = bytes(m.Email.get_by_id(sighting.email_id).raw)
+    if not header:
+        return raw
+    return str(header).encode("utf-8", "surrogateescape") + b"\r\n" + raw

@@ -51,6 +51,8 @@ _JA_CHARSET_ALIASES = {
     "ks_c_5601-1987": "cp949", "gb2312": "gb18030", "gbk": "gb18030",
 }
 _LARGE = 512 * 1024
+_HASH_CHUNK = 1 << 20
+_EOL_RE = re.compile(rb"[ \t]*\r?\n")
 
 
 class MessageRejected(Exception):
@@ -132,9 +134,16 @@ class ParsedMessage:
         for name in ("from", "to", "cc", "subject", "date"):
             values = " ".join(" ".join(str(v).split()) for v in self.headers.get_all(name, []))
             h.update(f"{name}:{values}\n".encode("utf-8", "surrogateescape"))
-        body = self.raw[self.header_bytes:]
-        body = re.sub(rb"[ \t]*\r?\n", b"\n", body).rstrip(b"\n")
-        h.update(body)
+        # In chunks cut at line ends, so a 25 MB body is never copied whole (the memory
+        # budget is 4x the message size); trailing newlines are not part of the content.
+        raw, pos, end = self.raw, self.header_bytes, len(self.raw)
+        while end > pos and raw[end - 1] in b"\r\n \t":
+            end -= 1
+        while pos < end:
+            cut = raw.find(b"\n", min(pos + _HASH_CHUNK, end), end)
+            cut = end if cut == -1 else cut + 1
+            h.update(_EOL_RE.sub(b"\n", raw[pos:cut]))
+            pos = cut
         return h.hexdigest()
 
     @property
@@ -293,8 +302,9 @@ _PART_HDR_RE = re.compile(rb"\r?\n--([^\r\n]+?)[ \t]*\r?\n")
 
 
 def _summarise_large(raw: bytes) -> tuple[str, list[dict[str, object]]]:
-    """Walk a large message's MIME structure without materialising decoded payloads: find each
-    boundary, parse only the part headers, measure the part by its offsets (RFC 2046 §5.1.1)."""
+    """Walk a large message's MIME structure without copying or decoding its payloads: find
+    each boundary, parse only the part headers, measure the part by its offsets (RFC 2046
+    §5.1.1). Nested multiparts are listed as one part."""
     header_end = _split_header_block(raw)
     top = BytesHeaderParser().parsebytes(raw[:header_end])
     boundary = top.get_param("boundary")
@@ -303,30 +313,29 @@ def _summarise_large(raw: bytes) -> tuple[str, list[dict[str, object]]]:
                      "size": len(raw) - header_end}]
     delim = b"--" + boundary.encode("ascii", "replace")
     positions = []
-    start = 0
-    while True:
-        i = raw.find(delim, start)
-        if i == -1:
-            break
+    start = header_end
+    while (i := raw.find(delim, start)) != -1:
         positions.append(i)
         start = i + len(delim)
     snippet = ""
     attachments: list[dict[str, object]] = []
     for a, b in itertools.pairwise(positions):
-        seg_start = raw.find(b"\n", a) + 1
-        part_raw = raw[seg_start:b]
-        hend = _split_header_block(part_raw)
-        ph = BytesHeaderParser().parsebytes(part_raw[:hend])
+        part_start = raw.find(b"\n", a, b) + 1
+        if part_start <= 0:
+            continue
+        ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n")
+                if (i := raw.find(sep, part_start - 2, b)) != -1]
+        body_start = min(ends) if ends else b
+        ph = BytesHeaderParser().parsebytes(raw[part_start:body_start])
         ctype = ph.get_content_type()
         filename = ph.get_filename()
+        size = b - body_start
         if filename or not ctype.startswith("text/"):
-            enc = str(ph.get("content-transfer-encoding", "")).lower()
-            size = len(part_raw) - hend
-            if enc == "base64":
-                size = size * 3 // 4 - part_raw.count(b"\n", hend) * 3 // 4
+            if str(ph.get("content-transfer-encoding", "")).lower() == "base64":
+                size = (size - raw.count(b"\n", body_start, b) * 2) * 3 // 4
             attachments.append({"filename": decode_words(filename or ""),
-                                 "content_type": ctype, "size": max(size, 0)})
-        elif not snippet and ctype == "text/plain" and len(part_raw) < _LARGE:
-            sub = BytesParser(policy=policy.compat32).parsebytes(part_raw)
+                                "content_type": ctype, "size": max(size, 0)})
+        elif not snippet and ctype == "text/plain" and size < _LARGE:
+            sub = BytesParser(policy=policy.compat32).parsebytes(raw[part_start:b])
             snippet = _snip(decode_text_part(sub))
     return snippet, attachments

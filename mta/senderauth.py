@@ -751,6 +751,10 @@ class SenderVerifier:
 
     def _check_dkim(self, raw: bytes, from_domain: str,
                     evidence: dict[str, Any]) -> tuple[list[SignatureResult], bool]:
+        # dkimpy splits the whole message (a 25 MB copy) when it is built: only build it when
+        # there is a signature to check.
+        if not re.search(rb"(?im)^dkim-signature[ \t]*:", raw[:_MAX_HEADER_BYTES]):
+            return [], False
         temp_log: list[str] = []
         dnsfunc = _dkim_dnsfunc(self.dns_txt, temp_log)
         now = self.clock()

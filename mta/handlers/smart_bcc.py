@@ -120,12 +120,16 @@ class SmartBccHandler:
         log.info("[%s] %s accepted from %s (%s, %s)", qid, mid, user.address, verdict.level,
                  channel)
 
-        # RFC 8601 §5: our verdict travels with the stored copy as the topmost header.
-        stored = (verdict.header.encode("utf-8", "surrogateescape") + b"\r\n" + ctx.raw
-                  if verdict.header else ctx.raw)
+        # RFC 8601 §5: our verdict is the topmost header of this user's stored copy. It is
+        # kept with the sighting (each copy is verified on its own) and prepended when the
+        # copy is exported (crmstore.queries.stored_copy), so a 25 MB message is not copied
+        # again just to gain one header line.
+        if verdict.header:
+            delivery.evidence = {**delivery.evidence,
+                                 "authentication_results": verdict.header}
 
         def job() -> Reply:
-            store_copies(config, self.directory_of(), originals, stored, delivery,
+            store_copies(config, self.directory_of(), originals, ctx.raw, delivery,
                          self.after_record)
             return replies.queued(qid)
 

@@ -61,8 +61,11 @@ def test_signed_message_from_untrusted_network_is_strong(server: Any, key: Any) 
     send(server.port, raw)
     [sighting] = list(m.Sighting.select())
     assert sighting.verification == "strong"
-    stored = bytes(m.Email.get().raw)
+    from crmstore.queries import stored_copy
+
+    stored = stored_copy(sighting)
     assert stored.startswith(b"Authentication-Results: dealmail.localhost;")
+    assert stored.endswith(raw)  # the message itself exactly as received
     assert b"dkim=pass" in stored.split(b"\r\n\r\n")[0]
 
 
