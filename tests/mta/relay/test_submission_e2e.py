@@ -13,6 +13,7 @@ receives CRLF and dot-stuffed data; DKIM computed on that form).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -22,6 +23,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from email.message import EmailMessage
@@ -35,13 +37,42 @@ import pytest
 from crmstore import models as m
 from dealmail.app import App
 from dealmail.clock import FakeClock
+from dealmail.config import load_config
 from dealmail.passwords import hash_password, set_password_in_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
-from conftest import EXAMPLE, RunningApp, make_config
 from smtpsink import SmtpSink
 
+ROOT = Path(__file__).resolve().parents[3]
+EXAMPLE = ROOT / "conf" / "dealmail.example.toml"
 ALICE_PW = "correct horse battery staple"
+
+
+class RunningApp:
+    """A started App in a background event loop thread (blocking clients drive it). Not
+    imported from tests/conftest.py: another folder's conftest may own that module name."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> None:
+        from dealmail.cli import load_demo_if_empty
+
+        self.thread.start()
+        self.call(self.app.start())
+        load_demo_if_empty(self.app)
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        try:
+            self.call(self.app.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
 BOB_PW = "bob-secret-2026"
 
 
@@ -104,11 +135,12 @@ def relay_factory(tmp_path: Path, clock: FakeClock, dns: Any) -> Iterator[Any]:
         set_password_in_file(conf, "alice@example.com", hash_password(ALICE_PW))
         set_password_in_file(conf, "bob@example.com", hash_password(BOB_PW))
         sink = SmtpSink(starttls=True, lenient=lenient).start()
-        cfg = make_config(
-            tmp_path,
+        cfg = load_config(conf, [
+            f"database.url=sqlite:///{tmp_path}/dealmail.db", "listeners.inbound=127.0.0.1:0",
+            f"server.demo_data={ROOT / 'conf' / 'demo'}",
             "listeners.submission=127.0.0.1:0", "listeners.submissions=127.0.0.1:0",
             f"outbox.smarthost=127.0.0.1:{sink.port}", "outbox.smarthost_tls=required",
-            "relay.auth_failure_delay=0", *overrides, path=conf)
+            "relay.auth_failure_delay=0", *overrides])
         running = RunningApp(App(cfg, clock=clock, base=tmp_path, dns_txt=dns.lookup_txt,
                                  dns_query=dns.lookup, outbox_ssl_context=sink.client_ssl_context,
                                  start_outbox_worker=False))
