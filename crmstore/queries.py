@@ -7,7 +7,7 @@ count of emails the reader may not see is returned alongside, never their conten
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from datetime import datetime
 from typing import Any
 
 from peewee import JOIN, fn
@@ -61,68 +61,82 @@ def _email_ids_for(person: m.Person | None, deal: m.Deal | None) -> Any:
 
 def conversations(user: m.User, person: m.Person | None = None, deal: m.Deal | None = None,
                   limit: int = 5000) -> dict[str, Any]:
-    """Threads and emails about a person or a deal that ``user`` may see, newest first."""
+    """Threads and emails about a person or a deal that ``user`` may see, newest first.
+
+    Rows are read as tuples, not model instances: building 5,000 peewee objects cost ~80%
+    of the time of a large deal's history (bench scale)."""
     ids = _email_ids_for(person, deal)
-    base = m.Email.select().where(m.Email.id.in_(ids))
-    total = base.count()
-    rows = list(
-        m.Email.select(m.Email.id, m.Email.message_id, m.Email.date, m.Email.subject,
-                       m.Email.from_address, m.Email.from_name, m.Email.to_json,
-                       m.Email.cc_json, m.Email.snippet, m.Email.thread, m.Email.kind)
-        .where(m.Email.id.in_(ids) & visible_to(user))
-        .order_by(m.Email.date.desc(), m.Email.id.desc())
-        .limit(limit)
-    )
-    email_ids = [r.id for r in rows]
-    sightings: dict[int, list[m.Sighting]] = {}
+    total = m.Email.select().where(m.Email.id.in_(ids)).count()
+    E = m.Email
+    visible = (E.select(E.id, E.message_id, E.date, E.subject, E.from_address, E.from_name,
+                        E.to_json, E.cc_json, E.snippet, E.thread, E.kind)
+               .where(E.id.in_(ids) & visible_to(user))
+               .order_by(E.date.desc(), E.id.desc())
+               .limit(limit))
+    db = m.Email._meta.database
+    # The driver's rows as they are: peewee's per-field conversion of 5,000 rows cost more
+    # than the query itself.
+    rows = list(db.execute(visible).fetchall())
+    email_ids = [r[0] for r in rows]
+    # (user id, address, channel, visibility, verification, decisions) per email.
+    sightings: dict[int, list[tuple[Any, ...]]] = {}
     if email_ids:
-        q = (m.Sighting.select(m.Sighting, m.User.id, m.User.address)
-             .join(m.User, on=(m.Sighting.user == m.User.id))
-             .where(m.Sighting.email.in_(email_ids)))
-        for s in q:
-            sightings.setdefault(s.email_id, []).append(s)
-    thread_ids = sorted({r.thread_id for r in rows})
-    threads = {t.id: t for t in m.Thread.select().where(m.Thread.id.in_(thread_ids))} \
-        if thread_ids else {}
-    deal_ids = {t.deal_id for t in threads.values() if t.deal_id}
-    deals = {d.id: d for d in m.Deal.select().where(m.Deal.id.in_(list(deal_ids)))} \
-        if deal_ids else {}
-    pending = set()
+        S = m.Sighting
+        shown_ids = E.select(E.id).where(E.id.in_(ids) & visible_to(user))
+        q = (S.select(S.email, S.user, m.User.address, S.channel, S.visibility,
+                      S.verification, S.decisions_json)
+             .join(m.User, on=(S.user == m.User.id))
+             .where(S.email.in_(shown_ids)))
+        for row in db.execute(q).fetchall():
+            sightings.setdefault(row[0], []).append(row[1:])
+    thread_ids = sorted({r[9] for r in rows})
+    threads: dict[int, int | None] = {}
+    deals: dict[int, str] = {}
+    pending: set[int] = set()
     if thread_ids:
-        pending = {p.thread_id for p in m.PendingChoice.select(m.PendingChoice.thread)
-                   .where(m.PendingChoice.thread.in_(thread_ids)
-                          & m.PendingChoice.state.in_(["pending", "asked"]))}
-    out: OrderedDict[int, dict[str, Any]] = OrderedDict()
-    for r in rows:
-        t = threads[r.thread_id]
-        entry = out.get(t.id)
+        T = m.Thread
+        in_threads = T.select(T.id).where(T.id.in_(thread_ids))
+        threads = dict(T.select(T.id, T.deal).where(T.id.in_(in_threads)).tuples())
+        deal_ids = sorted({d for d in threads.values() if d})
+        if deal_ids:
+            deals = dict(m.Deal.select(m.Deal.id, m.Deal.title)
+                         .where(m.Deal.id.in_(deal_ids)).tuples())
+        pending = {t for (t,) in m.PendingChoice.select(m.PendingChoice.thread)
+                   .where(m.PendingChoice.thread.in_(in_threads)
+                          & m.PendingChoice.state.in_(["pending", "asked"])).tuples()}
+    out: dict[int, dict[str, Any]] = {}
+    for (eid, message_id, date, subject, from_address, from_name, to_json, cc_json,
+         snippet, thread_id, kind) in rows:
+        entry = out.get(thread_id)
         if entry is None:
-            d = deals.get(t.deal_id) if t.deal_id else None
-            entry = out[t.id] = {
-                "id": t.id,
-                "subject": r.subject,
-                "deal": {"id": d.id, "title": d.title} if d else None,
-                "needs_choice": t.id in pending and d is None,
+            deal_id = threads.get(thread_id)
+            entry = out[thread_id] = {
+                "id": thread_id,
+                "subject": subject,
+                "deal": {"id": deal_id, "title": deals[deal_id]} if deal_id else None,
+                "needs_choice": thread_id in pending and not deal_id,
                 "emails": [],
             }
-        mine = [s for s in sightings.get(r.id, []) if s.user_id == user.id]
-        shown = mine[0] if mine else next(
-            (s for s in sightings.get(r.id, []) if s.visibility == "shared"), None)
+        seen = sightings.get(eid, [])
+        mine = next((s for s in seen if s[0] == user.id), None)
+        shown = mine or next((s for s in seen if s[3] == "shared"), None)
+        if isinstance(date, str):  # SQLite stores "YYYY-MM-DD HH:MM:SS[.ffffff]"
+            date = datetime.fromisoformat(date)
         entry["emails"].append({
-            "id": r.id,
-            "message_id": r.message_id,
-            "date": r.date.isoformat() + "Z" if r.date else None,
-            "subject": r.subject,
-            "from": {"address": r.from_address, "name": r.from_name},
-            "to": json.loads(r.to_json),
-            "cc": json.loads(r.cc_json),
-            "channel": shown.channel if shown else None,
-            "owner": shown.user.address if shown else None,
-            "visibility": shown.visibility if shown else None,
-            "verification": shown.verification if shown else None,
-            "snippet": r.snippet,
-            "kind": r.kind,
-            "decisions": json.loads(shown.decisions_json) if shown and mine else [],
+            "id": eid,
+            "message_id": message_id,
+            "date": date.isoformat() + "Z" if date else None,
+            "subject": subject,
+            "from": {"address": from_address, "name": from_name},
+            "to": json.loads(to_json),
+            "cc": json.loads(cc_json),
+            "channel": shown[2] if shown else None,
+            "owner": shown[1] if shown else None,
+            "visibility": shown[3] if shown else None,
+            "verification": shown[4] if shown else None,
+            "snippet": snippet,
+            "kind": kind,
+            "decisions": json.loads(mine[5]) if mine else [],
         })
     return {"threads": list(out.values()), "hidden": total - len(rows)}
 
