@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -54,6 +55,9 @@ class App:
         # Tests drive the worker with run_once() and an injected clock instead.
         self.start_outbox_worker = start_outbox_worker
         self.outbox: OutboxWorker | None = None
+        # Set by the pre-fork parent (dealmail serve with listeners.workers > 1).
+        self.prebound: dict[str, socket.socket] = {}
+        self.run_submission = True
         self.digests: DigestScheduler | None = None
         self.config = config
         self.overrides = overrides
@@ -166,7 +170,8 @@ class App:
         c = self.config
         if c.inbound_listen:
             self.servers["inbound"] = await start_listener(
-                hooks, c.inbound_listen, hostname=c.hostname,
+                hooks, c.inbound_listen, sock=self.prebound.get("inbound"),
+                hostname=c.hostname,
                 data_size_limit=c.message_size_limit, command_timeout=c.command_timeout,
                 data_timeout=c.data_timeout, max_connections=c.max_connections,
             )
@@ -174,7 +179,8 @@ class App:
         # Authenticated relay (submission with STARTTLS, optional implicit TLS).
         from mta.relay.submission import start_submission_listeners
 
-        self.servers.update(await start_submission_listeners(self))
+        if self.run_submission:  # with several workers, the first one serves submission
+            self.servers.update(await start_submission_listeners(self))
 
     def address(self, name: str) -> str:
         sock = self.servers[name].sockets[0]

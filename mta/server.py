@@ -299,9 +299,12 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 async def start_listener(
     hooks: Any, listen: str, *, hostname: str, data_size_limit: int, command_timeout: float,
-    data_timeout: float, max_connections: int, reuse_port: bool = False, **smtp_kwargs: Any,
+    data_timeout: float, max_connections: int, sock: socket.socket | None = None,
+    **smtp_kwargs: Any,
 ) -> asyncio.Server:
-    """Listen on ``HOST:PORT`` (port 0 picks a free one; read it from the server's socket)."""
+    """Listen on ``HOST:PORT`` (port 0 picks a free one; read it from the server's socket),
+    or accept on ``sock``, a listening socket bound by the parent of several worker
+    processes (pre-fork: the kernel hands each connection to one of them)."""
     host, port = parse_listen(listen)
     gate = ConnectionGate(max_connections)
     loop = asyncio.get_running_loop()
@@ -313,8 +316,19 @@ async def start_listener(
             ident="dealmail ESMTP", timeout=command_timeout, loop=loop, **smtp_kwargs,
         )
 
-    kwargs: dict[str, Any] = {}
-    if reuse_port:
-        kwargs["reuse_port"] = True
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return await loop.create_server(factory, host=host, port=port, family=family, **kwargs)
+    return await loop.create_server(factory, host=host, port=port, family=family)
+
+
+def bind_listener(listen: str, backlog: int = 511) -> socket.socket:
+    """A listening socket for ``HOST:PORT``, bound before the worker processes fork."""
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
