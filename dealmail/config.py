@@ -98,6 +98,7 @@ class Config:
     inbound_listen: str = "127.0.0.1:2525"
     submission_listen: str = "127.0.0.1:2587"
     max_connections: int = 200
+    workers: int = 1
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     message_size_limit: int = 25 * 1024 * 1024
@@ -270,7 +271,8 @@ _SERVER_KEYS = {"mail_domain": str, "hostname": str, "log_level": str, "log_file
                 "demo_data": str}
 _DATABASE_KEYS = {"url": str}
 _LISTENER_KEYS = {"inbound": str, "submission": str, "submissions": str, "max_connections": int,
-                  "command_timeout": (int, float), "data_timeout": (int, float)}
+                  "workers": int, "command_timeout": (int, float),
+                  "data_timeout": (int, float)}
 _LIMIT_KEYS = {"message_size": int, "max_recipients": int}
 _OUTBOX_KEYS = {"smarthost": str, "smarthost_tls": str, "smarthost_username": str,
                 "smarthost_password": str, "retry_schedule": str,
@@ -497,7 +499,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
             if value and not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", value):
                 p.add(f"listeners.{key}", "must be HOST:PORT (an empty string disables it)")
             kwargs[attr] = value
-    for key in ("max_connections",):
+    for key in ("max_connections", "workers"):
         if key in listeners:
             if listeners[key] < 1:
                 p.add(f"listeners.{key}", "must be at least 1")
