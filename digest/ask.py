@@ -32,8 +32,14 @@ from crmstore import models as m
 from crmstore.visibility import visible_to
 from dealmail.config import Company, Config, User
 
-from .compose import company_address, environment, new_message
-from .digests import describe_emails, find_user_config, internal_checker, labels
+from .compose import company_address, new_message
+from .digests import (
+    describe_emails,
+    find_user_config,
+    internal_checker,
+    labels,
+    shared_environment,
+)
 
 ASK_LABELS: dict[str, dict[str, str]] = {
     "en": {
@@ -318,7 +324,7 @@ def answer_request(config: Config, user_address: str, request: Request,
 
 def render_answer(answer: Answer, env: Environment | None = None) -> tuple[str, str, str]:
     """(subject, text, html) of an answer."""
-    env = env or environment()
+    env = env or shared_environment()
     c = answer.context
     subject = c["L"]["answer_subject"].format(what=c["what"])
     return (subject, env.get_template("ask.txt").render(**c),

@@ -20,6 +20,7 @@ autoescapes HTML and never compiles message text). An empty digest is not sent.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -117,6 +118,14 @@ LABELS: dict[str, dict[str, str]] = {
                   "送ってください。",
     },
 }
+
+
+@functools.cache
+def shared_environment() -> Environment:
+    """The template environment, built once per process: its compiled templates never change
+    while the process runs (templates are files of the installed package), so this is a
+    constant, not mutable state; building it per email recompiled every template."""
+    return environment()
 
 
 def labels(language: str) -> dict[str, str]:
@@ -421,7 +430,7 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
 
 def render_digest(digest: Digest, env: Environment | None = None) -> tuple[str, str, str]:
     """(subject, text, html) of a composed digest."""
-    env = env or environment()
+    env = env or shared_environment()
     c = digest.context
     subject = c["L"]["digest_subject"].format(count=c["email_count"], since=c["since"])
     text = env.get_template("digest.txt").render(**c)

@@ -1,0 +1,155 @@
+"""The privacy property of digests and answers, over many generated situations (hypothesis).
+
+For any set of emails with sightings (owner, shared/private/quarantined), links to persons and
+deals (direct or through the thread), deal owners, automatically created persons and replay
+audit entries: nothing in a digest or an answer to user U mentions an email U may not see
+(its subject or text), nor a person created only from mail U may not see. Every email's subject
+and text carry unique markers (``S<n>Z``, ``B<n>Z``), every generated person's name ``N<n>Z``,
+and the rendered text and HTML are searched for them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from digest_world import T0, World, naive, open_store
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crmstore import models as m
+from crmstore.visibility import can_see
+from digest.ask import answer_request, parse_request, render_answer
+from digest.digests import compose_digest, render_digest
+
+USERS = ("alice@example.com", "bob@example.com")
+SINCE = T0 - timedelta(days=1)
+UNTIL = T0 + timedelta(days=2)
+TABLES = (m.AuditEntry, m.PendingChoice, m.Sighting, m.Participant, m.Link, m.Email, m.Thread)
+
+sighting = st.tuples(st.sampled_from(USERS), st.sampled_from(["shared", "private",
+                                                              "quarantined"]))
+email_spec = st.fixed_dictionaries({
+    "sightings": st.lists(sighting, min_size=1, max_size=2, unique_by=lambda s: s[0]),
+    "person": st.one_of(st.none(), st.integers(0, 3)),  # 0..2 generated, 3 = Ann (imported)
+    "link_person": st.booleans(),
+    "deal": st.one_of(st.none(), st.integers(0, 3)),
+    "deal_via_thread": st.booleans(),
+    "thread": st.integers(0, 3),
+    "hours": st.integers(0, 30),
+    "pending": st.booleans(),
+    "replay": st.booleans(),
+})
+situation = st.fixed_dictionaries({
+    "emails": st.lists(email_spec, min_size=1, max_size=7),
+    "owners": st.lists(st.sampled_from([None, *USERS]), min_size=4, max_size=4),
+})
+
+
+@pytest.fixture(scope="module")
+def shared_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    folder: Path = tmp_path_factory.mktemp("privacy")
+    config, store = open_store(folder)
+    try:
+        yield World(config, store)
+    finally:
+        store.close()
+
+
+def build(w: World, sit: dict[str, object]) -> tuple[list[m.Email], list[m.Person]]:
+    for model in TABLES:
+        model.delete().execute()
+    m.PersonAddress.delete().where(m.PersonAddress.address.endswith("@gen.test")).execute()
+    m.Person.delete().where(m.Person.name.startswith("N")).execute()
+    deals = list(m.Deal.select().order_by(m.Deal.id))
+    for deal, owner in zip(deals, sit["owners"], strict=True):  # type: ignore[call-overload]
+        deal.owner = w.users[owner] if owner else None
+        deal.save()
+    persons = [w.new_person(f"N{i}Z", f"p{i}@gen.test", at=T0) for i in range(3)]
+    persons.append(w.person("ann@customer.test"))
+    threads = [w.thread(f"t{i}") for i in range(4)]
+    emails = []
+    for n, spec in enumerate(sit["emails"]):  # type: ignore[attr-defined]
+        person = persons[spec["person"]] if spec["person"] is not None else None
+        deal = deals[spec["deal"]] if spec["deal"] is not None else None
+        thread = threads[spec["thread"]]
+        if deal is not None and spec["deal_via_thread"]:
+            thread.deal = deal
+            thread.save()
+        to = ([(person.name, m.PersonAddress.get(m.PersonAddress.person == person).address)]
+              if person is not None else [("", "stranger@mail.test")])
+        when = T0 + timedelta(hours=spec["hours"])
+        e = w.email(f"S{n}Z", sightings=spec["sightings"], to=to, date=when,
+                    person=person if spec["link_person"] else None,
+                    deal=None if (deal is None or spec["deal_via_thread"]) else deal,
+                    thread=thread, snippet=f"B{n}Z")
+        emails.append(e)
+        owner = spec["sightings"][0][0]
+        if spec["pending"]:
+            m.PendingChoice.create(user=w.users[owner], email=e, thread=thread, person=person,
+                                   candidates_json=json.dumps([d.id for d in deals[:2]]),
+                                   state="asked", created_at=naive(when))
+        if spec["replay"]:
+            m.AuditEntry.create(at=naive(when), company=w.company_id, actor=owner,
+                                action="replay", email=e,
+                                detail_json=json.dumps({"client_ip": "192.0.2.1"}))
+    return emails, persons[:3]
+
+
+def outputs_for(w: World, user: str, persons: list[m.Person]) -> str:
+    parts = list(render_digest(compose_digest(w.config, user, SINCE, UNTIL, UNTIL)))
+    requests = ["inbox", "org Customer Inc", "person N"]
+    requests += [f"deal {d.id}" for d in m.Deal.select()]
+    requests += [f"person p{i}@gen.test" for i in range(len(persons))]
+    requests += ["person ann@customer.test"]
+    for request in requests:
+        answer = answer_request(w.config, user, parse_request(request), UNTIL)
+        parts.extend(render_answer(answer))
+    return "\n".join(parts)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(sit=situation)
+def test_no_digest_or_answer_mentions_what_the_reader_may_not_see(
+        shared_world: World, sit: dict[str, object]) -> None:
+    w = shared_world
+    with w.store.db.atomic() as txn:
+        emails, persons = build(w, sit)
+        for user in USERS:
+            row = m.User.get(m.User.address == user)
+            text = outputs_for(w, user, persons)
+            for n, e in enumerate(emails):
+                if not can_see(row, e.id):
+                    assert f"S{n}Z" not in text, (user, n)
+                    assert f"B{n}Z" not in text, (user, n)
+            for i, p in enumerate(persons):
+                visible_mail = any(
+                    can_see(row, part.email_id)
+                    for part in m.Participant.select().where(m.Participant.person == p.id))
+                if not visible_mail:
+                    assert f"N{i}Z" not in text, (user, i)
+        txn.rollback()
+
+
+def test_the_property_sees_something(shared_world: World) -> None:
+    """Guard against a vacuous property: visible markers do appear in the outputs."""
+    w = shared_world
+    with w.store.db.atomic() as txn:
+        sit = {"emails": [{"sightings": [("alice@example.com", "shared")], "person": 0,
+                           "link_person": True, "deal": 0, "deal_via_thread": False,
+                           "thread": 0, "hours": 1, "pending": False, "replay": False},
+                          {"sightings": [("bob@example.com", "private")], "person": 0,
+                           "link_person": True, "deal": 0, "deal_via_thread": False,
+                           "thread": 1, "hours": 2, "pending": False, "replay": False}],
+               "owners": ["alice@example.com", None, None, None]}
+        _emails, persons = build(w, sit)
+        alice = outputs_for(w, "alice@example.com", persons)
+        bob = outputs_for(w, "bob@example.com", persons)
+        assert "S0Z" in alice and "B0Z" in alice and "N0Z" in alice and "S1Z" not in alice
+        assert "S1Z" in bob and "S0Z" in bob
+        txn.rollback()
