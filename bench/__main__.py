@@ -15,11 +15,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--quick", action="store_true", help="a short run (under a minute)")
         sp.add_argument("--json", type=Path, metavar="FILE", help="write all figures here")
+        sp.add_argument("--workers", type=int, default=2,
+                        help="dealmail worker processes (listeners.workers; default 2)")
     args = p.parse_args(argv)
     if args.mode == "ingest":
         from .ingest import main as ingest_main
 
-        return ingest_main(args.quick, args.json)
+        return ingest_main(args.quick, args.json, args.workers)
     from .scale import main as scale_main
 
     return scale_main(args.quick, args.json)

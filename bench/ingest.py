@@ -35,20 +35,43 @@ LISTENING = re.compile(r"inbound SMTP listening on 127\.0\.0\.1:(\d+)")
 # ----------------------------------------------------------------------------- /proc readings
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live children (dealmail's pre-fork workers), from /proc."""
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return pids
+    for child in children:
+        pids.extend(process_tree(int(child)))
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of the whole process (all threads), from /proc/PID/stat."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    # The command name (field 2) may contain spaces: split after its closing parenthesis.
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15 of proc(5)
+    """User + system CPU of the process tree (all threads, all workers), from /proc/PID/stat."""
+    total = 0.0
+    for one in process_tree(pid):
+        try:
+            text = Path(f"/proc/{one}/stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may contain spaces: split after its closing parenthesis.
+        fields = text[text.rindex(")") + 2:].split()
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15 of proc(5)
+    return total
 
 
 def memory_kib(pid: int, key: str) -> int:
-    """``VmRSS`` or ``VmHWM`` (peak RSS) of the process, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
+    """``VmRSS`` or ``VmHWM`` (peak RSS) summed over the process tree, in KiB."""
+    total = 0
+    for one in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{one}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in lines if line.startswith(key + ":")),
+                      0)
+    return total
 
 
 # ----------------------------------------------------------------------------- the servers
@@ -141,8 +164,10 @@ class DealmailServer(ServerProcess):
 
     name = "dealmail"
 
-    def __init__(self, db_path: Path, *extra: str, log_level: str = "info") -> None:
+    def __init__(self, db_path: Path, *extra: str, log_level: str = "info",
+                 workers: int = 1) -> None:
         super().__init__()
+        self.workers = workers
         self.db_path = db_path
         self.log_path = db_path.with_suffix(".log")
         self.extra = extra
@@ -153,7 +178,7 @@ class DealmailServer(ServerProcess):
         args = [sys.executable, "run_server.py", "--config", "conf/dealmail.example.toml",
                 "--log-level", self.log_level]
         for item in server_overrides(self.db_path, f"server.log_file={self.log_path}",
-                                     *self.extra):
+                                     f"listeners.workers={self.workers}", *self.extra):
             args += ["--set", item]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
@@ -294,10 +319,10 @@ def seed_database(db_path: Path, plan: Plan) -> tuple[Seeded, float]:
     return seeded, time.monotonic() - start
 
 
-def run_ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def run_ingest(quick: bool, log: Callable[[str], None], workers: int = 2) -> dict[str, Any]:
     plan = plan_for(quick)
     results: dict[str, Any] = {"mode": "quick" if quick else "full", "repeats": plan.repeats,
-                               "cpus": os.cpu_count()}
+                               "cpus": os.cpu_count(), "dealmail_workers": workers}
     with tempfile.TemporaryDirectory(prefix="dealmail-bench-") as tmp:
         db_path = Path(tmp) / "bench.db"
         seeded, took = seed_database(db_path, plan)
@@ -308,7 +333,7 @@ def run_ingest(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
         addresses = seeded.addresses()
         servers: dict[str, dict[str, Any]] = {}
         per_server: dict[str, dict[str, Any]] = {}
-        for server in (BaselineServer(), DealmailServer(db_path)):
+        for server in (BaselineServer(), DealmailServer(db_path, workers=workers)):
             with server:
                 server.start()
                 idle = server.rss_kib()
@@ -334,7 +359,8 @@ def format_table(results: dict[str, Any]) -> str:
     head = (f"{'scenario':16} {'server':9} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
             f"{'CPU ms/msg':>10} {'errors':>6} {'ratio':>6}")
     lines = [f"dealmail ingest benchmark ({results['mode']}, median of {results['repeats']}, "
-             f"{results['cpus']} CPUs, seed {results['seed']['persons']} persons / "
+             f"{results['cpus']} CPUs, dealmail with {results['dealmail_workers']} worker(s), "
+             f"seed {results['seed']['persons']} persons / "
              f"{results['seed']['organizations']} orgs / {results['seed']['deals']} deals)",
              head, "-" * len(head)]
     for name, sc in results["scenarios"].items():
@@ -356,11 +382,11 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(quick: bool, json_path: Path | None) -> int:
+def main(quick: bool, json_path: Path | None, workers: int = 2) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    results = run_ingest(quick, log)
+    results = run_ingest(quick, log, workers)
     print(format_table(results), flush=True)
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=2))

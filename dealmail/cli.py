@@ -153,6 +153,10 @@ def serve(config: Config, fallback: bool, overrides: tuple[str, ...]) -> int:
                     "(copy it to conf/dealmail.toml to make it yours)", config.path)
     else:
         log.info("using config %s", config.path)
+    if config.workers > 1:
+        from .prefork import serve_prefork
+
+        return serve_prefork(config, overrides, Path.cwd(), load_demo_if_empty)
     app = App(config, overrides=overrides)
     try:
         app.open_store()
