@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from digest_world import T0, World, naive, open_store
@@ -59,20 +60,20 @@ def shared_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         store.close()
 
 
-def build(w: World, sit: dict[str, object]) -> tuple[list[m.Email], list[m.Person]]:
+def build(w: World, sit: dict[str, Any]) -> tuple[list[m.Email], list[m.Person]]:
     for model in TABLES:
         model.delete().execute()
     m.PersonAddress.delete().where(m.PersonAddress.address.endswith("@gen.test")).execute()
     m.Person.delete().where(m.Person.name.startswith("N")).execute()
     deals = list(m.Deal.select().order_by(m.Deal.id))
-    for deal, owner in zip(deals, sit["owners"], strict=True):  # type: ignore[call-overload]
+    for deal, owner in zip(deals, sit["owners"], strict=True):
         deal.owner = w.users[owner] if owner else None
         deal.save()
     persons = [w.new_person(f"N{i}Z", f"p{i}@gen.test", at=T0) for i in range(3)]
     persons.append(w.person("ann@customer.test"))
     threads = [w.thread(f"t{i}") for i in range(4)]
     emails = []
-    for n, spec in enumerate(sit["emails"]):  # type: ignore[attr-defined]
+    for n, spec in enumerate(sit["emails"]):
         person = persons[spec["person"]] if spec["person"] is not None else None
         deal = deals[spec["deal"]] if spec["deal"] is not None else None
         thread = threads[spec["thread"]]
@@ -116,7 +117,7 @@ def outputs_for(w: World, user: str, persons: list[m.Person]) -> str:
                                  HealthCheck.too_slow])
 @given(sit=situation)
 def test_no_digest_or_answer_mentions_what_the_reader_may_not_see(
-        shared_world: World, sit: dict[str, object]) -> None:
+        shared_world: World, sit: dict[str, Any]) -> None:
     w = shared_world
     with w.store.db.atomic() as txn:
         emails, persons = build(w, sit)

@@ -1,0 +1,79 @@
+"""The HTML digest opened in a real browser: headless Chromium (Debian package ``chromium``)
+renders it without errors, takes a screenshot, and the page's text (``--dump-dom``) contains
+the deal titles. Injected markup in a subject stays text: the DOM has no script element.
+
+Chromium runs with networking features off and a throw-away profile; the page is a local file.
+Missing Chromium skips with a message, except in CI where it must be installed
+(``scripts/test`` installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from digest_world import World
+from test_digests import SINCE, UNTIL, scenario
+
+from digest.digests import compose_digest, render_digest
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if os.environ.get("CI"):
+        pytest.fail("chromium is required in CI (apt-get install chromium)")
+    pytest.skip("chromium is not installed: apt-get install -y chromium (as root)")
+
+
+class _Text(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def run(browser: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [browser, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+        capture_output=True, timeout=120, check=False,
+        env={**os.environ, "HOME": str(tmp_path)})
+
+
+def test_html_digest_renders_in_headless_chromium(world: World, tmp_path: Path) -> None:
+    browser = chromium()
+    scenario(world)
+    digest = compose_digest(world.config, "bob@example.com", SINCE, UNTIL, UNTIL)
+    _subject, _text, html = render_digest(digest)
+    page = tmp_path / "digest.html"
+    page.write_text(html, encoding="utf-8")
+    shot = tmp_path / "digest.png"
+    result = run(browser, tmp_path, f"--screenshot={shot}", "--window-size=1000,1400",
+                 page.as_uri())
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000  # a real, drawn page
+    dom = run(browser, tmp_path, "--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr.decode(errors="replace")[-2000:]
+    parser = _Text()
+    parser.feed(dom.stdout.decode("utf-8"))
+    text = " ".join(" ".join(parser.text).split())
+    for title in ("Pilot", "Renewal 2027"):
+        assert f"#{world.deal(title).id} {title}" in text
+    assert "見積もりのご案内" in text
+    assert "script" not in parser.tags
