@@ -13,6 +13,7 @@ import os
 import smtplib
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import timedelta
 from email import policy
 from email.message import EmailMessage
@@ -152,6 +153,12 @@ def answer(port: int, question: EmailMessage, text: str, style: str = "gmail",
                 mail_from)
 
 
+def swap_config(srv: Any, company: Any) -> None:
+    """Run with a changed company (as a config reload would)."""
+    srv.app.config = replace(srv.app.config, companies=(company,))
+    srv.app.routing = RoutingTable(srv.app.config, srv.app.routing.enabled)
+
+
 @pytest.fixture
 def srv(server_factory: Any) -> Any:
     return server_factory(start_outbox_worker=False)
@@ -241,6 +248,16 @@ def test_answer_2_links_email_and_thread(srv: Any, style: str) -> None:
     assert msg["In-Reply-To"] and msg["Auto-Submitted"] == "auto-generated"
 
 
+def test_no_confirmation_when_the_user_turned_them_off(srv: Any) -> None:
+    company = srv.app.config.companies[0]
+    quiet = tuple(replace(u, confirm_choices=False) for u in company.users)
+    swap_config(srv, replace(company, users=quiet))
+    question = ask_alice(srv.port)
+    answer(srv.port, question, "2")
+    assert thread_deal("Proposal") == "Upsell seats"
+    assert [i.kind for i in outbox()] == ["question"]
+
+
 def test_later_reply_in_thread_follows_without_new_question(srv: Any) -> None:
     first = bcc_mail(subject="Seats")
     send(srv.port, first, [BCC])
@@ -300,10 +317,7 @@ def test_unverified_sender_refused(server_factory: Any) -> None:
     srv = server_factory(start_outbox_worker=False)
     question = ask_alice(srv.port)
     company = srv.app.config.companies[0]
-    strict = type(company)(**{**company.__dict__, "accept_levels": ()})
-    srv.app.config = type(srv.app.config)(**{**srv.app.config.__dict__,
-                                             "companies": (strict,)})
-    srv.app.routing = RoutingTable(srv.app.config, srv.app.routing.enabled)
+    swap_config(srv, replace(company, accept_levels=()))
     code, text = refusal(srv.port, answer_mail(question, "2"), [reply_address(question)])
     assert code == 550 and text.startswith("5.7.1") and "could not be verified" in text
     assert thread_deal("Proposal") is None
@@ -453,3 +467,19 @@ def test_rate_limit_holds_questions_until_the_next_hour(server_factory: Any,
     latest = parsed(outbox("question")[-1])
     assert str(latest["Subject"]) == "Which deals? 2 emails"
     assert "Subject: Second" in text_of(latest) and "Subject: Third" in text_of(latest)
+
+
+@pytest.mark.postgres
+def test_batch_and_multi_answer_on_postgresql(server_factory: Any, pg_url: str,
+                                              clock: Any) -> None:
+    # The open batch is taken FOR UPDATE (the outbox worker claims with SKIP LOCKED).
+    srv = server_factory(f"database.url={pg_url}", start_outbox_worker=False)
+    send(srv.port, bcc_mail(subject="PG one"), [BCC])
+    clock.advance(timedelta(minutes=1))
+    send(srv.port, bcc_mail(subject="PG two"), [BCC])
+    [item] = outbox("question")
+    question = parsed(item)
+    assert str(question["Subject"]) == "Which deals? 2 emails"
+    answer(srv.port, question, "1: upsell\n2: 0", "outlook")
+    assert thread_deal("PG one") == "Upsell seats" and thread_deal("PG two") is None
+    assert len(outbox("confirm")) == 1
