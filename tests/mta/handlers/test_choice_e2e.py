@@ -258,6 +258,24 @@ def test_no_confirmation_when_the_user_turned_them_off(srv: Any) -> None:
     assert [i.kind for i in outbox()] == ["question"]
 
 
+def test_html_only_gmail_reply(srv: Any) -> None:
+    question = ask_alice(srv.port)
+    reply = answer_mail(question, "unused")
+    reply.clear_content()
+    reply.set_content(
+        '<div dir="ltr">#2</div><br><div class="gmail_quote"><div class="gmail_attr">On Thu, '
+        'Nov 26, 2026 dealmail wrote:</div><blockquote class="gmail_quote">'
+        + body_html(question) + "</blockquote></div>", subtype="html")
+    send(srv.port, reply, [reply_address(question)])
+    assert thread_deal("Proposal") == "Upsell seats"
+
+
+def body_html(msg: EmailMessage) -> str:
+    part = msg.get_body(preferencelist=("html",))
+    assert part is not None
+    return str(part.get_content())
+
+
 def test_later_reply_in_thread_follows_without_new_question(srv: Any) -> None:
     first = bcc_mail(subject="Seats")
     send(srv.port, first, [BCC])
