@@ -1,12 +1,14 @@
 """Helpers of the digest tests: a store with the example config and demo CRM, and a small
 builder that writes emails, sightings and links straight through the models (so the digests
-under test do not depend on the linking code's decisions). The ``world`` fixture is in this
-folder's conftest.py."""
+under test do not depend on the linking code's decisions). Each test module declares its
+``world`` fixture with :func:`make_world` (a conftest.py here would shadow the root one's
+``from conftest import ...`` in other folders)."""
 
 from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -101,3 +103,11 @@ def open_store(tmp_path: Path, config_path: Path = EXAMPLE) -> tuple[Config, Sto
 
 def after(hours: float) -> datetime:
     return T0 + timedelta(hours=hours)
+
+
+def make_world(tmp_path: Path) -> Iterator[World]:
+    config, store = open_store(tmp_path)
+    try:
+        yield World(config, store)
+    finally:
+        store.close()

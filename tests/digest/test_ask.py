@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import smtplib
 import sys
+from collections.abc import Iterator
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from email.utils import make_msgid
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from digest_world import T0, World, after
+from digest_world import T0, World, after, make_world
 from test_digests import check_golden, scenario
 
 from crmstore import models as m
@@ -25,6 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 from smtpsink import SmtpSink
 
 ASK = "example+ask@dealmail.localhost"
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    yield from make_world(tmp_path)
 
 
 @pytest.mark.parametrize("subject,body,expected", [

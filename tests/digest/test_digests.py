@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
 import pytest
-from digest_world import T0, World, after, naive
+from digest_world import T0, World, after, make_world, naive
 
 from crmstore import models as m
 from dealmail.cli import main as cli_main
@@ -30,6 +31,11 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 SINCE = T0 - timedelta(hours=1)
 UNTIL = T0 + timedelta(days=1)
 INJECTION = "Intro {{ 7*7 }} <script>alert(1)</script>"
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    yield from make_world(tmp_path)
 
 
 def check_golden(name: str, text: str) -> None:
