@@ -84,8 +84,9 @@ class Relay:
         self.running = running
         self.app = running.app
         self.sink = sink
+        default = base / "var" / "tls" / "dealmail-selfsigned.crt"
         self.client_tls = ssl.create_default_context(
-            cafile=str(base / "var" / "tls" / "dealmail-selfsigned.crt"))
+            cafile=str(default) if default.exists() else None)
 
     @property
     def sub_port(self) -> int:
@@ -269,6 +270,41 @@ def test_implicit_tls_listener(relay: Relay) -> None:
         s.sendmail("alice@example.com", ["ann@customer.test"],
                    msg().as_bytes(policy=SMTP_POLICY))
     assert len(items("relay")) == 1
+
+
+def test_temporary_then_permanent_failure_end_to_end(relay: Relay, clock: FakeClock) -> None:
+    relay.sink.script(rcpt={"ann@customer.test": "451 4.2.1 greylisted",
+                            "dora@customer.test": "550 5.1.1 no such user"})
+    relay.send(msg(to="Ann <ann@customer.test>, Dora <dora@customer.test>"),
+               ["ann@customer.test", "dora@customer.test"])
+    assert relay.run_outbox() == 1
+    assert relay.sink.messages == []
+    [dsn] = items("dsn")  # Dora's failure, now; Ann is retried later
+    assert json.loads(dsn.recipients_json) == ["alice@example.com"] and dsn.mail_from == ""
+    clock.advance(timedelta(minutes=5))
+    relay.sink.script()
+    # Ann's retry, the DSN, and any question dealmail itself queued (Ann has two open deals).
+    assert relay.run_outbox() >= 2
+    relayed = [g for g in relay.sink.messages if g.mail_from == "alice@example.com"]
+    assert [g.rcpt_tos for g in relayed] == [["ann@customer.test"]]  # Dora is not retried
+    [report] = [g for g in relay.sink.messages if b"multipart/report" in g.data]
+    assert report.mail_from == "" and report.rcpt_tos == ["alice@example.com"]
+    assert b"Status: 5.1.1" in report.data and b"dora@customer.test" in report.data
+
+
+def test_configured_certificate_is_used(relay_factory: Any, tmp_path: Path) -> None:
+    from mta.relay.tlscert import ensure_self_signed
+
+    cert, key = tmp_path / "own" / "c.pem", tmp_path / "own" / "k.pem"
+    assert ensure_self_signed(cert, key, "mail.example.com", FakeClock().now())
+    assert not ensure_self_signed(cert, key, "mail.example.com", FakeClock().now())
+    assert key.stat().st_mode & 0o077 == 0  # the key is private to dealmail
+    relay = relay_factory("tls.cert_file=own/c.pem", "tls.key_file=own/k.pem")
+    assert not (tmp_path / "var" / "tls").exists()  # no self-signed default was made
+    context = ssl.create_default_context(cafile=str(cert))
+    with smtplib.SMTP("127.0.0.1", relay.sub_port, timeout=30) as s:
+        s.starttls(context=context)
+        s.login("alice@example.com", ALICE_PW)
 
 
 # --------------------------------------------------------------------------- AUTH
