@@ -9,7 +9,10 @@ NORMAL can be lost on power failure), PostgreSQL with ``fsync`` and ``synchronou
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,6 +102,14 @@ class Store:
         self.db = open_database(url, base)
         self.is_sqlite = isinstance(self.db, SqliteDatabase)
         self.db.bind(m.ALL_MODELS, bind_refs=False, bind_backrefs=False)
+        # Several processes writing one SQLite file (pre-fork workers, the CLI) queue on a
+        # lock file: a blocked flock() wakes the next writer the moment the lock is free,
+        # where SQLite's busy handler polls with sleeps of up to 100 ms (seconds of p99
+        # under load, measured with two workers).
+        self._lock_path: str | None = None
+        if self.is_sqlite and self.db.database != ":memory:":
+            self._lock_path = f"{self.db.database}.writelock"
+        self._lock_fd = threading.local()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -178,11 +189,32 @@ class Store:
         """One write transaction. On SQLite it takes the write lock at BEGIN (IMMEDIATE), so
         a busy database fails before any work instead of at commit."""
         if self.is_sqlite:
-            with self.db.atomic(lock_type="IMMEDIATE"):
-                yield
+            depth = getattr(self._lock_fd, "depth", 0)
+            fd = self._writer_lock() if depth == 0 else None  # nested: already held
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd.depth = depth + 1
+            try:
+                with self.db.atomic(lock_type="IMMEDIATE"):
+                    yield
+            finally:
+                self._lock_fd.depth = depth
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
         else:
             with self.db.atomic():
                 yield
+
+    def _writer_lock(self) -> int | None:
+        """This thread's descriptor of the lock file (flock excludes per open file, so each
+        thread needs its own to exclude the others)."""
+        if self._lock_path is None:
+            return None
+        fd: int | None = getattr(self._lock_fd, "fd", None)
+        if fd is None:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd.fd = fd
+        return fd
 
     # ------------------------------------------------------------------ config mirror
 
