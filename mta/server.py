@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import socket
 from collections.abc import Callable
@@ -68,6 +69,14 @@ class ConnectionGate:
         self.open = 0
 
 
+# RFC 5321 §4.1.2 Path with a dot-atom local part and a plain domain (no source route, no
+# quoted local part, no address literal: those take aiosmtpd's full parser).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH_RE = re.compile(
+    rf"^\s*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    rf"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>(.*)$", re.DOTALL)
+
+
 class DealmailSMTP(SMTP):
     """aiosmtpd's protocol with our limits: connection cap, DATA deadline, enhanced codes."""
 
@@ -113,6 +122,18 @@ class DealmailSMTP(SMTP):
             elif status.startswith("500 Error: ("):
                 status = "451 4.3.0 Temporary local problem, please try again later"
         await super().push(status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """MAIL/RCPT path argument. The common ``<local@domain>`` form is read with one
+        regular expression; anything else goes to aiosmtpd's RFC 5322 parser, which costs
+        ~0.4 ms per call (22% of the CPU of a BCC transaction, measured with py-spy)."""
+        m = _SIMPLE_PATH_RE.match(arg or "")
+        if m is None:
+            return super()._getaddr(arg)  # type: ignore[no-any-return]
+        address = m.group(1)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, m.group(2).lstrip()
 
     async def smtp_DATA(self, arg: str) -> None:
         """DATA as aiosmtpd does it (RFC 5321 §4.1.1.4, §4.5.2 dot-unstuffing, end only at
@@ -235,7 +256,9 @@ class InboundHooks:
                 # RFC 5321 §3.3: a 452 for this recipient makes the client send it in a later
                 # transaction, so each transaction has one company and one kind of handler.
                 return "452 4.5.3 Please send to this address in a separate transaction"
-        if self.rcpt_check is not None:
+        # The plain company address needs no database lookup; +deal/+choice ones do (off
+        # the event loop).
+        if self.rcpt_check is not None and route.kind != "bcc":
             refusal = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self.rcpt_check, route)
             if refusal is not None:
