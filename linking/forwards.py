@@ -40,6 +40,7 @@ from linking.addresses import (
 )
 from linking.fwddates import parse_forward_date
 from linking.htmltext import html_to_text
+from linking.parse import part_text
 
 __all__ = [
     "ForwardedMessage",
@@ -798,24 +799,7 @@ def _header_str(msg: Message, name: str) -> str:
 
 
 def _part_text(part: Message) -> str:
-    return _decode_part(part).replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _decode_part(part: Message) -> str:
-    try:
-        content = part.get_content() if isinstance(part, EmailMessage) else None
-        if isinstance(content, str):
-            return content
-    except (LookupError, UnicodeError, KeyError, ValueError, AssertionError):
-        pass
-    payload = part.get_payload(decode=True)
-    if isinstance(payload, bytes):
-        charset = part.get_content_charset() or "utf-8"
-        try:
-            return payload.decode(charset, errors="replace")
-        except LookupError:
-            return payload.decode("utf-8", errors="replace")
-    return ""
+    return part_text(part).replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _is_attachment(part: Message) -> bool:

@@ -101,6 +101,19 @@ def decode_text_part(part: Message) -> str:
     return payload.decode("utf-8", "replace")
 
 
+def part_text(part: Message) -> str:
+    """The text of a text part: the content manager's decoding for a ``policy.default``
+    part, else :func:`decode_text_part`; never raises (malformed MIME is common)."""
+    if isinstance(part, EmailMessage):
+        try:
+            content = part.get_content()
+            if isinstance(content, str):
+                return content
+        except (LookupError, UnicodeError, KeyError, ValueError, AssertionError):
+            pass
+    return decode_text_part(part)
+
+
 @dataclass
 class ParsedMessage:
     """What linking needs from one message, read from its header block."""

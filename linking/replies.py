@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from email.message import EmailMessage, Message
+from email.message import EmailMessage
 from html.parser import HTMLParser
+
+from .parse import part_text
 
 __all__ = ["extract_reply", "extract_reply_from_message"]
 
@@ -663,23 +665,6 @@ def html_to_reply(html: str) -> str:
 # --- messages --------------------------------------------------------------------------------
 
 
-def _part_text(part: Message) -> str:
-    try:
-        content = part.get_content()  # type: ignore[attr-defined]
-        if isinstance(content, str):
-            return content
-    except (LookupError, UnicodeError, AttributeError, ValueError):
-        pass
-    payload = part.get_payload(decode=True)
-    if isinstance(payload, bytes):
-        charset = part.get_content_charset() or "utf-8"
-        try:
-            return payload.decode(charset, errors="replace")
-        except LookupError:
-            return payload.decode("utf-8", errors="replace")
-    return ""
-
-
 def extract_reply_from_message(msg: EmailMessage) -> str:
     """Same as :func:`extract_reply`, from a message parsed with ``email.policy.default``.
 
@@ -688,8 +673,8 @@ def extract_reply_from_message(msg: EmailMessage) -> str:
     """
     body = msg.get_body(preferencelist=("plain",))
     if body is not None:
-        return extract_reply(_part_text(body))
+        return extract_reply(part_text(body))
     body = msg.get_body(preferencelist=("html",))
     if body is not None:
-        return html_to_reply(_part_text(body))
+        return html_to_reply(part_text(body))
     return ""

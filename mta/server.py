@@ -245,7 +245,7 @@ class InboundHooks:
         route = self._routing().route(address)
         if route is None or route.kind not in self.handlers:
             log.info("refused RCPT <%s> from %s: not one of our addresses",
-                     address, _peer_ip(session))
+                     address, peer_ip(session))
             return str(replies.unknown_recipient(address))
         if routes:
             first = routes[0]
@@ -275,7 +275,7 @@ class InboundHooks:
         raw = envelope.original_content or b""
         ctx = DataContext(
             raw=bytes(raw), mail_from=envelope.mail_from or "", routes=routes,
-            peer_ip=_peer_ip(session), helo=session.host_name or "", queue_id=queue_id,
+            peer_ip=peer_ip(session), helo=session.host_name or "", queue_id=queue_id,
             authenticated_as=_auth_login(session),
             smtp_utf8="SMTPUTF8" in [o.upper() for o in envelope.mail_options],
         )
@@ -298,7 +298,7 @@ class InboundHooks:
         return str(replies.temp_failure(incident))
 
 
-def _peer_ip(session: Session) -> str:
+def peer_ip(session: Session) -> str:
     peer = session.peer
     if isinstance(peer, tuple) and peer:
         return str(peer[0])

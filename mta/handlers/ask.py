@@ -17,13 +17,13 @@ from datetime import datetime
 
 from dealmail.config import Config
 from digest.ask import answer_message, answer_request, parse_request
-from linking.parse import MessageRejected, parse_message
 from linking.replies import extract_reply_from_message
 from mta.relay.outbox import enqueue
 
 from .. import replies
 from ..replies import Reply
 from ..server import DataContext, Job
+from .common import read_message
 from .smart_bcc import Verifier
 
 log = logging.getLogger("dealmail.ask")
@@ -38,13 +38,9 @@ class AskHandler:
 
     def check(self, ctx: DataContext) -> Reply | Job:
         qid = ctx.queue_id
-        try:
-            parsed = parse_message(ctx.raw)
-        except MessageRejected as exc:
-            return replies.bad_content(exc.reason)
-        if parsed.is_auto:
-            log.info("[%s] ask ignored: %s", qid, parsed.auto_reason)
-            return replies.ok(f"Ok: {qid} ignored (automatic message)")
+        parsed = read_message(ctx, log, "request")
+        if isinstance(parsed, Reply):
+            return parsed
         company = ctx.routes[0].company
         config = self.config_of()
         found = config.find_user(parsed.from_.address)

@@ -31,7 +31,7 @@ from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
 from digest import questions as q
 from linking.answers import Answer, read_answers
-from linking.parse import MARKER_HEADER, MessageRejected, parse_message
+from linking.parse import MARKER_HEADER
 from linking.record import Directory
 from linking.replies import extract_reply_from_message
 from mta.relay.outbox import enqueue
@@ -40,6 +40,7 @@ from .. import replies
 from ..replies import Reply
 from ..routing import Route
 from ..server import DataContext, Job
+from .common import read_message
 from .smart_bcc import Verifier
 
 log = logging.getLogger("dealmail.choice")
@@ -112,16 +113,11 @@ class ChoiceHandler:
         qid = ctx.queue_id
         route = ctx.routes[0]
         token = route.token or ""
-        try:
-            parsed = parse_message(ctx.raw)
-        except MessageRejected as exc:
-            log.info("[%s] refused from %s: %s", qid, ctx.peer_ip, exc.reason)
-            return replies.bad_content(exc.reason)
+        # Out-of-office and other auto-replies to a question are never answered (no loops).
+        parsed = read_message(ctx, log, "reply to a question")
+        if isinstance(parsed, Reply):
+            return parsed
         mid = parsed.message_id or "-"
-        if parsed.is_auto:
-            # Out-of-office and other auto-replies to a question: never answered (no loops).
-            log.info("[%s] %s reply to a question ignored: %s", qid, mid, parsed.auto_reason)
-            return replies.ok(f"Ok: {qid} ignored (automatic message)")
         config = self.config_of()
         directory = self.directory_of()
         company = route.company

@@ -18,12 +18,13 @@ from typing import Any
 
 from dealmail.config import Company, Config, User
 from linking.originals import originals_for
-from linking.parse import MessageRejected, ParsedMessage, parse_message
+from linking.parse import ParsedMessage
 from linking.record import Delivery, Directory, Original, RecordResult, record_email
 
 from .. import replies
 from ..replies import Reply
 from ..server import DataContext, Job
+from .common import read_message
 
 log = logging.getLogger("dealmail.bcc")
 
@@ -68,15 +69,10 @@ class SmartBccHandler:
 
     def check(self, ctx: DataContext) -> Reply | Job:
         qid = ctx.queue_id
-        try:
-            parsed = parse_message(ctx.raw)
-        except MessageRejected as exc:
-            log.info("[%s] refused from %s: %s", qid, ctx.peer_ip, exc.reason)
-            return replies.bad_content(exc.reason)
+        parsed = read_message(ctx, log, "message")
+        if isinstance(parsed, Reply):
+            return parsed
         mid = parsed.message_id or "-"
-        if parsed.is_auto:
-            log.info("[%s] %s ignored: %s", qid, mid, parsed.auto_reason)
-            return replies.ok(f"Ok: {qid} ignored (automatic message)")
         company = ctx.routes[0].company
         config = self.config_of()
         found = config.find_user(parsed.from_.address)

@@ -60,7 +60,15 @@ from .. import replies
 from ..committer import GroupCommitter
 from ..handlers.smart_bcc import AfterRecord, store_copies
 from ..replies import Reply
-from ..server import ConnectionGate, DataContext, DealmailSMTP, Job, new_queue_id, parse_listen
+from ..server import (
+    ConnectionGate,
+    DataContext,
+    DealmailSMTP,
+    Job,
+    new_queue_id,
+    parse_listen,
+    peer_ip,
+)
 from .delivery import has_bare_cr_or_lf, normalize_line_endings
 from .outbox import enqueue
 
@@ -442,7 +450,7 @@ class SubmissionHooks:
 
     async def handle_AUTH(self, server: Any, session: Session, envelope: Envelope,
                           args: list[str]) -> str | None:
-        ip = _peer_ip(session)
+        ip = peer_ip(session)
         if not _is_tls(server):
             return AUTH_NEEDS_TLS
         if self.throttle.locked(ip):
@@ -532,7 +540,7 @@ class SubmissionHooks:
         queue_id = new_queue_id()
         ctx = DataContext(
             raw=bytes(envelope.original_content or b""), mail_from=envelope.mail_from or "",
-            routes=[], peer_ip=_peer_ip(session), helo=session.host_name or "",
+            routes=[], peer_ip=peer_ip(session), helo=session.host_name or "",
             queue_id=queue_id, authenticated_as=session.auth_data
             if isinstance(session.auth_data, str) else None,
             smtp_utf8="SMTPUTF8" in [o.upper() for o in envelope.mail_options],
@@ -545,7 +553,7 @@ class SubmissionHooks:
             if isinstance(decided, Reply):
                 reply = decided
             else:
-                reply = await asyncio.wrap_future(self.committer.submit(decided))
+                reply = await self.committer.submit_async(decided)
         except Exception:
             log.exception("[%s] fault while relaying for %s", queue_id, ctx.authenticated_as)
             reply = replies.temp_failure(queue_id)
@@ -555,13 +563,6 @@ class SubmissionHooks:
         incident = new_queue_id()
         log.error("incident %s: submission session error", incident, exc_info=error)
         return str(replies.temp_failure(incident))
-
-
-def _peer_ip(session: Session) -> str:
-    peer = session.peer
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return str(peer or "")
 
 
 async def start_submission(
