@@ -121,6 +121,11 @@ class Store:
             raise StoreError(f"cannot open database {self.url}: {exc}") from exc
         self.check_durability()
         self.ensure_schema()
+        if self.is_sqlite:
+            # Planner statistics, bounded in cost (SQLite's advice for long-lived
+            # connections): without them it may pick a low-selectivity index.
+            self.db.execute_sql("PRAGMA analysis_limit=1000")
+            self.db.execute_sql("PRAGMA optimize=0x10002")
 
     def close(self) -> None:
         if not self.db.is_closed():

@@ -282,3 +282,20 @@ def test_swaks_first_message(server: Any) -> None:
     [thread] = convs("alice@example.com", person="carl@other.test")["threads"]
     assert thread["subject"] == "via swaks" and thread["deal"]["title"] == "Pilot"
     assert json.dumps(thread)
+
+
+def test_smart_bcc_on_postgresql(server_factory: Any, pg_url: str) -> None:
+    """The same path on PostgreSQL (the hot path's SQL has dialect differences)."""
+    running = server_factory(f"database.url={pg_url}")
+    first = msg(to="Carl <carl@other.test>", subject="Pilot on PG")
+    send(running.port, first)
+    send(running.port, first)  # a retry: one email
+    reply = msg(to="Carl <carl@other.test>", subject="Re: Pilot on PG",
+                In_Reply_To=first["Message-ID"], References=first["Message-ID"])
+    send(running.port, reply)
+    send(running.port, msg(subject="Offer on PG"))  # Ann: two open deals
+    [thread] = convs("alice@example.com", person="carl@other.test")["threads"]
+    assert thread["deal"]["title"] == "Pilot" and len(thread["emails"]) == 2
+    [ann] = convs("alice@example.com", person="ann@customer.test")["threads"]
+    assert ann["needs_choice"] is True
+    assert m.Email.select().count() == 3
