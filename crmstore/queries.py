@@ -105,6 +105,15 @@ def conversations(user: m.User, person: m.Person | None = None, deal: m.Deal | N
                    .where(m.PendingChoice.thread.in_(in_threads)
                           & m.PendingChoice.state.in_(["pending", "asked"])).tuples()}
     out: dict[int, dict[str, Any]] = {}
+    # Emails of one conversation mostly share their To/Cc: decode each distinct list once.
+    lists: dict[str, list[Any]] = {}
+
+    def addresses(text: str) -> list[Any]:
+        found = lists.get(text)
+        if found is None:
+            found = lists[text] = json.loads(text)
+        return [dict(x) for x in found]
+
     for (eid, message_id, date, subject, from_address, from_name, to_json, cc_json,
          snippet, thread_id, kind) in rows:
         entry = out.get(thread_id)
@@ -128,8 +137,8 @@ def conversations(user: m.User, person: m.Person | None = None, deal: m.Deal | N
             "date": date.isoformat() + "Z" if date else None,
             "subject": subject,
             "from": {"address": from_address, "name": from_name},
-            "to": json.loads(to_json),
-            "cc": json.loads(cc_json),
+            "to": addresses(to_json),
+            "cc": addresses(cc_json),
             "channel": shown[2] if shown else None,
             "owner": shown[1] if shown else None,
             "visibility": shown[3] if shown else None,
