@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -58,6 +59,7 @@ class App:
         # Set by the pre-fork parent (dealmail serve with listeners.workers > 1).
         self.prebound: dict[str, socket.socket] = {}
         self.run_submission = True
+        self.inbound_hooks: InboundHooks | None = None
         self.digests: DigestScheduler | None = None
         self.config = config
         self.overrides = overrides
@@ -114,6 +116,17 @@ class App:
         return OutboxWorker(self.store, self.clock, settings, schedule, self.mx_lookup,
                             self.addr_lookup, self.outbox_ssl_context)
 
+    def has_space(self) -> bool:
+        """Whether the database's file system can take 1.5 of the largest message (checked at
+        MAIL; PostgreSQL manages its own storage)."""
+        if not self.store.is_sqlite:
+            return True
+        try:
+            st = os.statvfs(Path(self.store.db.database).parent)
+        except OSError:
+            return True  # cannot tell: do not refuse mail on a guess
+        return st.f_bavail * st.f_frsize >= 1.5 * self.config.message_size_limit
+
     def after_commit(self) -> None:
         """Called from the committer thread once a batch is durable: wake the outbox worker
         (it only ever sends what is committed)."""
@@ -166,7 +179,9 @@ class App:
             lambda: self.routing, self.handlers, self.committer, self.executor,
             self.config.max_recipients,
             rcpt_check=lambda route: deal_check(route) or choice_check(route),
+            has_space=self.has_space,
         )
+        self.inbound_hooks = hooks
         c = self.config
         if c.inbound_listen:
             self.servers["inbound"] = await start_listener(

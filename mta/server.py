@@ -214,7 +214,9 @@ class InboundHooks:
         executor: ThreadPoolExecutor,
         max_recipients: int,
         rcpt_check: Callable[[Route], Reply | None] | None = None,
+        has_space: Callable[[], bool] | None = None,
     ) -> None:
+        self.has_space = has_space
         self._routing = routing
         self.handlers = handlers
         self.committer = committer
@@ -232,6 +234,11 @@ class InboundHooks:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
+        # Postfix's queue_minfree (RELIABILITY.md A-DUR 5): refuse a transaction we could
+        # not store, before the client sends it; a temporary reply, the client retries.
+        if self.has_space is not None and not self.has_space():
+            log.warning("refused MAIL from %s: not enough free disk space", peer_ip(session))
+            return "452 4.3.1 Insufficient system storage"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.routes = []  # type: ignore[attr-defined]

@@ -51,3 +51,16 @@ def test_session_order_and_long_command(server: Any) -> None:
         code, _ = s.docmd("NOOP " + "x" * 2000)
         assert code == 500
         assert s.noop()[0] == 250  # still in sync
+
+
+def test_low_disk_space_refuses_mail_temporarily(server: Any, monkeypatch: Any) -> None:
+    """RELIABILITY.md A-DUR 5: below 1.5x the size limit free, MAIL gets 452 4.3.1."""
+    monkeypatch.setattr(server.app.inbound_hooks, "has_space", lambda: False)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as s:
+        s.ehlo()
+        code, text = s.docmd("MAIL FROM:<alice@example.com>")
+        assert code == 452 and text.startswith(b"4.3.1")
+    monkeypatch.setattr(server.app.inbound_hooks, "has_space", server.app.has_space)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as s:
+        assert s.ehlo()[0] == 250
+        assert s.docmd("MAIL FROM:<alice@example.com>")[0] == 250
