@@ -86,6 +86,7 @@ class DealmailSMTP(SMTP):
         self._gate = gate
         self._data_timeout = data_timeout
         self._counted = False
+        self._deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -122,6 +123,24 @@ class DealmailSMTP(SMTP):
             elif status.startswith("500 Error: ("):
                 status = "451 4.3.0 Temporary local problem, please try again later"
         await super().push(status)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd cancels and creates a timer for every command (6% of a transaction's
+        CPU, py-spy); keep one timer and move a deadline instead. The timer, when it fires
+        early, re-arms itself for the current deadline."""
+        loop = self.loop
+        self._deadline = loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = loop.call_at(self._deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        if self.loop.time() >= self._deadline:
+            self._timeout_cb()
+        else:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_deadline)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """MAIL/RCPT path argument. The common ``<local@domain>`` form is read with one
