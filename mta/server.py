@@ -11,6 +11,7 @@ aiosmtpd's default ``500`` with the exception text (RELIABILITY.md §0.2).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import secrets
@@ -306,22 +307,32 @@ class InboundHooks:
             smtp_utf8="SMTPUTF8" in [o.upper() for o in envelope.mail_options],
         )
         handler = self.handlers[routes[0].kind]
-        loop = asyncio.get_running_loop()
-        try:
-            decided = await loop.run_in_executor(self.executor, handler.check, ctx)
-            if isinstance(decided, Reply):
-                reply = decided
-            else:
-                reply = await self.committer.submit_async(decided)
-        except Exception:
-            log.exception("[%s] fault while handling DATA from %s", queue_id, ctx.peer_ip)
-            reply = replies.temp_failure(queue_id)
-        return str(reply)
+        return await decide_and_commit(self.executor, self.committer,
+                                       functools.partial(handler.check, ctx), ctx)
 
     async def handle_exception(self, error: Exception) -> str:
-        incident = new_queue_id()
-        log.error("incident %s: SMTP session error", incident, exc_info=error)
-        return str(replies.temp_failure(incident))
+        return incident_reply(error)
+
+
+async def decide_and_commit(executor: ThreadPoolExecutor, committer: GroupCommitter,
+                            check: Callable[[], Reply | Job], ctx: DataContext) -> str:
+    """The DATA reply of a listener: the handler's check in a worker thread, then its job in
+    the committer; the reply is sent only once that commit returned. Any fault of ours is a
+    451 4.3.0 with our id, never a 5xx nor the exception text (RFC 5321 §4.2.5)."""
+    try:
+        decided = await asyncio.get_running_loop().run_in_executor(executor, check)
+        reply = decided if isinstance(decided, Reply) else await committer.submit_async(decided)
+    except Exception:
+        log.exception("[%s] fault while handling DATA from %s", ctx.queue_id, ctx.peer_ip)
+        reply = replies.temp_failure(ctx.queue_id)
+    return str(reply)
+
+
+def incident_reply(error: Exception) -> str:
+    """aiosmtpd's handle_exception: 451 with an incident id instead of its 500 + text."""
+    incident = new_queue_id()
+    log.error("incident %s: SMTP session error", incident, exc_info=error)
+    return str(replies.temp_failure(incident))
 
 
 def peer_ip(session: Session) -> str:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import logging
 import re
 import ssl
@@ -65,6 +66,8 @@ from ..server import (
     DataContext,
     DealmailSMTP,
     Job,
+    decide_and_commit,
+    incident_reply,
     new_queue_id,
     parse_listen,
     peer_ip,
@@ -546,23 +549,11 @@ class SubmissionHooks:
             smtp_utf8="SMTPUTF8" in [o.upper() for o in envelope.mail_options],
             extra={"tls": _is_tls(server)},
         )
-        loop = asyncio.get_running_loop()
-        try:
-            decided = await loop.run_in_executor(self.executor, self.handler.check, ctx,
-                                                 list(envelope.rcpt_tos))
-            if isinstance(decided, Reply):
-                reply = decided
-            else:
-                reply = await self.committer.submit_async(decided)
-        except Exception:
-            log.exception("[%s] fault while relaying for %s", queue_id, ctx.authenticated_as)
-            reply = replies.temp_failure(queue_id)
-        return str(reply)
+        check = functools.partial(self.handler.check, ctx, list(envelope.rcpt_tos))
+        return await decide_and_commit(self.executor, self.committer, check, ctx)
 
     async def handle_exception(self, error: Exception) -> str:
-        incident = new_queue_id()
-        log.error("incident %s: submission session error", incident, exc_info=error)
-        return str(replies.temp_failure(incident))
+        return incident_reply(error)
 
 
 async def start_submission(
