@@ -7,6 +7,7 @@ real clients (smtplib, swaks) exactly as a mail client would.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import uuid
@@ -75,6 +76,25 @@ class RunningApp:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """``dealmail.cli.main`` installs its own root log handler (as a real run must); tests
+    that call it in-process give pytest's handlers back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def config_copy(tmp_path: Path) -> Path:
+    """A writable copy of the example config."""
+    path = tmp_path / "dealmail.toml"
+    path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+    return path
 
 
 @pytest.fixture

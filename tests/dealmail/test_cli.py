@@ -9,11 +9,9 @@ subprocess checks the console entry point), each on its own temporary SQLite dat
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +27,12 @@ EXAMPLE = ROOT / "conf" / "dealmail.example.toml"
 DEMO = ROOT / "conf" / "demo"
 
 
-@pytest.fixture(autouse=True)
-def keep_logging() -> Iterator[None]:
-    """``main`` installs its own root log handler; give pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @pytest.fixture
-def conf(tmp_path: Path) -> Path:
-    path = tmp_path / "dealmail.toml"
-    path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
-    return path
+def conf(config_copy: Path) -> Path:
+    return config_copy
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ checks that the reported line is the one the admin must edit.
 
 from __future__ import annotations
 
-import logging
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "conf" / "dealmail.example.toml"
 
 
-@pytest.fixture(autouse=True)
-def keep_logging() -> Iterator[None]:
-    """``dealmail.cli.main`` installs its own root log handler; give pytest's back after."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 # A small valid config; tests append to it or replace pieces. Line numbers matter below.
 BASE = """\

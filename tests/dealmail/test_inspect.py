@@ -9,6 +9,8 @@ import pytest
 
 from dealmail.cli import main
 
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
 FORWARD = (b"From: Alice <alice@example.com>\r\nSubject: Fwd: Re: Proposal\r\n"
            b"Message-ID: <f9@example.com>\r\n\r\nFYI, Ann's answer.\r\n\r\n"
            b"---------- Forwarded message ---------\r\n"

@@ -5,11 +5,9 @@ verify only the right password, and a config edit that keeps the admin's comment
 from __future__ import annotations
 
 import io
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,21 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "conf" / "dealmail.example.toml"
 
 
-@pytest.fixture(autouse=True)
-def keep_logging() -> Iterator[None]:
-    """``dealmail.cli.main`` installs its own root log handler; give pytest's back after."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
-
-@pytest.fixture
-def config_copy(tmp_path: Path) -> Path:
-    path = tmp_path / "dealmail.toml"
-    path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
-    return path
 
 
 def comments(text: str) -> list[str]:
