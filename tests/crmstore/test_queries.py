@@ -9,7 +9,6 @@ and links are written straight through the models, so these tests depend on no p
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,14 +35,7 @@ EMAIL_KEYS = {"id", "message_id", "date", "subject", "from", "to", "cc", "channe
               "visibility", "snippet"}
 
 
-@pytest.fixture(autouse=True)
-def keep_logging() -> Iterator[None]:
-    """``dealmail.cli.main`` installs its own root log handler; give pytest's back after."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 @dataclass
