@@ -16,7 +16,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlparse
 
 from peewee import Database, PostgresqlDatabase, SqliteDatabase
@@ -255,15 +254,3 @@ class Store:
         if row is None:
             raise StoreError(f"unknown company {slug!r}")
         return int(row.id)
-
-    def user_ids(self) -> dict[str, int]:
-        return {u.address: u.id for u in m.User.select(m.User.id, m.User.address)}
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "persons": m.Person.select().count(),
-            "organizations": m.Organization.select().count(),
-            "deals": m.Deal.select().count(),
-            "emails": m.Email.select().count(),
-            "sightings": m.Sighting.select().count(),
-        }

@@ -537,11 +537,6 @@ def _from_value(value: str) -> Mailbox | None:
     return boxes[0] if boxes else None
 
 
-def _name_only(value: str) -> str:
-    """The display name when a From value holds no address ("John Doe")."""
-    return _unquote_name(_ON_BEHALF_RE.sub("", _clean_mailto(value)))
-
-
 # ---------------------------------------------------------------------------------------
 # Inline parsing
 

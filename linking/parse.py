@@ -130,7 +130,6 @@ class ParsedMessage:
     references: list[str]
     thread_index: str | None
     auto_reason: str | None
-    has_resent: bool
     header_bytes: int
     defects: list[str] = field(default_factory=list)
 
@@ -243,7 +242,6 @@ def parse_message(raw: bytes) -> ParsedMessage:
         references=refs,
         thread_index=str(tindex).strip()[:64] if tindex else None,
         auto_reason=auto_submitted_reason(headers),
-        has_resent=any(k.lower().startswith("resent-") for k in headers),
         header_bytes=header_end,
         defects=defects,
     )

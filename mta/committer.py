@@ -54,25 +54,16 @@ class GroupCommitter:
         self._queue: queue.SimpleQueue[tuple[Job, Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dealmail-committer", daemon=True)
         self._stopping = threading.Event()
-        self.batches = 0
-        self.jobs = 0
         # Futures of submit_async: concurrent future id -> (loop, asyncio future).
         self._async: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Callable[[], T]) -> Future[T]:
-        fut: Future[T] = Future()
-        if self._stopping.is_set():
-            fut.set_exception(CommitterStopped("committer stopped"))
-            return fut
-        self._queue.put((job, fut))
-        return fut
-
     def submit_async(self, job: Callable[[], T]) -> asyncio.Future[T]:
-        """Like :meth:`submit`, for the event loop: the batch's results reach the loop in one
-        wake-up (one ``call_soon_threadsafe`` per batch instead of one per message)."""
+        """Queue ``job`` for the next batch; the returned future (of the calling event loop)
+        gets its result after the commit. A batch's results reach each loop in one wake-up
+        (one ``call_soon_threadsafe`` per batch instead of one per message)."""
         loop = asyncio.get_running_loop()
         afut: asyncio.Future[T] = loop.create_future()
         if self._stopping.is_set():
@@ -148,8 +139,6 @@ class GroupCommitter:
             self._resolve(failed)
             self._reconnect()
             return
-        self.batches += 1
-        self.jobs += len(results)
         if self.after_commit is not None:
             self.after_commit()
         self._resolve(results)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -96,9 +96,6 @@ class OutboxSettings:
     batch: int = 20
     timeout: float = 60.0
     mx_port: int = 25
-
-
-RouteResolver = Callable[[str], list[Route]]
 
 
 class OutboxWorker:

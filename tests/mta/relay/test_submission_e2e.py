@@ -13,7 +13,6 @@ receives CRLF and dot-stuffed data; DKIM computed on that form).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -23,12 +22,10 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
-from email.utils import make_msgid
 from pathlib import Path
 from typing import Any
 
@@ -41,38 +38,13 @@ from dealmail.config import load_config
 from dealmail.passwords import hash_password, set_password_in_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from conftest import RunningApp
 from smtpsink import SmtpSink
+from support.mail import message
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "conf" / "dealmail.example.toml"
 ALICE_PW = "correct horse battery staple"
-
-
-class RunningApp:
-    """A started App in a background event loop thread (blocking clients drive it). Not
-    imported from tests/conftest.py: another folder's conftest may own that module name."""
-
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def start(self) -> None:
-        from dealmail.cli import load_demo_if_empty
-
-        self.thread.start()
-        self.call(self.app.start())
-        load_demo_if_empty(self.app)
-
-    def call(self, coro: Any, timeout: float = 60) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        try:
-            self.call(self.app.stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
 BOB_PW = "bob-secret-2026"
 
 
@@ -163,16 +135,7 @@ def relay(relay_factory: Any) -> Relay:
 def msg(frm: str = "Alice <alice@example.com>", to: str = "Ann <ann@customer.test>",
         subject: str = "Our offer", body: str = "Hello Ann,\nhere is the offer.\n",
         **headers: str) -> EmailMessage:
-    e = EmailMessage()
-    e["From"] = frm
-    e["To"] = to
-    e["Subject"] = subject
-    e["Date"] = "Thu, 26 Nov 2026 10:00:00 +0100"
-    e["Message-ID"] = headers.pop("message_id", None) or make_msgid(domain="example.com")
-    for k, v in headers.items():
-        e[k.replace("_", "-")] = v
-    e.set_content(body)
-    return e
+    return message(frm, to, subject, body, **headers)
 
 
 def auth_plain(s: smtplib.SMTP, user: str, password: str) -> tuple[int, bytes]:
