@@ -35,7 +35,7 @@ persons
     created when no organization has that name (the report counts it). A person is matched by
     *any* of its addresses, so a row with a known address and a new one adds the new address.
     A row without any address is matched by its name (and organization) instead. Addresses are
-    normalised with :func:`linking.addresses.normalize_address`.
+    normalised with :func:`dealmail.addresses.normalize_address`.
 
 deals
     ``Title`` (required). ``Status``: open, won or lost (any case; empty means open;
@@ -77,7 +77,7 @@ from urllib.parse import urlsplit
 import peewee
 from peewee import IntegrityError, Model
 
-from linking.addresses import AddressError, normalize_address, normalize_domain
+from dealmail.addresses import AddressError, normalize_address, normalize_domain
 
 from . import models as m
 from .db import Store

@@ -18,17 +18,17 @@ from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
+from crmstore.committer import GroupCommitter
 from crmstore.db import Store
+from dealmail.schedules import parse_schedule
 from digest.questions import after_record_hook
 from digest.scheduler import DigestScheduler
 from linking.record import Directory
-from mta.committer import GroupCommitter
 from mta.handlers.ask import AskHandler
 from mta.handlers.choice import ChoiceHandler, choice_rcpt_check
 from mta.handlers.smart_bcc import SmartBccHandler, deal_rcpt_check
 from mta.relay.mx import AddrLookup, MxLookup
-from mta.relay.outbox import OutboxSettings, OutboxWorker
-from mta.relay.retry import parse_schedule
+from mta.relay.worker import OutboxSettings, OutboxWorker
 from mta.routing import RoutingTable
 from mta.senderauth import DnsQuery, DnsTxt, SenderVerifier, dnspython_txt
 from mta.server import Handler, InboundHooks, start_listener

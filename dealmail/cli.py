@@ -345,7 +345,7 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
 def _outbox(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from mta.relay import outbox
+    from crmstore import outbox
 
     if args.action in ("retry", "drop"):
         if args.id is None:

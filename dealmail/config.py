@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from linking.addresses import AddressError, normalize_address, normalize_domain
+from dealmail.addresses import AddressError, normalize_address, normalize_domain
 
 __all__ = [
     "DEFAULT_FREEMAIL",
@@ -386,7 +386,7 @@ def _address(p: _Problems, key: str, value: Any) -> str | None:
 
 
 def _validate_outbox(p: _Problems, outbox: dict[str, Any], kwargs: dict[str, Any]) -> None:
-    from mta.relay.retry import parse_schedule
+    from dealmail.schedules import parse_schedule
 
     host = outbox.get("smarthost", "")
     if host and not re.match(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", host):

@@ -16,7 +16,7 @@ from crmstore import models as m
 from linking.forwards import find_forwards
 from linking.originals import is_forward_candidate, originals_for
 from linking.parse import ParsedMessage, normalize_subject, parse_message
-from linking.replies import extract_reply_from_message
+from linking.replytext import extract_reply_from_message
 from linking.threads import thread_index_key
 
 from .config import Config

@@ -31,11 +31,11 @@ from zoneinfo import ZoneInfo
 from jinja2 import Environment
 
 from crmstore import models as m
+from crmstore.outbox import enqueue
 from crmstore.visibility import can_see, visible_to
+from dealmail.addresses import domain_of
 from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
-from linking.addresses import domain_of
-from mta.relay.outbox import enqueue
 
 from .compose import company_address, environment, new_message
 

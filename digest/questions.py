@@ -39,11 +39,11 @@ from jinja2 import Environment
 from peewee import PostgresqlDatabase, fn
 
 from crmstore import models as m
+from crmstore.outbox import as_bytes, enqueue
 from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
 from linking.answers import Candidate
 from linking.record import Directory, RecordResult
-from mta.relay.outbox import as_bytes, enqueue
 
 from .compose import company_address, environment, new_message, render
 

@@ -1,7 +1,7 @@
 """Reading a user's answer to a "which deal?" question from the text they wrote.
 
 The handler of ``+choice-<token>`` replies (``mta.handlers.choice``) takes the reply's own text
-(``linking.replies.extract_reply_from_message``: quoted question and signature removed) and
+(``linking.replytext.extract_reply_from_message``: quoted question and signature removed) and
 asks this module what it says. Pure functions, no I/O.
 
 One question (one pending email) accepts, after Unicode NFKC normalisation (so full-width

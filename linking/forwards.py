@@ -30,7 +30,7 @@ from email.parser import BytesParser
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from linking.addresses import (
+from dealmail.addresses import (
     AddressError,
     Mailbox,
     decode_words,

@@ -15,9 +15,9 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from dealmail.addresses import domain_of
 from dealmail.config import Config, User
 
-from .addresses import domain_of
 from .forwards import ForwardedMessage, find_forwards
 from .parse import ParsedMessage, _snip
 from .record import Original

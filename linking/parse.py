@@ -21,7 +21,13 @@ from email.parser import BytesHeaderParser, BytesParser
 from email.utils import parsedate_to_datetime
 from functools import cached_property
 
-from .addresses import AddressError, Mailbox, decode_words, parse_address_list, parse_strict_mailbox
+from dealmail.addresses import (
+    AddressError,
+    Mailbox,
+    decode_words,
+    parse_address_list,
+    parse_strict_mailbox,
+)
 
 __all__ = [
     "MessageRejected",

@@ -21,10 +21,10 @@ from typing import Any
 
 from crmstore import models as m
 from crmstore.hotpath import HotPath
+from dealmail.addresses import Mailbox, domain_of
 from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
 
-from .addresses import Mailbox, domain_of
 from .parse import normalize_subject
 from .threads import thread_index_key
 
@@ -50,8 +50,8 @@ class Original:
 
 
 @dataclass
-class Delivery:
-    """How and by whom this copy arrived."""
+class Arrival:
+    """How and by whom this copy arrived (its source, user, channel and evidence)."""
 
     user: User
     company: Company
@@ -174,14 +174,14 @@ def _find_thread(hot: HotPath, company_id: int, original: Original, external: se
 
 
 def record_email(
-    config: Config, directory: Directory, original: Original, raw: bytes, delivery: Delivery,
+    config: Config, directory: Directory, original: Original, raw: bytes, arrival: Arrival,
 ) -> RecordResult:
     """Write the rows for one received copy. Must run inside a transaction."""
     hot = directory.hot
-    company = delivery.company
+    company = arrival.company
     company_id = directory.company_ids[company.slug]
-    user_id = directory.user_ids[delivery.user.address]
-    now = naive_utc(delivery.received_at)
+    user_id = directory.user_ids[arrival.user.address]
+    now = naive_utc(arrival.received_at)
     decisions: list[str] = []
     dedupe_key = (original.message_id or f"hash:{original.content_hash}")[:400]
 
@@ -237,7 +237,7 @@ def record_email(
             "thread_index": thread_index_key(original.thread_index),
             "snippet": original.snippet, "attachments_json": _json(original.attachments),
             "size": len(raw), "raw": raw,
-            "kind": delivery.channel if delivery.channel == "forward" else "bcc",
+            "kind": arrival.channel if arrival.channel == "forward" else "bcc",
             "forward_json": _json(original.forward) if original.forward else None,
             "created_at": now,
         })
@@ -276,8 +276,8 @@ def record_email(
     needs_choice = False
     pending_id: int | None = None
     existing_deals = [d for (_p, d, _o) in have if d]
-    if delivery.deal_id is not None:
-        deal_id, deal_source = delivery.deal_id, "address"
+    if arrival.deal_id is not None:
+        deal_id, deal_source = arrival.deal_id, "address"
         decisions.append(f"deal #{deal_id} named by the +deal address")
         if thread_deal is None:
             hot.set_thread_deal(thread_id, deal_id)
@@ -286,7 +286,7 @@ def record_email(
     elif thread_deal is not None:
         deal_id, deal_source = thread_deal, "thread"
         decisions.append(f"deal #{deal_id} followed from the thread")
-    elif not delivery.user.auto_link_deals:
+    elif not arrival.user.auto_link_deals:
         decisions.append("automatic deal linking is off for this user")
     elif persons:
         open_deals = hot.open_deals(company_id, persons)
@@ -312,12 +312,12 @@ def record_email(
                           "organization": None, "source": deal_source, "created_at": now})
     hot.insert_many(m.Link, new_links)
 
-    visibility = "quarantined" if delivery.quarantined else delivery.user.default_visibility
+    visibility = "quarantined" if arrival.quarantined else arrival.user.default_visibility
     sighting_id = hot.insert(m.Sighting, {
-        "email": email_id, "user": user_id, "channel": delivery.channel,
-        "visibility": visibility, "queue_id": delivery.queue_id, "received_at": now,
-        "envelope_from": delivery.envelope_from, "client_ip": delivery.client_ip,
-        "verification": delivery.verification, "evidence_json": _json(delivery.evidence),
+        "email": email_id, "user": user_id, "channel": arrival.channel,
+        "visibility": visibility, "queue_id": arrival.queue_id, "received_at": now,
+        "envelope_from": arrival.envelope_from, "client_ip": arrival.client_ip,
+        "verification": arrival.verification, "evidence_json": _json(arrival.evidence),
         "decisions_json": _json(decisions),
     })
     return RecordResult(

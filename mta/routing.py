@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from dealmail.addresses import AddressError, normalize_address
 from dealmail.config import Company, Config
-from linking.addresses import AddressError, normalize_address
 
 KINDS = ("bcc", "deal", "ask", "choice")
 

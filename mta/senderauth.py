@@ -91,7 +91,7 @@ import spf
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from linking.addresses import (
+from dealmail.addresses import (
     AddressError,
     normalize_address,
     normalize_domain,

@@ -23,8 +23,9 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
+from crmstore.committer import GroupCommitter
+
 from . import replies
-from .committer import GroupCommitter
 from .replies import Reply
 from .routing import Route, RoutingTable
 

@@ -15,10 +15,10 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from crmstore.outbox import enqueue
 from dealmail.config import Config
 from digest.ask import answer_message, answer_request, parse_request
-from linking.replies import extract_reply_from_message
-from mta.relay.outbox import enqueue
+from linking.replytext import extract_reply_from_message
 
 from .. import replies
 from ..replies import Reply

@@ -11,7 +11,7 @@ our own rules:
   The reply must come from the user who was asked (primary or alternate address) and pass the
   same sender verification as Smart BCC (``mta.verification``), else ``550 5.7.1`` and nothing
   changes; a token withdrawn between RCPT and DATA is also ``550 5.7.1``.
-* The answer is read from the reply's own text (``linking.replies`` removes the quoted
+* The answer is read from the reply's own text (``linking.replytext`` removes the quoted
   question and the signature; ``linking.answers`` reads it). A valid answer links the email
   and its thread to the deal, writes the audit entry and queues a one-line confirmation
   (unless the user turned them off); anything unclear queues a short explanation repeating
@@ -27,14 +27,14 @@ from datetime import datetime
 from typing import Any
 
 from crmstore import models as m
+from crmstore.outbox import enqueue
 from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
 from digest import questions as q
 from linking.answers import Answer, read_answers
 from linking.parse import MARKER_HEADER
 from linking.record import Directory
-from linking.replies import extract_reply_from_message
-from mta.relay.outbox import enqueue
+from linking.replytext import extract_reply_from_message
 
 from .. import replies
 from ..replies import Reply

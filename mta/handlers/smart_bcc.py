@@ -19,7 +19,7 @@ from typing import Any
 from dealmail.config import Company, Config, User
 from linking.originals import originals_for
 from linking.parse import ParsedMessage
-from linking.record import Delivery, Directory, Original, RecordResult, record_email
+from linking.record import Arrival, Directory, Original, RecordResult, record_email
 
 from .. import replies
 from ..replies import Reply
@@ -107,7 +107,7 @@ class SmartBccHandler:
             if original.original_raw and original.forward is not None and self.signature_check:
                 original.forward["dkim"] = self.signature_check(
                     original.original_raw, original.from_.address.rpartition("@")[2])
-        delivery = Delivery(
+        arrival = Arrival(
             user=user, company=company, channel=channel, queue_id=qid, received_at=now,
             envelope_from=ctx.mail_from, client_ip=ctx.peer_ip, verification=verdict.level,
             evidence=verdict.evidence, deal_id=deal_id,
@@ -121,11 +121,11 @@ class SmartBccHandler:
         # copy is exported (crmstore.queries.stored_copy), so a 25 MB message is not copied
         # again just to gain one header line.
         if verdict.header:
-            delivery.evidence = {**delivery.evidence,
+            arrival.evidence = {**arrival.evidence,
                                  "authentication_results": verdict.header}
 
         def job() -> Reply:
-            store_copies(config, self.directory_of(), originals, ctx.raw, delivery,
+            store_copies(config, self.directory_of(), originals, ctx.raw, arrival,
                          self.after_record)
             return replies.queued(qid)
 
@@ -133,27 +133,27 @@ class SmartBccHandler:
 
 
 def store_copies(config: Config, directory: Directory, originals: list[Original],
-                 stored: bytes, delivery: Delivery,
+                 stored: bytes, arrival: Arrival,
                  after_record: AfterRecord | None) -> list[RecordResult]:
     """Store and link one received copy (inside the caller's transaction): the part every
     capturing channel shares (Smart BCC, forwards, the authenticated relay)."""
     results = []
     for original in originals:
-        result = record_email(config, directory, original, stored, delivery)
+        result = record_email(config, directory, original, stored, arrival)
         if result.duplicate:
-            note_repeat(result, delivery)
+            note_repeat(result, arrival)
         results.append(result)
         if after_record is not None and not result.duplicate:
-            after_record(result, delivery.user, delivery.company)
+            after_record(result, arrival.user, arrival.company)
     for original, result in zip(originals, results, strict=True):
-        log.info("[%s] %s stored as email #%s%s: %s", delivery.queue_id,
+        log.info("[%s] %s stored as email #%s%s: %s", arrival.queue_id,
                  original.message_id or "-", result.email_id,
                  " (repeat, no-op)" if result.duplicate else "",
                  "; ".join(result.decisions) or "no decision")
     return results
 
 
-def note_repeat(result: RecordResult, delivery: Delivery) -> None:
+def note_repeat(result: RecordResult, arrival: Arrival) -> None:
     """A copy this user already has. The same bytes from another network or envelope are a
     replay of a signed message by someone who received it (RELIABILITY.md 0.7): log it and
     keep it in the audit log (the user's digest lists it); the first copy stays the only one."""
@@ -164,17 +164,17 @@ def note_repeat(result: RecordResult, delivery: Delivery) -> None:
     if first is None:
         return
     if (first.client_ip, first.envelope_from.lower()) == (
-            delivery.client_ip, delivery.envelope_from.lower()):
+            arrival.client_ip, arrival.envelope_from.lower()):
         return
     log.warning("[%s] replay attempt: email #%s first received from %s <%s>, again from %s "
-                "<%s>", delivery.queue_id, result.email_id, first.client_ip,
-                first.envelope_from, delivery.client_ip, delivery.envelope_from)
+                "<%s>", arrival.queue_id, result.email_id, first.client_ip,
+                first.envelope_from, arrival.client_ip, arrival.envelope_from)
     m.AuditEntry.create(
-        at=delivery.received_at.replace(tzinfo=None), company=first.email.company_id,
-        actor=delivery.user.address, action="replay", email=result.email_id,
-        detail_json=json.dumps({"client_ip": delivery.client_ip,
-                                "envelope_from": delivery.envelope_from,
-                                "queue_id": delivery.queue_id}))
+        at=arrival.received_at.replace(tzinfo=None), company=first.email.company_id,
+        actor=arrival.user.address, action="replay", email=result.email_id,
+        detail_json=json.dumps({"client_ip": arrival.client_ip,
+                                "envelope_from": arrival.envelope_from,
+                                "queue_id": arrival.queue_id}))
 
 
 def deal_rcpt_check(directory_of: Callable[[], Directory]) -> Callable[[Any], Reply | None]:

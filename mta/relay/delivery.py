@@ -4,7 +4,7 @@ This is the SMTP client half of the relay. The outbox worker (built elsewhere) c
 queued item, asks :mod:`mta.relay.mx` for the routes of the recipients' domain (or uses the
 configured smarthost), calls :func:`deliver`, and then stores each recipient's
 :class:`Outcome`: DELIVERED recipients are done, TEMPORARY ones get a new time from
-:mod:`mta.relay.retry`, PERMANENT ones get a DSN from :mod:`mta.relay.dsn`. Nothing here touches
+:mod:`dealmail.schedules`, PERMANENT ones get a DSN from :mod:`mta.relay.dsn`. Nothing here touches
 the database, reads a clock or sleeps.
 
 Decisions, in one place each:
@@ -42,9 +42,9 @@ from aiosmtplib.email import parse_address
 __all__ = [
     "NO_REPLY",
     "DeliveryResult",
+    "NextHop",
     "Outcome",
     "RecipientResult",
-    "Route",
     "classify",
     "deliver",
     "has_bare_cr_or_lf",
@@ -93,7 +93,7 @@ class RecipientResult:
 
 
 @dataclass
-class Route:
+class NextHop:
     """One host to try: a smarthost, or one MX host of the destination domain."""
 
     host: str
@@ -105,9 +105,9 @@ class Route:
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
-            raise ValueError(f"Route.tls must be one of {TLS_MODES}, not {self.tls!r}")
+            raise ValueError(f"NextHop.tls must be one of {TLS_MODES}, not {self.tls!r}")
         if (self.username is None) != (self.password is None):
-            raise ValueError("Route needs both username and password, or neither")
+            raise ValueError("NextHop needs both username and password, or neither")
 
     @property
     def label(self) -> str:
@@ -120,7 +120,7 @@ class DeliveryResult:
 
     recipients: list[RecipientResult]
     transcript_error: str | None = None
-    route: Route | None = field(default=None)  # the route whose host took the transaction
+    route: NextHop | None = field(default=None)  # the route whose host took the transaction
 
     def by_outcome(self, outcome: Outcome) -> list[RecipientResult]:
         return [r for r in self.recipients if r.outcome is outcome]
@@ -191,7 +191,7 @@ async def _hello(smtp: aiosmtplib.SMTP) -> None:
         await smtp.helo()
 
 
-async def _open(route: Route, helo_name: str, command_timeout: float) -> aiosmtplib.SMTP:
+async def _open(route: NextHop, helo_name: str, command_timeout: float) -> aiosmtplib.SMTP:
     """Connect, say EHLO, negotiate TLS and authenticate per ``route``; raise _RouteFailed."""
     implicit = route.tls == "implicit"
     smtp = aiosmtplib.SMTP(
@@ -276,7 +276,7 @@ def _needs_smtputf8(mail_from: str, recipients: list[str]) -> bool:
 
 async def _transaction(
     smtp: aiosmtplib.SMTP,
-    route: Route,
+    route: NextHop,
     data: bytes,
     mail_from: str,
     recipients: list[str],
@@ -362,7 +362,7 @@ async def deliver(
     message: bytes,
     mail_from: str,
     recipients: list[str],
-    routes: list[Route],
+    routes: list[NextHop],
     helo_name: str,
     timeout: float = 60,  # noqa: ASYNC109 - per command/reply, handed to aiosmtplib
 ) -> DeliveryResult:
@@ -394,7 +394,7 @@ async def deliver(
                 address, Outcome.PERMANENT, 553, f"5.1.3 bad recipient address: {problem}"
             )
 
-    def ordered(error: str | None, route: Route | None = None) -> DeliveryResult:
+    def ordered(error: str | None, route: NextHop | None = None) -> DeliveryResult:
         return DeliveryResult([results[a] for a in unique], error, route)
 
     if not sendable:

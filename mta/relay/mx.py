@@ -29,8 +29,8 @@ from typing import Any
 import dns.exception
 import dns.resolver
 
-from linking.addresses import AddressError, normalize_domain
-from mta.relay.delivery import Route
+from dealmail.addresses import AddressError, normalize_domain
+from mta.relay.delivery import NextHop
 
 __all__ = [
     "AddrLookup",
@@ -93,7 +93,7 @@ def resolve_routes(
     addr_lookup: AddrLookup,
     port: int = 25,
     tls: str = "opportunistic",
-) -> list[Route]:
+) -> list[NextHop]:
     """Ordered routes for ``domain``; raise :class:`RouteError` when there is none."""
     try:
         name = normalize_domain(domain)
@@ -101,7 +101,7 @@ def resolve_routes(
         raise NoRoute(domain, f"invalid domain: {exc}", permanent=True, status="5.1.2") from exc
     if name.startswith("["):
         # RFC 5321 §4.1.3 address literal: no DNS, connect to the literal itself.
-        return [Route(name[1:-1].removeprefix("IPv6:").removeprefix("ipv6:"), port, tls=tls)]
+        return [NextHop(name[1:-1].removeprefix("IPv6:").removeprefix("ipv6:"), port, tls=tls)]
 
     try:
         records = mx_lookup(name)
@@ -114,7 +114,7 @@ def resolve_routes(
 
     if not records:
         _require_address(name, addr_lookup)
-        return [Route(name, port, tls=tls)]
+        return [NextHop(name, port, tls=tls)]
 
     hosts = [(pref, _clean_host(host)) for pref, host in records]
     if all(host == "" for _, host in hosts):
@@ -123,7 +123,7 @@ def resolve_routes(
     # RFC 7505 §3 forbids mixing a null MX with others; if someone does, use the real ones.
     ordered = sorted({(pref, host) for pref, host in hosts if host})
 
-    routes: list[Route] = []
+    routes: list[NextHop] = []
     seen: set[str] = set()
     temporary: list[str] = []
     for _, host in ordered:
@@ -137,10 +137,10 @@ def resolve_routes(
         except LookupTemporary as exc:
             # Keep the host: the connection attempt resolves it again and may succeed.
             temporary.append(f"{host}: {exc}")
-            routes.append(Route(host, port, tls=tls))
+            routes.append(NextHop(host, port, tls=tls))
             continue
         if addresses:
-            routes.append(Route(host, port, tls=tls))
+            routes.append(NextHop(host, port, tls=tls))
     if not routes:
         raise NoRoute(name, "no MX host has an address", permanent=True, status="5.4.4")
     return routes

@@ -50,15 +50,16 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, Envelope, Session
 
+from crmstore.committer import GroupCommitter
+from crmstore.outbox import enqueue
+from dealmail.addresses import AddressError, domain_of, normalize_address, parse_strict_mailbox
 from dealmail.config import Config, User
 from dealmail.passwords import verify_password
-from linking.addresses import AddressError, domain_of, normalize_address, parse_strict_mailbox
 from linking.originals import plain_original
 from linking.parse import MessageRejected, parse_message
-from linking.record import Delivery, Directory
+from linking.record import Arrival, Directory
 
 from .. import replies
-from ..committer import GroupCommitter
 from ..handlers.smart_bcc import AfterRecord, store_copies
 from ..replies import Reply
 from ..server import (
@@ -73,7 +74,6 @@ from ..server import (
     peer_ip,
 )
 from .delivery import has_bare_cr_or_lf, normalize_line_endings
-from .outbox import enqueue
 
 __all__ = [
     "AuthThrottle",
@@ -342,7 +342,7 @@ class RelayHandler:
                                  recipients, now)
         outgoing = outgoing_copy(raw, received,
                                  self._dkim_key(config, domain_of(parsed.from_.address)))
-        delivery = Delivery(
+        arrival = Arrival(
             user=user, company=company, channel=self.channel, queue_id=qid, received_at=now,
             envelope_from=ctx.mail_from, client_ip=ctx.peer_ip, verification="authenticated",
             evidence={"method": "smtp-auth", "login": user.address,
@@ -357,7 +357,7 @@ class RelayHandler:
         def job() -> Reply:
             if track:
                 store_copies(config, directory, [plain_original(parsed, now)], stored,
-                             delivery, self.after_record)
+                             arrival, self.after_record)
             else:
                 log.info("[%s] %s not tracked (%s)", qid, mid,
                          "automatic message" if parsed.is_auto else "colleagues only")

@@ -328,9 +328,9 @@ def test_changing_default_visibility_never_rewrites_stored_sightings(
 def test_new_sightings_take_the_new_default(store: Store, world: World, tmp_path: Path) -> None:
     """The same change, through the code that stores mail: the old email stays private, the
     next one is shared."""
+    from dealmail.addresses import Mailbox
     from dealmail.config import load_config as load
-    from linking.addresses import Mailbox
-    from linking.record import Delivery, Directory, Original, record_email
+    from linking.record import Arrival, Directory, Original, record_email
 
     def receive(config: Config, n: int) -> int:
         company = config.companies[0]
@@ -341,10 +341,10 @@ def test_new_sightings_take_the_new_default(store: Store, world: World, tmp_path
             cc=[], subject=f"Offer {n}", date=T0 + timedelta(days=n), message_id=f"<{n}@ex>",
             in_reply_to=None, references=[], thread_index=None, snippet="Hello",
             attachments=[], content_hash=f"c{n}")
-        delivery = Delivery(user=user, company=company, channel="bcc", queue_id=f"Q{n}",
+        arrival = Arrival(user=user, company=company, channel="bcc", queue_id=f"Q{n}",
                             received_at=T0 + timedelta(days=n))
         with store.transaction():
-            result = record_email(config, Directory(config), original, b"raw", delivery)
+            result = record_email(config, Directory(config), original, b"raw", arrival)
         return result.email_id
 
     old_config = write_config(tmp_path)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from linking.addresses import Mailbox
+from dealmail.addresses import Mailbox
 from linking.forwards import (
     ForwardedMessage,
     find_forwards,

@@ -2,7 +2,7 @@
 
 Offline throughout: keys are generated at module start, DNS is a dict stub, and the
 clock is injected. B.9 cases that belong elsewhere are not here: #9/#10/#24 From parsing
-is linking.addresses' job (here we only check that its verdict reaches the level), #22
+is dealmail.addresses' job (here we only check that its verdict reaches the level), #22
 (DMARC p= records) is not evaluated by design (we never read DMARC policy, so p=none can
 never grant a level), #23's "one CRM activity" and #25/#26 are the store's / SMTP layer's
 (here: replay_key equality), #27 is partly here (dot-leading lines verify).

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from crmstore import models as m
+from crmstore.outbox import list_items
 from digest.questions import token_hashes
-from mta.relay.outbox import list_items
 from mta.routing import RoutingTable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))

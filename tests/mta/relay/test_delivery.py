@@ -26,18 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 
 from smtpsink import SmtpSink
 
+from dealmail.schedules import parse_schedule
 from mta.relay.delivery import (
     NO_REPLY,
     DeliveryResult,
+    NextHop,
     Outcome,
-    Route,
     classify,
     deliver,
     has_bare_cr_or_lf,
     normalize_line_endings,
 )
 from mta.relay.dsn import build_dsn
-from mta.relay.retry import parse_schedule
 
 MESSAGE = (
     b"From: Alice <alice@company.test>\r\n"
@@ -64,7 +64,7 @@ def send(
     timeout: float = 10,
     **route_kwargs: Any,
 ) -> DeliveryResult:
-    route = Route("127.0.0.1", sink_port, tls=tls, **route_kwargs)
+    route = NextHop("127.0.0.1", sink_port, tls=tls, **route_kwargs)
     return run(deliver(message, mail_from, recipients, [route], "relay.company.test", timeout))
 
 
@@ -234,9 +234,9 @@ def test_connection_refused_is_temporary() -> None:
 
 
 def test_next_route_after_refused_one() -> None:
-    dead = Route("127.0.0.1", closed_port())
+    dead = NextHop("127.0.0.1", closed_port())
     with SmtpSink() as sink:
-        live = Route("127.0.0.1", sink.port)
+        live = NextHop("127.0.0.1", sink.port)
         result = run(deliver(MESSAGE, "alice@company.test", ["b@customer.test"],
                              [dead, live], "relay.company.test", 10))
         msgs = sink.messages
@@ -482,9 +482,9 @@ def test_implicit_tls_with_auth() -> None:
 
 def test_route_validation() -> None:
     with pytest.raises(ValueError, match="tls"):
-        Route("h", 25, tls="maybe")
+        NextHop("h", 25, tls="maybe")
     with pytest.raises(ValueError, match="password"):
-        Route("h", 25, username="u")
+        NextHop("h", 25, username="u")
 
 
 # -- D.6.1 end to end: always 451 until the lifetime, then one failed DSN --------------------

@@ -528,7 +528,7 @@ def test_dkim_signature_on_the_delivered_form(relay_factory: Any, tmp_path: Path
 
 def test_outbox_cli_lists_relay_items(relay: Relay) -> None:
     relay.send(msg(), ["ann@customer.test"])
-    from mta.relay.outbox import list_items
+    from crmstore.outbox import list_items
 
     listed = list_items()
     assert listed[0]["kind"] == "relay" and listed[0]["to"] == ["ann@customer.test"]

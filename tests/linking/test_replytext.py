@@ -1,4 +1,4 @@
-"""Tests for linking.replies: corpus rates (GitHub, Zapier, talon) and deal-choice answers.
+"""Tests for linking.replytext: corpus rates (GitHub, Zapier, talon) and deal-choice answers.
 
 Corpus cases are read from ``<repo>/../shared/corpus/replies`` (never copied here).
 
@@ -50,7 +50,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from linking.replies import extract_reply, extract_reply_from_message
+from linking.replytext import extract_reply, extract_reply_from_message
 
 CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "corpus" / "replies"
 GITHUB = "github__email_reply_parser"

@@ -1,4 +1,4 @@
-"""Tests for mta.relay.retry: schedule parsing and next-attempt times with injected datetimes.
+"""Tests for dealmail.schedules: schedule parsing and next-attempt times with injected datetimes.
 
 RELIABILITY.md D.6.1 (a destination that always answers 451: attempts follow the curve and
 give up at exactly the lifetime) and D.6.13 (wall clock moved back: no retry storm). No clock is
@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mta.relay.retry import (
+from dealmail.schedules import (
     DEFAULT_GIVE_UP_AFTER,
     DEFAULT_SCHEDULE,
     RetrySchedule,

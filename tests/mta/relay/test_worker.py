@@ -28,9 +28,10 @@ import pytest
 
 from crmstore import models as m
 from crmstore.db import Store
+from crmstore.outbox import enqueue
 from dealmail.clock import FakeClock, SystemClock, naive_utc
-from mta.relay.outbox import OutboxSettings, OutboxWorker, enqueue
-from mta.relay.retry import parse_schedule
+from dealmail.schedules import parse_schedule
+from mta.relay.worker import OutboxSettings, OutboxWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from smtpsink import SmtpSink
@@ -44,8 +45,8 @@ import asyncio, json, sys
 from datetime import timedelta
 from crmstore.db import Store
 from dealmail.clock import SystemClock
-from mta.relay.outbox import OutboxSettings, OutboxWorker
-from mta.relay.retry import parse_schedule
+from mta.relay.worker import OutboxSettings, OutboxWorker
+from dealmail.schedules import parse_schedule
 
 url, port, mode, wid = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 store = Store(url)

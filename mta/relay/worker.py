@@ -1,9 +1,5 @@
-"""The durable outbox: everything dealmail sends, written in the transaction that caused it,
-delivered by one worker after the commit.
+"""The outbox delivery worker: sends what ``crmstore.outbox`` queued, after the commit.
 
-* :func:`enqueue` is called inside a handler's (or the CLI's) transaction: one row per
-  destination domain (RFC 5321 §5.1 routes by domain), so one domain's trouble never delays or
-  re-sends another's. Nothing is sent from inside a transaction.
 * :class:`OutboxWorker` claims due rows with a lease (``SELECT … FOR UPDATE SKIP LOCKED`` on
   PostgreSQL, so several dealmail processes share one outbox; SQLite is single-process),
   delivers them with :func:`mta.relay.delivery.deliver`, then records per recipient: delivered
@@ -20,67 +16,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
 from typing import Any
 
 from crmstore import models as m
 from crmstore.db import Store
+from crmstore.outbox import enqueue
 from dealmail.clock import Clock, naive_utc
-from linking.addresses import domain_of
+from dealmail.schedules import RetrySchedule
 
-from .delivery import DeliveryResult, Outcome, RecipientResult, Route, deliver
+from .delivery import DeliveryResult, NextHop, Outcome, RecipientResult, deliver
 from .dsn import build_dsn
 from .mx import AddrLookup, MxLookup, RouteError, resolve_routes
-from .retry import RetrySchedule
 
 log = logging.getLogger("dealmail.outbox")
-
-
-def as_bytes(message: EmailMessage | bytes) -> bytes:
-    if isinstance(message, bytes):
-        return message
-    return message.as_bytes(policy=SMTP_POLICY)
-
-
-def enqueue(
-    message: EmailMessage | bytes,
-    *,
-    kind: str,
-    mail_from: str,
-    recipients: Sequence[str],
-    now: datetime,
-    company_id: int | None = None,
-    subject: str = "",
-    dedupe_key: str | None = None,
-) -> list[int]:
-    """Queue ``message`` for ``recipients`` (must run inside the caller's transaction).
-
-    ``dedupe_key`` makes the call idempotent (a digest for one period, a question for one
-    batch): a second call with the same key queues nothing and returns []."""
-    if dedupe_key is not None and m.OutboxItem.select().where(
-            m.OutboxItem.dedupe_key.startswith(dedupe_key + "#")).exists():
-        return []
-    raw = as_bytes(message)
-    if not subject and isinstance(message, EmailMessage):
-        subject = str(message.get("Subject", ""))
-    by_domain: dict[str, list[str]] = {}
-    for rcpt in recipients:
-        by_domain.setdefault(domain_of(rcpt.lower()), []).append(rcpt)
-    ids = []
-    when = naive_utc(now)
-    for domain, rcpts in sorted(by_domain.items()):
-        item = m.OutboxItem.create(
-            company=company_id, kind=kind, mail_from=mail_from,
-            recipients_json=json.dumps(rcpts), domain=domain, subject=subject[:500],
-            message=raw, state="queued", attempts=0, next_attempt_at=when, created_at=when,
-            dedupe_key=f"{dedupe_key}#{domain}" if dedupe_key else None,
-        )
-        ids.append(item.id)
-    return ids
 
 
 @dataclass
@@ -119,11 +69,11 @@ class OutboxWorker:
 
     # ----------------------------------------------------------------- routes
 
-    def routes_for(self, domain: str) -> list[Route]:
+    def routes_for(self, domain: str) -> list[NextHop]:
         s = self.settings
         if s.smarthost:
             host, _, port = s.smarthost.rpartition(":")
-            return [Route(host=host.strip("[]"), port=int(port), tls=s.smarthost_tls,
+            return [NextHop(host=host.strip("[]"), port=int(port), tls=s.smarthost_tls,
                           username=s.smarthost_username, password=s.smarthost_password,
                           ssl_context=self.ssl_context)]
         if self.mx_lookup is None or self.addr_lookup is None:
@@ -255,29 +205,3 @@ class OutboxWorker:
             await self._task
 
 
-def list_items(limit: int = 200) -> list[dict[str, Any]]:
-    """``dealmail outbox --json``: newest first."""
-    out = []
-    for i in (m.OutboxItem.select().order_by(m.OutboxItem.id.desc()).limit(limit)):
-        out.append({
-            "id": i.id, "kind": i.kind, "to": json.loads(i.recipients_json),
-            "subject": i.subject, "state": i.state, "attempts": i.attempts,
-            "next_attempt": i.next_attempt_at.isoformat() + "Z" if i.state == "queued" else None,
-            "last_error": i.last_error, "created": i.created_at.isoformat() + "Z",
-        })
-    return out
-
-
-def retry_item(item_id: int, now: datetime) -> bool:
-    """Admin: make a queued or failed item due now."""
-    return bool(m.OutboxItem.update(state="queued", next_attempt_at=naive_utc(now),
-                                    lease_until=None)
-                .where((m.OutboxItem.id == item_id)
-                       & m.OutboxItem.state.in_(["queued", "failed"])).execute())
-
-
-def drop_item(item_id: int) -> bool:
-    """Admin: give up an item without a DSN."""
-    return bool(m.OutboxItem.update(state="dropped", lease_until=None)
-                .where((m.OutboxItem.id == item_id) & (m.OutboxItem.state == "queued"))
-                .execute())
