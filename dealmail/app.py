@@ -15,12 +15,10 @@ import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 from crmstore.committer import GroupCommitter
 from crmstore.db import Store
-from dealmail.schedules import parse_schedule
 from digest.questions import after_record_hook
 from digest.scheduler import DigestScheduler
 from linking.record import Directory
@@ -28,11 +26,11 @@ from mta.handlers.ask import AskHandler
 from mta.handlers.choice import ChoiceHandler, choice_rcpt_check
 from mta.handlers.smart_bcc import SmartBccHandler, deal_rcpt_check
 from mta.relay.mx import AddrLookup, MxLookup
-from mta.relay.worker import OutboxSettings, OutboxWorker
+from mta.relay.worker import OutboxWorker
 from mta.routing import RoutingTable
 from mta.senderauth import DnsQuery, DnsTxt, SenderVerifier, dnspython_txt
 from mta.server import Handler, InboundHooks, start_listener
-from mta.verification import crypto_verifier, policy_of
+from mta.verification import crypto_verifier
 
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, load_config
@@ -65,7 +63,7 @@ class App:
         self.overrides = overrides
         self.clock: Clock = clock or SystemClock()
         self.base = base or Path.cwd()
-        self.store = Store(config.database_url, self.base)
+        self.store = Store(config.database.url, self.base)
         self.committer: GroupCommitter | None = None
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dealmail-work")
         self.directory: Directory | None = None
@@ -102,18 +100,7 @@ class App:
         return {"bcc": bcc, "deal": bcc, "ask": ask, "choice": choice}
 
     def build_outbox(self) -> OutboxWorker:
-        c = self.config
-        settings = OutboxSettings(
-            smarthost=c.outbox_smarthost, smarthost_tls=c.outbox_smarthost_tls,
-            smarthost_username=c.outbox_smarthost_username or None,
-            smarthost_password=c.outbox_smarthost_password or None,
-            helo_name=c.hostname, reporting_mta=c.hostname,
-            dsn_from=f"Mail Delivery System <MAILER-DAEMON@{c.mail_domain}>",
-            lease=timedelta(seconds=c.outbox_lease_seconds),
-        )
-        schedule = parse_schedule(c.outbox_retry_schedule,
-                                  give_up_after=timedelta(hours=c.outbox_give_up_after_hours))
-        return OutboxWorker(self.store, self.clock, settings, schedule, self.mx_lookup,
+        return OutboxWorker(self.store, self.clock, self.get_config, self.mx_lookup,
                             self.addr_lookup, self.outbox_ssl_context)
 
     def has_space(self) -> bool:
@@ -125,7 +112,7 @@ class App:
             st = os.statvfs(Path(self.store.db.database).parent)
         except OSError:
             return True  # cannot tell: do not refuse mail on a guess
-        return st.f_bavail * st.f_frsize >= 1.5 * self.config.message_size_limit
+        return st.f_bavail * st.f_frsize >= 1.5 * self.config.limits.message_size
 
     def after_commit(self) -> None:
         """Called from the committer thread once a batch is durable: wake the outbox worker
@@ -136,8 +123,8 @@ class App:
     def check_signatures(self, raw: bytes, from_domain: str) -> list[dict[str, object]]:
         """DKIM results of a forwarded original (recorded, never a sender verification)."""
         config = self.config
-        txt = self.dns_txt or dnspython_txt(timeout=config.dns_timeout)
-        checker = SenderVerifier(policy_of(config), txt, self.dns_query,
+        txt = self.dns_txt or dnspython_txt(timeout=config.policy.dns_timeout)
+        checker = SenderVerifier(config.policy, txt, self.dns_query,
                                  clock=lambda: self.clock.now().timestamp())
         return [asdict(s) for s in checker.check_signatures(raw, from_domain)]
 
@@ -167,7 +154,7 @@ class App:
         self.committer.start()
         self.outbox = self.build_outbox()
         if self.start_outbox_worker:
-            self.outbox.start(self.config.outbox_poll_seconds)
+            self.outbox.start(self.config.outbox.poll_seconds)
         # Digests: polled every minute; tests call self.digests.run_once(now) instead.
         self.digests = DigestScheduler(self.store, self.get_config, self.clock)
         self.digests.start(60.0, after_queue=self.after_commit)
@@ -177,18 +164,18 @@ class App:
         choice_check = choice_rcpt_check(self.get_directory)
         hooks = InboundHooks(
             lambda: self.routing, self.handlers, self.committer, self.executor,
-            self.config.max_recipients,
+            self.config.limits.max_recipients,
             rcpt_check=lambda route: deal_check(route) or choice_check(route),
             has_space=self.has_space,
         )
         self.inbound_hooks = hooks
         c = self.config
-        if c.inbound_listen:
+        if c.listeners.inbound:
             self.servers["inbound"] = await start_listener(
-                hooks, c.inbound_listen, sock=self.prebound.get("inbound"),
+                hooks, c.listeners.inbound, sock=self.prebound.get("inbound"),
                 hostname=c.hostname,
-                data_size_limit=c.message_size_limit, command_timeout=c.command_timeout,
-                data_timeout=c.data_timeout, max_connections=c.max_connections,
+                data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
+                data_timeout=c.listeners.data_timeout, max_connections=c.listeners.max_connections,
             )
             log.info("inbound SMTP listening on %s", self.address("inbound"))
         # Authenticated relay (submission with STARTTLS, optional implicit TLS).

@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dealmail: {len(exc.problems)} problem(s) in the configuration; "
               "nothing started", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(args.log_level or config.log_level, config.log_file)
+    setup_logging(args.log_level or config.server.log_level, config.server.log_file)
     command = args.command
     if command == "serve":
         return serve(config, fallback, tuple(args.set))
@@ -153,7 +153,7 @@ def serve(config: Config, fallback: bool, overrides: tuple[str, ...]) -> int:
                     "(copy it to conf/dealmail.toml to make it yours)", config.path)
     else:
         log.info("using config %s", config.path)
-    if config.workers > 1:
+    if config.listeners.workers > 1:
         from .prefork import serve_prefork
 
         return serve_prefork(config, overrides, Path.cwd(), load_demo_if_empty)
@@ -173,9 +173,9 @@ def load_demo_if_empty(app: Any) -> None:
     from crmstore.importer import import_csv
 
     config = app.config
-    if not config.demo_data or not config.companies:
+    if not config.server.demo_data or not config.companies:
         return
-    folder = Path(config.demo_data)
+    folder = Path(config.server.demo_data)
     if not folder.is_absolute():
         folder = app.base / folder
     if m.Person.select().exists() or not folder.is_dir():
@@ -185,7 +185,7 @@ def load_demo_if_empty(app: Any) -> None:
         path = folder / f"{kind}.csv"
         if path.exists():
             report = import_csv(app.store, slug, kind, path,
-                                freemail_domains=config.freemail_domains,
+                                freemail_domains=config.policy.freemail_domains,
                                 internal_domains=config.companies[0].internal_domains)
             log.info("demo data: imported %s rows of %s into company %s", report.rows, kind,
                      slug)
@@ -227,7 +227,7 @@ def _inspect(config: Config, args: argparse.Namespace) -> int:
     if args.company:
         from crmstore.db import Store
 
-        store = Store(config.database_url)
+        store = Store(config.database.url)
         store.open()
     try:
         result = inspect_message(raw, config, args.company, with_db=store is not None)
@@ -274,7 +274,7 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
     from crmstore import queries
     from crmstore.db import Store, StoreError
 
-    store = Store(config.database_url)
+    store = Store(config.database.url)
     try:
         store.open()
         store.sync_config(config)
@@ -300,7 +300,7 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
                 assert company is not None
                 report = import_csv(store, args.company, args.kind, args.file, args.encoding,
                                     progress=_progress_bar(sys.stderr.isatty()),
-                                    freemail_domains=config.freemail_domains,
+                                    freemail_domains=config.policy.freemail_domains,
                                     internal_domains=company.internal_domains)
             except CsvImportError as exc:
                 for problem in exc.problems:

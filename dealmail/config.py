@@ -25,6 +25,14 @@ __all__ = [
     "Company",
     "Config",
     "ConfigError",
+    "DatabaseConfig",
+    "LimitsConfig",
+    "ListenersConfig",
+    "OutboxConfig",
+    "PolicyConfig",
+    "RelayConfig",
+    "ServerConfig",
+    "TlsConfig",
     "User",
     "find_config_path",
     "load_config",
@@ -87,23 +95,87 @@ class Company:
         return None
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass(frozen=True)
-class Config:
-    path: Path
+class ServerConfig:
+    """``[server]``: names and logging."""
+
     mail_domain: str = "dealmail.localhost"
     hostname: str = "dealmail.localhost"
     log_level: str = "info"
     log_file: str = ""
-    database_url: str = "sqlite:///var/dealmail.db"
-    inbound_listen: str = "127.0.0.1:2525"
-    submission_listen: str = "127.0.0.1:2587"
+    demo_data: str = ""
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """``[database]``."""
+
+    url: str = "sqlite:///var/dealmail.db"
+
+
+@dataclass(frozen=True)
+class ListenersConfig:
+    """``[listeners]``: where dealmail listens, and per-connection limits."""
+
+    inbound: str = "127.0.0.1:2525"
+    submission: str = "127.0.0.1:2587"
+    submissions: str = ""
     max_connections: int = 200
     workers: int = 1
     command_timeout: float = 300.0
     data_timeout: float = 600.0
-    message_size_limit: int = 25 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """``[limits]``: per-message limits."""
+
+    message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
-    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """``[outbox]``: how dealmail delivers what it sends (mta/relay/worker.py)."""
+
+    smarthost: str = ""  # HOST:PORT, or "" for direct MX delivery
+    smarthost_tls: str = "required"
+    smarthost_username: str = ""
+    smarthost_password: str = ""
+    retry_schedule: str = "5m,10m,20m,40m,1h*200"
+    give_up_after_hours: float = 120.0
+    lease_seconds: int = 600
+    poll_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """``[tls]``: the certificate of the submission listeners (empty: self-signed)."""
+
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """``[relay]``: the authenticated relay (mta/relay/submission.py)."""
+
+    bare_newlines: str = "normalize"
+    auth_max_failures: int = 5
+    auth_window_seconds: float = 900.0
+    auth_lockout_seconds: float = 900.0
+    auth_failure_delay: float = 1.0
+    dkim: tuple[tuple[str, str, str], ...] = ()  # (domain, selector, key file)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """``[policy]``: linking rules and what sender verification trusts (mta/senderauth.py)."""
+
+    trusted_networks: tuple[Network, ...] = ()
     create_unknown_persons: bool = True
     freemail_domains: tuple[str, ...] = DEFAULT_FREEMAIL
     thread_window_days: int = 30
@@ -113,32 +185,41 @@ class Config:
     authserv_id: str = ""
     trusted_authserv_ids: tuple[str, ...] = ()
     trusted_arc_sealers: tuple[str, ...] = ()
-    upstream_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: When non-empty, upstream A-R headers are honoured only from clients in these networks
+    #: (the border MTAs). Empty means any client: then a sender that reaches us directly,
+    #: bypassing the border, can put a forged A-R above every Received.
+    upstream_networks: tuple[Network, ...] = ()
     check_spf: bool = True
+    #: Per DNS query; the injected resolver enforces it.
     dns_timeout: float = 5.0
-    demo_data: str = ""
-    outbox_smarthost: str = ""
-    outbox_smarthost_tls: str = "required"
-    outbox_smarthost_username: str = ""
-    outbox_smarthost_password: str = ""
-    outbox_retry_schedule: str = "5m,10m,20m,40m,1h*200"
-    outbox_give_up_after_hours: float = 120.0
-    outbox_lease_seconds: int = 600
-    outbox_poll_seconds: float = 5.0
-    # Authenticated relay (mta/relay/submission.py): implicit-TLS listener, certificate,
-    # bare CR/LF policy, login throttling, DKIM keys as (domain, selector, key file).
-    submissions_listen: str = ""
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    relay_bare_newlines: str = "normalize"
-    relay_auth_max_failures: int = 5
-    relay_auth_window_seconds: float = 900.0
-    relay_auth_lockout_seconds: float = 900.0
-    relay_auth_failure_delay: float = 1.0
-    relay_dkim: tuple[tuple[str, str, str], ...] = ()
+    #: RFC 8301 §3.2 requires at least 1024 bits for a DKIM RSA key.
+    min_rsa_bits: int = 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    listeners: ListenersConfig = field(default_factory=ListenersConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     companies: tuple[Company, ...] = ()
     # Derived index: normalised address -> (company slug, user address).
     user_index: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def mail_domain(self) -> str:
+        """dealmail's own mail domain (``server.mail_domain``), asked for everywhere."""
+        return self.server.mail_domain
+
+    @property
+    def hostname(self) -> str:
+        """The name dealmail gives itself in SMTP and headers (``server.hostname``)."""
+        return self.server.hostname
 
     def company(self, slug: str) -> Company | None:
         for c in self.companies:
@@ -161,18 +242,19 @@ class Config:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        return any(addr in net for net in self.trusted_networks)
+        return any(addr in net for net in self.policy.trusted_networks)
 
     def describe(self) -> str:
         """The effective configuration as ``dealmail check-config`` prints it."""
         lines = [
             f"config: {self.path}",
             f"mail domain: {self.mail_domain}",
-            f"database: {self.database_url}",
-            f"inbound: {self.inbound_listen}   submission: {self.submission_listen}",
-            f"message size limit: {self.message_size_limit} bytes; "
-            f"max recipients: {self.max_recipients}",
-            "trusted networks: " + (", ".join(map(str, self.trusted_networks)) or "(none)"),
+            f"database: {self.database.url}",
+            f"inbound: {self.listeners.inbound}   submission: {self.listeners.submission}",
+            f"message size limit: {self.limits.message_size} bytes; "
+            f"max recipients: {self.limits.max_recipients}",
+            "trusted networks: " + (", ".join(map(str, self.policy.trusted_networks))
+                                    or "(none)"),
         ]
         for c in self.companies:
             lines.append("")
@@ -282,7 +364,8 @@ _POLICY_KEYS = {"trusted_networks": list, "create_unknown_persons": bool,
                 "freemail_domains": list, "thread_window_days": int, "choice_token_days": int,
                 "choice_batch_minutes": int, "choice_questions_per_hour": int,
                 "authserv_id": str, "trusted_authserv_ids": list, "trusted_arc_sealers": list,
-                "upstream_networks": list, "check_spf": bool, "dns_timeout": (int, float)}
+                "upstream_networks": list, "check_spf": bool, "dns_timeout": (int, float),
+                "min_rsa_bits": int}
 _COMPANY_KEYS = {"slug": str, "name": str, "internal_domains": list, "users": list,
                  "sender_verification": dict}
 _VERIFY_KEYS = {"minimum": str, "accept": list, "on_unverified": str}
@@ -385,7 +468,7 @@ def _address(p: _Problems, key: str, value: Any) -> str | None:
         return None
 
 
-def _validate_outbox(p: _Problems, outbox: dict[str, Any], kwargs: dict[str, Any]) -> None:
+def _validate_outbox(p: _Problems, outbox: dict[str, Any], sec: dict[str, Any]) -> None:
     from dealmail.schedules import parse_schedule
 
     host = outbox.get("smarthost", "")
@@ -407,7 +490,7 @@ def _validate_outbox(p: _Problems, outbox: dict[str, Any], kwargs: dict[str, Any
         if key in outbox and outbox[key] <= 0:
             p.add(f"outbox.{key}", "must be positive")
     for key, value in outbox.items():
-        kwargs[f"outbox_{key}"] = float(value) if key in ("give_up_after_hours",
+        sec[key] = float(value) if key in ("give_up_after_hours",
                                                           "poll_seconds") else value
 
 
@@ -419,16 +502,16 @@ _DKIM_KEYS = {"domain": str, "selector": str, "key_file": str}
 
 
 def _validate_relay(p: _Problems, tls: dict[str, Any], relay: dict[str, Any],
-                    kwargs: dict[str, Any]) -> None:
+                    tls_sec: dict[str, Any], relay_sec: dict[str, Any]) -> None:
     if bool(tls.get("cert_file")) != bool(tls.get("key_file")):
         p.add("tls.cert_file", "cert_file and key_file go together (both empty: a "
               "self-signed certificate is created under var/tls/)")
-    kwargs["tls_cert_file"] = tls.get("cert_file", "")
-    kwargs["tls_key_file"] = tls.get("key_file", "")
+    tls_sec["cert_file"] = tls.get("cert_file", "")
+    tls_sec["key_file"] = tls.get("key_file", "")
     policy = relay.get("bare_newlines", "normalize")
     if policy not in ("normalize", "reject"):
         p.add("relay.bare_newlines", "must be normalize or reject")
-    kwargs["relay_bare_newlines"] = policy
+    relay_sec["bare_newlines"] = policy
     if relay.get("auth_max_failures", 5) < 1:
         p.add("relay.auth_max_failures", "must be at least 1")
     for key in ("auth_window_seconds", "auth_lockout_seconds"):
@@ -439,7 +522,7 @@ def _validate_relay(p: _Problems, tls: dict[str, Any], relay: dict[str, Any],
     for key in ("auth_max_failures", "auth_window_seconds", "auth_lockout_seconds",
                 "auth_failure_delay"):
         if key in relay:
-            kwargs[f"relay_{key}"] = (relay[key] if key == "auth_max_failures"
+            relay_sec[key] = (relay[key] if key == "auth_max_failures"
                                       else float(relay[key]))
     keys: list[tuple[str, str, str]] = []
     for i, raw in enumerate(relay.get("dkim", [])):
@@ -453,7 +536,7 @@ def _validate_relay(p: _Problems, tls: dict[str, Any], relay: dict[str, Any],
             p.add(f"relay.dkim[{i}].domain", str(exc))
             continue
         keys.append((domain, entry["selector"], entry["key_file"]))
-    kwargs["relay_dkim"] = tuple(keys)
+    relay_sec["dkim"] = tuple(keys)
 
 
 def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
@@ -468,55 +551,58 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     limits = _check_table(p, "limits", top.get("limits", {}), _LIMIT_KEYS)
     outbox = _check_table(p, "outbox", top.get("outbox", {}), _OUTBOX_KEYS)
     policy = _check_table(p, "policy", top.get("policy", {}), _POLICY_KEYS)
-    kwargs: dict[str, Any] = {"path": path}
-    _validate_outbox(p, outbox, kwargs)
+    # One dict of validated values per section, turned into its frozen dataclass at the end.
+    sec: dict[str, dict[str, Any]] = {name: {} for name in (
+        "server", "database", "listeners", "limits", "outbox", "tls", "relay", "policy")}
+    srv, lst, pol = sec["server"], sec["listeners"], sec["policy"]
+    _validate_outbox(p, outbox, sec["outbox"])
     _validate_relay(p, _check_table(p, "tls", top.get("tls", {}), _TLS_KEYS),
-                    _check_table(p, "relay", top.get("relay", {}), _RELAY_KEYS), kwargs)
+                    _check_table(p, "relay", top.get("relay", {}), _RELAY_KEYS),
+                    sec["tls"], sec["relay"])
 
     mail_domain = server.get("mail_domain", "dealmail.localhost")
     try:
-        kwargs["mail_domain"] = normalize_domain(mail_domain)
+        srv["mail_domain"] = normalize_domain(mail_domain)
     except AddressError as exc:
         p.add("server.mail_domain", str(exc))
-        kwargs["mail_domain"] = "dealmail.localhost"
-    kwargs["hostname"] = server.get("hostname", kwargs["mail_domain"])
+        srv["mail_domain"] = "dealmail.localhost"
+    srv["hostname"] = server.get("hostname", srv["mail_domain"])
     level = server.get("log_level", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         p.add("server.log_level", "must be one of debug, info, warning, error")
-    kwargs["log_level"] = level
-    kwargs["log_file"] = server.get("log_file", "")
-    kwargs["demo_data"] = server.get("demo_data", "")
+    srv["log_level"] = level
+    srv["log_file"] = server.get("log_file", "")
+    srv["demo_data"] = server.get("demo_data", "")
 
     url = database.get("url", "sqlite:///var/dealmail.db")
     if not re.match(r"^(sqlite:///.+|sqlite:///:memory:|postgres(ql)?://.+)$", url):
         p.add("database.url", "must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
-    kwargs["database_url"] = url
+    sec["database"]["url"] = url
 
-    for key, attr in (("inbound", "inbound_listen"), ("submission", "submission_listen"),
-                      ("submissions", "submissions_listen")):
+    for key in ("inbound", "submission", "submissions"):
         if key in listeners:
             value = listeners[key]
             if value and not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", value):
                 p.add(f"listeners.{key}", "must be HOST:PORT (an empty string disables it)")
-            kwargs[attr] = value
+            lst[key] = value
     for key in ("max_connections", "workers"):
         if key in listeners:
             if listeners[key] < 1:
                 p.add(f"listeners.{key}", "must be at least 1")
-            kwargs[key] = listeners[key]
+            lst[key] = listeners[key]
     for key in ("command_timeout", "data_timeout"):
         if key in listeners:
             if listeners[key] <= 0:
                 p.add(f"listeners.{key}", "must be positive (seconds)")
-            kwargs[key] = float(listeners[key])
+            lst[key] = float(listeners[key])
     if "message_size" in limits:
         if limits["message_size"] < 1024:
             p.add("limits.message_size", "must be at least 1024 bytes")
-        kwargs["message_size_limit"] = limits["message_size"]
+        sec["limits"]["message_size"] = limits["message_size"]
     if "max_recipients" in limits:
         if limits["max_recipients"] < 1:
             p.add("limits.max_recipients", "must be at least 1")
-        kwargs["max_recipients"] = limits["max_recipients"]
+        sec["limits"]["max_recipients"] = limits["max_recipients"]
 
     nets = []
     for i, value in enumerate(policy.get("trusted_networks", [])):
@@ -524,25 +610,29 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
             nets.append(ipaddress.ip_network(str(value), strict=False))
         except ValueError:
             p.add(f"policy.trusted_networks[{i}]", f"{value!r} is not a CIDR network")
-    kwargs["trusted_networks"] = tuple(nets)
+    pol["trusted_networks"] = tuple(nets)
     upstream = []
     for i, value in enumerate(policy.get("upstream_networks", [])):
         try:
             upstream.append(ipaddress.ip_network(str(value), strict=False))
         except ValueError:
             p.add(f"policy.upstream_networks[{i}]", f"{value!r} is not a CIDR network")
-    kwargs["upstream_networks"] = tuple(upstream)
-    kwargs["authserv_id"] = policy.get("authserv_id", "") or kwargs["hostname"]
+    pol["upstream_networks"] = tuple(upstream)
+    pol["authserv_id"] = policy.get("authserv_id", "") or srv["hostname"]
     for key in ("trusted_authserv_ids", "trusted_arc_sealers"):
-        kwargs[key] = tuple(str(x).strip().lower() for x in policy.get(key, []))
+        pol[key] = tuple(str(x).strip().lower() for x in policy.get(key, []))
     if "check_spf" in policy:
-        kwargs["check_spf"] = policy["check_spf"]
+        pol["check_spf"] = policy["check_spf"]
     if "dns_timeout" in policy:
         if policy["dns_timeout"] <= 0:
             p.add("policy.dns_timeout", "must be positive (seconds)")
-        kwargs["dns_timeout"] = float(policy["dns_timeout"])
+        pol["dns_timeout"] = float(policy["dns_timeout"])
+    if "min_rsa_bits" in policy:
+        if policy["min_rsa_bits"] < 1024:
+            p.add("policy.min_rsa_bits", "must be at least 1024 (RFC 8301 section 3.2)")
+        pol["min_rsa_bits"] = policy["min_rsa_bits"]
     if "create_unknown_persons" in policy:
-        kwargs["create_unknown_persons"] = policy["create_unknown_persons"]
+        pol["create_unknown_persons"] = policy["create_unknown_persons"]
     if "freemail_domains" in policy:
         doms = []
         for i, value in enumerate(policy["freemail_domains"]):
@@ -550,20 +640,20 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
                 doms.append(normalize_domain(str(value)))
             except AddressError as exc:
                 p.add(f"policy.freemail_domains[{i}]", str(exc))
-        kwargs["freemail_domains"] = tuple(doms)
+        pol["freemail_domains"] = tuple(doms)
     for key in ("thread_window_days", "choice_token_days"):
         if key in policy:
             if policy[key] < 1:
                 p.add(f"policy.{key}", "must be at least 1")
-            kwargs[key] = policy[key]
+            pol[key] = policy[key]
     if "choice_batch_minutes" in policy:
         if not 0 <= policy["choice_batch_minutes"] <= 1440:
             p.add("policy.choice_batch_minutes", "must be between 0 and 1440 (minutes)")
-        kwargs["choice_batch_minutes"] = policy["choice_batch_minutes"]
+        pol["choice_batch_minutes"] = policy["choice_batch_minutes"]
     if "choice_questions_per_hour" in policy:
         if policy["choice_questions_per_hour"] < 1:
             p.add("policy.choice_questions_per_hour", "must be at least 1")
-        kwargs["choice_questions_per_hour"] = policy["choice_questions_per_hour"]
+        pol["choice_questions_per_hour"] = policy["choice_questions_per_hour"]
 
     companies: list[Company] = []
     claimed: dict[str, str] = {}  # address -> "companies[i].users[j].key" first claim
@@ -671,7 +761,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     # A company's own addresses (slug@mail_domain...) must not be a user's address.
     for addr, where in claimed.items():
         domain = addr.rpartition("@")[2]
-        if domain == kwargs["mail_domain"]:
+        if domain == srv["mail_domain"]:
             p.add(where, f"{addr} is inside dealmail's own mail domain")
         # An address inside another company's internal domains belongs to that company's
         # people: claiming it would let one tenant send as (and file mail of) another. A
@@ -683,4 +773,9 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
             p.add(where, f"{addr} is inside the internal domain {domain} of company {owner!r}")
     if p.items:
         raise ConfigError(p.in_file_order())
-    return Config(companies=tuple(companies), user_index=user_index, **kwargs)
+    return Config(
+        path=path, server=ServerConfig(**srv), database=DatabaseConfig(**sec["database"]),
+        listeners=ListenersConfig(**lst), limits=LimitsConfig(**sec["limits"]),
+        outbox=OutboxConfig(**sec["outbox"]), tls=TlsConfig(**sec["tls"]),
+        relay=RelayConfig(**sec["relay"]), policy=PolicyConfig(**pol),
+        companies=tuple(companies), user_index=user_index)

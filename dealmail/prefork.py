@@ -30,8 +30,8 @@ log = logging.getLogger("dealmail.prefork")
 
 def _child(config: Config, overrides: tuple[str, ...], base: Path, index: int,
            sock: socket.socket) -> None:
-    setup_logging(config.log_level, config.log_file)
-    sqlite = config.database_url.startswith("sqlite")
+    setup_logging(config.server.log_level, config.server.log_file)
+    sqlite = config.database.url.startswith("sqlite")
     app = App(config, overrides=overrides, base=base,
               start_outbox_worker=(index == 0 or not sqlite))
     app.prebound = {"inbound": sock}
@@ -51,9 +51,9 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
     setup.open_store()
     prepare(setup)
     setup.store.close()
-    sock = bind_listener(config.inbound_listen)
+    sock = bind_listener(config.listeners.inbound)
     host, port = sock.getsockname()[:2]
-    log.info("inbound SMTP listening on %s:%s (%d workers)", host, port, config.workers)
+    log.info("inbound SMTP listening on %s:%s (%d workers)", host, port, config.listeners.workers)
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
@@ -86,7 +86,7 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    for index in range(config.workers):
+    for index in range(config.listeners.workers):
         spawn(index)
     while children:
         try:

@@ -196,7 +196,7 @@ def compose_question(
     views = [_view(i, user, reader) for i in items]
     reply_to = company_address(config, company, f"choice-{token}") if token else None
     ctx = {"items": views, "notes": list(notes), "multi": len(views) > 1,
-           "reply_to": reply_to, "days": config.choice_token_days, "company": company.name,
+           "reply_to": reply_to, "days": config.policy.choice_token_days, "company": company.name,
            "user": user.name or user.address}
     text = render(env, _template(user, "question", "txt"), **ctx)
     html = render(env, _template(user, "question", "html"), **ctx)
@@ -304,7 +304,7 @@ def queue_question(config: Config, directory: Directory, user: User, company: Co
         if _said_none(row) or not _usable(row):
             _void(row)
             return None
-    window = timedelta(minutes=config.choice_batch_minutes)
+    window = timedelta(minutes=config.policy.choice_batch_minutes)
     item = _open_batch(user_id, company_id, now, window)
     members: list[m.PendingChoice] = []
     if item is not None:
@@ -312,7 +312,7 @@ def queue_question(config: Config, directory: Directory, user: User, company: Co
         members = [r for r in m.PendingChoice.select().where(
             m.PendingChoice.token_hash.in_([item_hash(old, k) for k in range(1, MAX_BATCH + 1)])
             & m.PendingChoice.state.in_(ACTIVE)).order_by(m.PendingChoice.token_hash)]
-    elif _questions_last_hour(user_id, company_id, now) >= config.choice_questions_per_hour:
+    elif _questions_last_hour(user_id, company_id, now) >= config.policy.choice_questions_per_hour:
         return None  # stays pending: the next question or the digest lists it
     waiting = [r for r in m.PendingChoice.select().where(
         (m.PendingChoice.user == user_id) & (m.PendingChoice.state == "pending"))
@@ -327,7 +327,7 @@ def queue_question(config: Config, directory: Directory, user: User, company: Co
     if not members:
         return None
     token = new_token()
-    items = _assign(members, token, now, config.choice_token_days)
+    items = _assign(members, token, now, config.policy.choice_token_days)
     message = compose_question(config, company, user, items, token, now)
     if item is not None:
         domain = str(item.dedupe_key).rsplit("#", 1)[1]
@@ -399,7 +399,7 @@ def ask_again(config: Config, rows: Sequence[m.PendingChoice],
     """A new token for ``rows`` (fresh pending choices), numbered 1..n."""
     token = new_token()
     return token, _assign(list(rows)[:MAX_BATCH], token, naive_utc(now),
-                          config.choice_token_days)
+                          config.policy.choice_token_days)
 
 
 def apply_choice(row: m.PendingChoice, deal_id: int | None, actor: str, company_id: int,

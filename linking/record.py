@@ -88,7 +88,7 @@ class Directory:
         self.company_ids = {c.slug: c.id for c in m.Company.select(m.Company.id, m.Company.slug)}
         self.user_ids = {u.address: u.id for u in m.User.select(m.User.id, m.User.address)}
         self.hot = HotPath(m.Email._meta.database)
-        self.freemail = frozenset(config.freemail_domains)
+        self.freemail = frozenset(config.policy.freemail_domains)
         self.internal: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         for c in config.companies:
             addrs = frozenset(a for u in c.users for a in u.addresses)
@@ -205,7 +205,7 @@ def record_email(
         if directory.is_internal(company, box.address):
             person_of[box.address] = None
             continue
-        person_of[box.address] = lookup.person(box, config.create_unknown_persons, now,
+        person_of[box.address] = lookup.person(box, config.policy.create_unknown_persons, now,
                                                decisions, created)
     persons = sorted({p for p in person_of.values() if p is not None})
     external = {a for a in person_of if not directory.is_internal(company, a)}
@@ -216,7 +216,7 @@ def record_email(
     have: set[tuple[int | None, int | None, int | None]] = set()
     if existing is None:
         thread_id, why = _find_thread(hot, company_id, original, external, when,
-                                      config.thread_window_days)
+                                      config.policy.thread_window_days)
         if thread_id is None:
             thread_id = hot.insert(m.Thread, {
                 "company": company_id, "subject_key": normalize_subject(original.subject),

@@ -10,7 +10,7 @@ Levels, strongest first (``LEVELS`` lists them weakest first so that an index co
 ``strong``
     A DKIM signature that verifies, whose ``d=`` is DMARC-relaxed aligned with the From domain
     (RFC 7489 §3.1.1), whose ``h=`` covers From, without ``l=`` (or ``l=`` equal to the whole
-    canonical body), RSA key of at least ``VerifyPolicy.min_rsa_bits`` (1024 by default, which
+    canonical body), RSA key of at least ``PolicyConfig.min_rsa_bits`` (1024 by default, which
     is also dkimpy's floor; 512/768 are always refused) or ed25519. EVERY DKIM-Signature is
     checked, not only the first (``dkim.verify()`` only checks the first: RELIABILITY.md 0.5).
 ``upstream``
@@ -30,7 +30,7 @@ Levels, strongest first (``LEVELS`` lists them weakest first so that an index co
     hop could rewrite the message or forge the i=1 set while a trusted last hop still seals
     ``cv=pass`` (RFC 8617 §9.1: ARC conveys, it does not vouch).
 ``trusted-network``
-    The SMTP client IP is inside ``VerifyPolicy.trusted_networks``.
+    The SMTP client IP is inside ``PolicyConfig.trusted_networks``.
 ``spf``
     SPF (RFC 7208) passes for the client IP and the MAIL FROM domain (the HELO name when MAIL
     FROM is empty, §2.3), and that domain is relaxed-aligned with From. Skipped for loopback /
@@ -97,6 +97,7 @@ from dealmail.addresses import (
     normalize_domain,
     parse_strict_mailbox,
 )
+from dealmail.config import PolicyConfig
 
 if TYPE_CHECKING:
     import dns.resolver
@@ -111,7 +112,6 @@ __all__ = [
     "SenderVerifier",
     "SignatureResult",
     "Verdict",
-    "VerifyPolicy",
     "aligned",
     "dnspython_query",
     "dnspython_txt",
@@ -169,24 +169,6 @@ _AUTHSERV_RE = re.compile(r"^\s*([^\s;]+)")
 
 
 # --------------------------------------------------------------------------- data types
-
-
-@dataclass(frozen=True)
-class VerifyPolicy:
-    """What this installation trusts. Empty tuples trust nothing beyond DKIM/SPF."""
-
-    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    trusted_authserv_ids: tuple[str, ...] = ()
-    trusted_arc_sealers: tuple[str, ...] = ()
-    check_spf: bool = True
-    #: When non-empty, upstream A-R headers are honoured only from clients in these networks
-    #: (the border MTAs). Empty means any client: then a sender that reaches us directly,
-    #: bypassing the border, can put a forged A-R above every Received.
-    upstream_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    #: RFC 8301 §3.2 requires >= 1024; RELIABILITY.md B.8 recommends 2048 for "strong".
-    min_rsa_bits: int = 1024
-    #: Per DNS query, passed to dkimpy/pyspf for information; the injected resolver enforces it.
-    dns_timeout: float = 5.0
 
 
 @dataclass
@@ -571,11 +553,11 @@ def _domain_of(address: str) -> str:
 
 
 class SenderVerifier:
-    """Decides the :class:`Verdict` for messages under one :class:`VerifyPolicy`."""
+    """Decides the :class:`Verdict` for messages under one :class:`PolicyConfig`."""
 
     def __init__(
         self,
-        policy: VerifyPolicy,
+        policy: PolicyConfig,
         dns_txt: DnsTxt,
         dns_query: DnsQuery | None = None,
         clock: Callable[[], float] = time.time,

@@ -21,23 +21,11 @@ from .senderauth import (
     DnsQuery,
     DnsTxt,
     SenderVerifier,
-    VerifyPolicy,
     dnspython_query,
     dnspython_txt,
     replay_key,
 )
 from .server import DataContext
-
-
-def policy_of(config: Config) -> VerifyPolicy:
-    return VerifyPolicy(
-        trusted_networks=config.trusted_networks,
-        trusted_authserv_ids=config.trusted_authserv_ids,
-        trusted_arc_sealers=config.trusted_arc_sealers,
-        check_spf=config.check_spf,
-        upstream_networks=config.upstream_networks,
-        dns_timeout=config.dns_timeout,
-    )
 
 
 def accepts(company: Company, level: str) -> bool:
@@ -61,10 +49,10 @@ def crypto_verifier(
     def verifier_for(config: Config) -> SenderVerifier:
         found = built.get(id(config))
         if found is None:
-            txt = dns_txt or dnspython_txt(timeout=config.dns_timeout)
-            query = dns_query or dnspython_query(timeout=config.dns_timeout)
+            txt = dns_txt or dnspython_txt(timeout=config.policy.dns_timeout)
+            query = dns_query or dnspython_query(timeout=config.policy.dns_timeout)
             built.clear()
-            found = built[id(config)] = SenderVerifier(policy_of(config), txt, query,
+            found = built[id(config)] = SenderVerifier(config.policy, txt, query,
                                                        clock=clock)
         return found
 
@@ -79,7 +67,7 @@ def crypto_verifier(
         evidence["client_ip"] = ctx.peer_ip
         evidence["replay_key"] = replay_key(ctx.raw, verdict)
         header = verifier.authentication_results(
-            config.authserv_id, verdict, parsed.from_.address.rpartition("@")[2])
+            config.policy.authserv_id, verdict, parsed.from_.address.rpartition("@")[2])
         return Verification(
             level=verdict.level,
             reason=verdict.reason,

@@ -288,7 +288,7 @@ class RelayHandler:
         self.after_record = after_record
 
     def _dkim_key(self, config: Config, from_domain: str) -> tuple[str, str, bytes] | None:
-        for domain, selector, key_file in config.relay_dkim:
+        for domain, selector, key_file in config.relay.dkim:
             if domain == from_domain:
                 try:
                     return domain, selector, (self.base / key_file).read_bytes()
@@ -308,7 +308,7 @@ class RelayHandler:
         company, user = found
         raw = ctx.raw
         if has_bare_cr_or_lf(raw):
-            if config.relay_bare_newlines == "reject":
+            if config.relay.bare_newlines == "reject":
                 log.info("[%s] refused from %s: bare CR or LF", qid, user.address)
                 return replies.bad_content(
                     "bare CR or LF in the message; lines must end with CRLF "
@@ -349,7 +349,7 @@ class RelayHandler:
                       "tls": bool(ctx.extra.get("tls"))},
         )
         # RFC 8601 §2.7.4: the stored copy says how its sender was authenticated.
-        stored = (f"Authentication-Results: {config.authserv_id}; auth=pass "
+        stored = (f"Authentication-Results: {config.policy.authserv_id}; auth=pass "
                   f"smtp.auth={user.address}\r\n").encode() + raw
         mid = parsed.message_id or "-"
         company_ids = directory.company_ids
@@ -524,7 +524,7 @@ class SubmissionHooks:
         if self._user(session) is None:
             # Never an open relay (RFC 5321 §7.1); aiosmtpd's auth_required already said 530.
             return "550 5.7.1 Relaying denied: authenticate first"
-        if len(envelope.rcpt_tos) >= self.config_of().max_recipients:
+        if len(envelope.rcpt_tos) >= self.config_of().limits.max_recipients:
             return str(replies.too_many_recipients())
         try:
             normal = normalize_address(address)
@@ -591,26 +591,26 @@ async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
 
     c: Config = app.config
     servers: dict[str, asyncio.Server] = {}
-    if not (c.submission_listen or c.submissions_listen):
+    if not (c.listeners.submission or c.listeners.submissions):
         return servers
-    context = submission_context(c.tls_cert_file, c.tls_key_file, c.hostname, app.base,
+    context = submission_context(c.tls.cert_file, c.tls.key_file, c.hostname, app.base,
                                  app.clock.now())
     handler = RelayHandler(app.get_config, app.get_directory, app.clock.now, app.base,
                            after_record=getattr(app.handlers.get("bcc"), "after_record", None))
     throttle = AuthThrottle(
-        app.clock.now, max_failures=c.relay_auth_max_failures,
-        window=timedelta(seconds=c.relay_auth_window_seconds),
-        lockout=timedelta(seconds=c.relay_auth_lockout_seconds),
-        delay_step=c.relay_auth_failure_delay)
+        app.clock.now, max_failures=c.relay.auth_max_failures,
+        window=timedelta(seconds=c.relay.auth_window_seconds),
+        lockout=timedelta(seconds=c.relay.auth_lockout_seconds),
+        delay_step=c.relay.auth_failure_delay)
     hooks = SubmissionHooks(app.get_config, handler, throttle, app.committer, app.executor)
-    for name, listen, implicit in (("submission", c.submission_listen, False),
-                                   ("submissions", c.submissions_listen, True)):
+    for name, listen, implicit in (("submission", c.listeners.submission, False),
+                                   ("submissions", c.listeners.submissions, True)):
         if not listen:
             continue
         servers[name] = await start_submission(
             hooks, listen, context, implicit=implicit, hostname=c.hostname,
-            data_size_limit=c.message_size_limit, command_timeout=c.command_timeout,
-            data_timeout=c.data_timeout, max_connections=c.max_connections)
+            data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
+            data_timeout=c.listeners.data_timeout, max_connections=c.listeners.max_connections)
         sock = servers[name].sockets[0].getsockname()
         log.info("%s listening on %s:%s (%s)", name, sock[0], sock[1],
                  "implicit TLS" if implicit else "STARTTLS")

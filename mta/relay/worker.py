@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,7 +24,8 @@ from crmstore import models as m
 from crmstore.db import Store
 from crmstore.outbox import enqueue
 from dealmail.clock import Clock, naive_utc
-from dealmail.schedules import RetrySchedule
+from dealmail.config import Config
+from dealmail.schedules import RetrySchedule, parse_schedule
 
 from .delivery import DeliveryResult, NextHop, Outcome, RecipientResult, deliver
 from .dsn import build_dsn
@@ -33,62 +34,64 @@ from .mx import AddrLookup, MxLookup, RouteError, resolve_routes
 log = logging.getLogger("dealmail.outbox")
 
 
-@dataclass
-class OutboxSettings:
-    smarthost: str = ""  # HOST:PORT, or "" for direct MX delivery
-    smarthost_tls: str = "required"
-    smarthost_username: str | None = None
-    smarthost_password: str | None = None
-    helo_name: str = "dealmail.localhost"
-    reporting_mta: str = "dealmail.localhost"
-    dsn_from: str = "Mail Delivery System <MAILER-DAEMON@dealmail.localhost>"
-    lease: timedelta = timedelta(minutes=10)
-    batch: int = 20
-    timeout: float = 60.0
-    mx_port: int = 25
-
-
 class OutboxWorker:
-    """Claims due outbox items and delivers them; ``run_once`` is the unit tests drive."""
+    """Claims due outbox items and delivers them; ``run_once`` is the unit tests drive.
 
-    def __init__(self, store: Store, clock: Clock, settings: OutboxSettings,
-                 schedule: RetrySchedule, mx_lookup: MxLookup | None = None,
-                 addr_lookup: AddrLookup | None = None, ssl_context: Any = None,
-                 worker_id: str = "w1") -> None:
+    The ``[outbox]`` and ``[server]`` sections are read from ``config_of()`` at every use, so
+    a reloaded config (SIGHUP) applies to the next delivery attempt."""
+
+    def __init__(self, store: Store, clock: Clock, config_of: Callable[[], Config],
+                 mx_lookup: MxLookup | None = None, addr_lookup: AddrLookup | None = None,
+                 ssl_context: Any = None, worker_id: str = "w1", *, batch: int = 20,
+                 timeout: float = 60.0, mx_port: int = 25) -> None:
         self.store = store
         self.clock = clock
-        self.settings = settings
-        self.schedule = schedule
+        self.config_of = config_of
         self.mx_lookup = mx_lookup
         self.addr_lookup = addr_lookup
         self.ssl_context = ssl_context
         self.worker_id = worker_id
+        self.batch = batch
+        self.timeout = timeout
+        self.mx_port = mx_port
+        self._schedule: tuple[tuple[str, float], RetrySchedule] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
+    @property
+    def schedule(self) -> RetrySchedule:
+        """The retry schedule of the current config (parsed again only when it changed)."""
+        o = self.config_of().outbox
+        key = (o.retry_schedule, o.give_up_after_hours)
+        if self._schedule is None or self._schedule[0] != key:
+            self._schedule = (key, parse_schedule(
+                o.retry_schedule, give_up_after=timedelta(hours=o.give_up_after_hours)))
+        return self._schedule[1]
+
     # ----------------------------------------------------------------- routes
 
     def routes_for(self, domain: str) -> list[NextHop]:
-        s = self.settings
+        s = self.config_of().outbox
         if s.smarthost:
             host, _, port = s.smarthost.rpartition(":")
             return [NextHop(host=host.strip("[]"), port=int(port), tls=s.smarthost_tls,
-                          username=s.smarthost_username, password=s.smarthost_password,
-                          ssl_context=self.ssl_context)]
+                            username=s.smarthost_username or None,
+                            password=s.smarthost_password or None,
+                            ssl_context=self.ssl_context)]
         if self.mx_lookup is None or self.addr_lookup is None:
             from .mx import dnspython_addr_lookup, dnspython_mx_lookup
 
             self.mx_lookup = self.mx_lookup or dnspython_mx_lookup()
             self.addr_lookup = self.addr_lookup or dnspython_addr_lookup()
-        return resolve_routes(domain, self.mx_lookup, self.addr_lookup, port=s.mx_port)
+        return resolve_routes(domain, self.mx_lookup, self.addr_lookup, port=self.mx_port)
 
     # ----------------------------------------------------------------- claiming
 
     def claim(self) -> list[m.OutboxItem]:
         """Lease up to ``batch`` due items (one transaction)."""
         now = naive_utc(self.clock.now())
-        lease_until = now + self.settings.lease
+        lease_until = now + timedelta(seconds=self.config_of().outbox.lease_seconds)
         due = ((m.OutboxItem.state == "queued") & (m.OutboxItem.next_attempt_at <= now)
                & (m.OutboxItem.lease_until.is_null() | (m.OutboxItem.lease_until < now)))
         # A read first: the write lock is taken only when something is due, so the worker
@@ -99,7 +102,7 @@ class OutboxWorker:
             q = (m.OutboxItem.select()
                  .where(due)
                  .order_by(m.OutboxItem.next_attempt_at, m.OutboxItem.id)
-                 .limit(self.settings.batch))
+                 .limit(self.batch))
             if not self.store.is_sqlite:
                 q = q.for_update(skip_locked=True)
             items = list(q)
@@ -134,7 +137,7 @@ class OutboxWorker:
             return DeliveryResult([RecipientResult(r, outcome, code, f"{exc.status} {exc}")
                                    for r in recipients], transcript_error=str(exc))
         return await deliver(bytes(item.message), item.mail_from, recipients, routes,
-                             self.settings.helo_name, timeout=self.settings.timeout)
+                             self.config_of().hostname, timeout=self.timeout)
 
     def record(self, item: m.OutboxItem, result: DeliveryResult) -> None:
         """Store one attempt's outcome (one transaction): pending recipients stay queued."""
@@ -169,9 +172,10 @@ class OutboxWorker:
 
     def _queue_dsn(self, item: m.OutboxItem, failed: list[RecipientResult],
                    now: datetime) -> None:
-        s = self.settings
-        dsn = build_dsn(bytes(item.message), item.mail_from, failed, s.reporting_mta,
-                        s.dsn_from, item.created_at, now)
+        config = self.config_of()
+        dsn_from = f"Mail Delivery System <MAILER-DAEMON@{config.mail_domain}>"
+        dsn = build_dsn(bytes(item.message), item.mail_from, failed, config.hostname,
+                        dsn_from, item.created_at, now)
         if dsn is None:  # never about a null-sender message (RFC 3464 §2, RFC 5321 §6.2)
             return
         enqueue(dsn, kind="dsn", mail_from="", recipients=[item.mail_from], now=now,

@@ -393,7 +393,7 @@ def test_freemail_and_internal_domains_are_refused(store: Store, tmp_path: Path)
     config = load_config(EXAMPLE)
     company = config.company("example")
     assert company is not None
-    freemail, internal = config.freemail_domains, company.internal_domains
+    freemail, internal = config.policy.freemail_domains, company.internal_domains
     orgs = write(tmp_path, "o.csv", "Name,Domains\nGmail fans,gmail.com\nUs,example.com\n")
     with pytest.raises(CsvImportError) as info:
         import_csv(store, "example", "organizations", orgs, freemail_domains=freemail,

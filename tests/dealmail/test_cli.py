@@ -222,7 +222,7 @@ def test_serve_gets_the_overridden_config(
                      str(conf), "--set", "listeners.submission="]) == 0
     (config, fallback, overrides), = seen
     assert config.path == conf and fallback is False
-    assert config.inbound_listen == "127.0.0.1:2600" and config.submission_listen == ""
+    assert config.listeners.inbound == "127.0.0.1:2600" and config.listeners.submission == ""
     # The overrides are kept so that a SIGHUP reload applies them again.
     assert overrides == ("listeners.inbound=127.0.0.1:2600", "listeners.submission=")
 

@@ -76,10 +76,10 @@ def line_of(path: Path, needle: str) -> int:
 def test_example_loads_with_the_documented_demo_company() -> None:
     config = load_config(EXAMPLE)
     assert config.mail_domain == "dealmail.localhost"
-    assert config.database_url == "sqlite:///var/dealmail.db"
-    assert config.inbound_listen == "127.0.0.1:2525"
-    assert config.submission_listen == "127.0.0.1:2587"
-    assert config.message_size_limit == 25 * 1024 * 1024
+    assert config.database.url == "sqlite:///var/dealmail.db"
+    assert config.listeners.inbound == "127.0.0.1:2525"
+    assert config.listeners.submission == "127.0.0.1:2587"
+    assert config.limits.message_size == 25 * 1024 * 1024
     assert [c.slug for c in config.companies] == ["example"]
     company = config.companies[0]
     assert company.internal_domains == ("example.com",)
@@ -315,11 +315,11 @@ def test_set_overrides_values_with_toml_typing(tmp_path: Path) -> None:
         f"database.url=sqlite:///{tmp_path}/x.db",
         'server.mail_domain="Mail.Example.NET"',
     ])
-    assert config.inbound_listen == "127.0.0.1:2600"
-    assert config.submission_listen == ""
-    assert config.max_recipients == 7
-    assert config.create_unknown_persons is False
-    assert config.database_url == f"sqlite:///{tmp_path}/x.db"
+    assert config.listeners.inbound == "127.0.0.1:2600"
+    assert config.listeners.submission == ""
+    assert config.limits.max_recipients == 7
+    assert config.policy.create_unknown_persons is False
+    assert config.database.url == f"sqlite:///{tmp_path}/x.db"
     assert config.mail_domain == "mail.example.net"
 
 

@@ -91,12 +91,12 @@ class World:
 
 def open_store(tmp_path: Path, config_path: Path = EXAMPLE) -> tuple[Config, Store]:
     config = load_config(config_path, [f"database.url=sqlite:///{tmp_path}/digest.db"])
-    store = Store(config.database_url)
+    store = Store(config.database.url)
     store.open()
     store.sync_config(config)
     for kind in ("organizations", "persons", "deals"):
         import_csv(store, "example", kind, DEMO / f"{kind}.csv",
-                   freemail_domains=config.freemail_domains,
+                   freemail_domains=config.policy.freemail_domains,
                    internal_domains=config.companies[0].internal_domains)
     return config, store
 

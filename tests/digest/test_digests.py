@@ -310,7 +310,7 @@ def test_cli_digest_dry_run_then_queue(world: World, capsys: pytest.CaptureFixtu
                 date=now - timedelta(hours=2), received=now - timedelta(hours=2))
     world.store.close()
     args = ["--config", str(world.config.path),
-            "--set", f"database.url={world.config.database_url}"]
+            "--set", f"database.url={world.config.database.url}"]
     assert cli_main([*args, "digest", "--user", "alice@example.com", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "Subject: Your dealmail digest: 1 email(s)" in out and "Fresh news" in out

@@ -36,12 +36,12 @@ from senderauth_support import (
     weak_rsa_key,
 )
 
+from dealmail.config import PolicyConfig
 from mta.senderauth import (
     LEVELS,
     DnsTempError,
     SenderVerifier,
     Verdict,
-    VerifyPolicy,
     aligned,
     dnspython_txt,
     organizational_domain,
@@ -77,7 +77,7 @@ def make_dns() -> DnsStub:
 
 def verifier(stub: DnsStub | None = None, **policy: Any) -> SenderVerifier:
     dns = stub or make_dns()
-    return SenderVerifier(VerifyPolicy(**policy), dns.lookup_txt, dns.lookup, clock=lambda: NOW)
+    return SenderVerifier(PolicyConfig(**policy), dns.lookup_txt, dns.lookup, clock=lambda: NOW)
 
 
 def run(raw: bytes, from_address: str = ALICE, stub: DnsStub | None = None,
@@ -213,7 +213,7 @@ def test_revoked_and_tlsrpt_keys_fail() -> None:
 def test_signature_time_checks_use_the_injected_clock() -> None:
     raw = sign(message(), "example.com", RSA2048)
     dns = make_dns()
-    past = SenderVerifier(VerifyPolicy(), dns.lookup_txt, clock=lambda: NOW - 3 * 86400)
+    past = SenderVerifier(PolicyConfig(), dns.lookup_txt, clock=lambda: NOW - 3 * 86400)
     v = past.verify(raw, ALICE, IP, "", "h")
     assert v.level == "none" and "t= value is in the future" in v.signatures[0].reason
 
@@ -305,7 +305,7 @@ def test_servfail_through_dnspython_adapter_is_temp_error() -> None:
     import dns.resolver
 
     servfail = dnspython_txt(_FakeResolver(dns.resolver.NoNameservers()))  # type: ignore[arg-type]
-    v = SenderVerifier(VerifyPolicy(), servfail, clock=lambda: NOW).verify(
+    v = SenderVerifier(PolicyConfig(), servfail, clock=lambda: NOW).verify(
         sign(message(), "example.com", RSA2048), ALICE, IP, "", "h")
     assert v.temp_error and v.level == "none"
 
@@ -546,7 +546,7 @@ def test_dkimpy_corpus_vectors(capsys: pytest.CaptureFixture[str]) -> None:
         raw = (base / rel).read_bytes()
         records = {k: _txt_value(base, v) for k, v in case.get("dns", {}).items()}
         stub = _stub_from(records)
-        sigs = SenderVerifier(VerifyPolicy(), stub.lookup_txt).check_signatures(raw, "x.test")
+        sigs = SenderVerifier(PolicyConfig(), stub.lookup_txt).check_signatures(raw, "x.test")
         got = bool(sigs) and sigs[0].valid  # "which": the first DKIM-Signature
         total += 1
         ok += got == case["verify"]
@@ -555,7 +555,7 @@ def test_dkimpy_corpus_vectors(capsys: pytest.CaptureFixture[str]) -> None:
     data = base / "dkim" / "tests" / "data"
     key = TestKey(b"rsa-sha256", (data / "test.private").read_bytes(), "")
     stub = _stub_from({"test._domainkey.example.com": (data / "test.txt").read_text().strip()})
-    vf = SenderVerifier(VerifyPolicy(), stub.lookup_txt)
+    vf = SenderVerifier(PolicyConfig(), stub.lookup_txt)
     raw = (data / "test.message").read_bytes()
     signed = sign(raw, "example.com", key, selector="test")
     cases = {
@@ -592,7 +592,7 @@ def test_stalwart_corpus_vectors(capsys: pytest.CaptureFixture[str]) -> None:
         stub, raw = _stalwart_file(base / rel)
         # The DKIM vectors are checked at a fixed time (one has x=); the ARC ones at now.
         clock = (lambda: 1667843664) if case["kind"] == "dkim_verify" else time.time
-        vf = SenderVerifier(VerifyPolicy(), stub.lookup_txt, clock=clock)
+        vf = SenderVerifier(PolicyConfig(), stub.lookup_txt, clock=clock)
         sigs = vf.check_signatures(raw, "x.test")
         if case["kind"] == "dkim_verify":
             counts["dkim_total"] += 1
@@ -623,16 +623,16 @@ KNOWN_ARC_GAPS: tuple[str, ...] = ("resources/arc/002.txt",)
 
 def test_expired_signature_in_corpus_fails_with_real_clock() -> None:
     stub, raw = _stalwart_file(corpus_dir() / "stalwartlabs__mail-auth/resources/dkim/005.txt")
-    now = SenderVerifier(VerifyPolicy(), stub.lookup_txt, clock=lambda: 1767225600)
+    now = SenderVerifier(PolicyConfig(), stub.lookup_txt, clock=lambda: 1767225600)
     sigs = now.check_signatures(raw, "topicbox.com")
     assert not sigs[-1].valid and "x= value is past" in sigs[-1].reason
-    then = SenderVerifier(VerifyPolicy(), stub.lookup_txt, clock=lambda: 1667843664)
+    then = SenderVerifier(PolicyConfig(), stub.lookup_txt, clock=lambda: 1667843664)
     assert then.check_signatures(raw, "topicbox.com")[-1].valid
 
 
 def test_messagedoublefromsigned_is_unverified() -> None:
     raw = (corpus_dir() / "jauderho__dkimpy/dkim/tests/data/messagedoublefromsigned").read_bytes()
-    v = SenderVerifier(VerifyPolicy(), DnsStub().lookup_txt).verify(
+    v = SenderVerifier(PolicyConfig(), DnsStub().lookup_txt).verify(
         raw, "scott@kitterman.com", IP, "", "h")
     assert v.level == "none"
 

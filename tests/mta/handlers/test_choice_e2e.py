@@ -198,7 +198,7 @@ def test_bcc_queues_one_question_to_alice(srv: Any, tmp_path: Path) -> None:
 
     listed = [i for i in list_items() if i["kind"] == "question"]
     assert listed[0]["to"] == ["alice@example.com"] and listed[0]["state"] == "queued"
-    db = srv.app.config.database_url
+    db = srv.app.config.database.url
     cli = subprocess.run(
         [sys.executable, "-m", "dealmail.cli", "outbox", "--json", "--config",
          str(ROOT / "conf" / "dealmail.example.toml"), "--set", f"database.url={db}"],

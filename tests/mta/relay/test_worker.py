@@ -30,8 +30,8 @@ from crmstore import models as m
 from crmstore.db import Store
 from crmstore.outbox import enqueue
 from dealmail.clock import FakeClock, SystemClock, naive_utc
-from dealmail.schedules import parse_schedule
-from mta.relay.worker import OutboxSettings, OutboxWorker
+from dealmail.config import Config, OutboxConfig, ServerConfig
+from mta.relay.worker import OutboxWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
 from smtpsink import SmtpSink
@@ -45,16 +45,17 @@ import asyncio, json, sys
 from datetime import timedelta
 from crmstore.db import Store
 from dealmail.clock import SystemClock
-from mta.relay.worker import OutboxSettings, OutboxWorker
-from dealmail.schedules import parse_schedule
+from pathlib import Path
+from mta.relay.worker import OutboxWorker
+from dealmail.config import Config, OutboxConfig
 
 url, port, mode, wid = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 store = Store(url)
 store.open()
-worker = OutboxWorker(store, SystemClock(),
-                      OutboxSettings(smarthost=f"127.0.0.1:{port}", smarthost_tls="opportunistic",
-                                     lease=timedelta(minutes=10), batch=10),
-                      parse_schedule("5m"), worker_id=wid)
+config = Config(path=Path("test.toml"), outbox=OutboxConfig(
+    smarthost=f"127.0.0.1:{port}", smarthost_tls="opportunistic", lease_seconds=600,
+    retry_schedule="5m"))
+worker = OutboxWorker(store, SystemClock(), lambda: config, worker_id=wid, batch=10)
 
 async def main() -> None:
     if mode == "claim-then-hang":
@@ -80,12 +81,14 @@ class Outbox:
         self.sink = sink
         self.clock = clock
         self.loop = asyncio.new_event_loop()
-        self.worker = OutboxWorker(
-            store, clock,
-            OutboxSettings(smarthost=f"127.0.0.1:{sink.port}", smarthost_tls="opportunistic",
-                           reporting_mta="dealmail.test",
-                           dsn_from="Mail Delivery System <MAILER-DAEMON@dealmail.test>"),
-            parse_schedule("5m,10m,20m,40m,1h*200", give_up_after=give_up))
+        config = Config(
+            path=Path("test.toml"),
+            server=ServerConfig(mail_domain="dealmail.test", hostname="dealmail.test"),
+            outbox=OutboxConfig(smarthost=f"127.0.0.1:{sink.port}",
+                                smarthost_tls="opportunistic",
+                                retry_schedule="5m,10m,20m,40m,1h*200",
+                                give_up_after_hours=give_up.total_seconds() / 3600))
+        self.worker = OutboxWorker(store, clock, lambda: config)
 
     def put(self, recipients: list[str], mail_from: str = "alice@example.com",
             tag: str = "1", kind: str = "relay") -> list[int]:
