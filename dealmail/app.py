@@ -21,10 +21,11 @@ from crmstore.committer import GroupCommitter
 from crmstore.db import Store
 from digest.questions import after_record_hook
 from digest.scheduler import DigestScheduler
+from linking.capture import Capture, SenderGate
 from linking.record import Directory
 from mta.handlers.ask import AskHandler
-from mta.handlers.choice import ChoiceHandler, choice_rcpt_check
-from mta.handlers.smart_bcc import SmartBccHandler, deal_rcpt_check
+from mta.handlers.choice import ChoiceHandler
+from mta.handlers.smart_bcc import SmartBccHandler
 from mta.relay.mx import AddrLookup, MxLookup
 from mta.relay.worker import OutboxWorker
 from mta.routing import RoutingTable
@@ -71,6 +72,7 @@ class App:
         self.servers: dict[str, asyncio.Server] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.handlers: dict[str, Handler] = {}
+        self.capture: Capture | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -86,18 +88,24 @@ class App:
         assert self.directory is not None, "open_store() first"
         return self.directory
 
-    def build_handlers(self) -> dict[str, Handler]:
+    def build_capture(self) -> Capture:
+        """The one capture path every source enters, with its sender gate and hooks."""
         verifier = crypto_verifier(self.get_config, self.dns_txt, self.dns_query,
                                    clock=lambda: self.clock.now().timestamp())
-        bcc = SmartBccHandler(self.get_config, self.get_directory, self.clock.now, verifier,
-                              signature_check=self.check_signatures)
-        # Deal-choice questions are queued in the transaction that stored the email (issue 6).
-        bcc.after_record = after_record_hook(self.get_config, self.get_directory,
-                                             self.clock.now)
-        choice = ChoiceHandler(self.get_config, self.get_directory, self.clock.now, verifier)
-        # +ask: the same sender verification as Smart BCC (issue 8).
-        ask = AskHandler(self.get_config, self.clock.now, verifier)
-        return {"bcc": bcc, "deal": bcc, "ask": ask, "choice": choice}
+        capture = Capture(self.get_config, self.get_directory, self.clock.now,
+                          SenderGate(self.get_config, verifier),
+                          signature_check=self.check_signatures)
+        # A "which deal?" question is queued in the transaction that stored the email.
+        capture.add_hook(after_record_hook(self.get_config, self.get_directory,
+                                           self.clock.now))
+        return capture
+
+    def build_handlers(self, capture: Capture) -> dict[str, Handler]:
+        """The handler of each kind of address (``mta.routing.KINDS``)."""
+        handlers: list[Handler] = [SmartBccHandler(capture),
+                                   ChoiceHandler(capture, self.clock.now),
+                                   AskHandler(capture, self.clock.now)]
+        return {kind: h for h in handlers for kind in h.serves}
 
     def build_outbox(self) -> OutboxWorker:
         return OutboxWorker(self.store, self.clock, self.get_config, self.mx_lookup,
@@ -158,15 +166,12 @@ class App:
         # Digests: polled every minute; tests call self.digests.run_once(now) instead.
         self.digests = DigestScheduler(self.store, self.get_config, self.clock)
         self.digests.start(60.0, after_queue=self.after_commit)
-        self.handlers = self.build_handlers()
-        self.routing = RoutingTable(self.config, frozenset(self.handlers))
-        deal_check = deal_rcpt_check(self.get_directory)
-        choice_check = choice_rcpt_check(self.get_directory)
+        self.capture = self.build_capture()
+        self.handlers = self.build_handlers(self.capture)
+        self.routing = RoutingTable(self.config, self.handlers)
         hooks = InboundHooks(
             lambda: self.routing, self.handlers, self.committer, self.executor,
-            self.config.limits.max_recipients,
-            rcpt_check=lambda route: deal_check(route) or choice_check(route),
-            has_space=self.has_space,
+            lambda: self.config.limits.max_recipients, has_space=self.has_space,
         )
         self.inbound_hooks = hooks
         c = self.config

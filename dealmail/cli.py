@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mta.routing import KINDS
+
 from .config import Config, ConfigError, find_config_path, load_config
 from .logs import setup_logging
 
@@ -123,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "serve":
         return serve(config, fallback, tuple(args.set))
     if command == "check-config":
-        lines = config.describe().splitlines()
+        lines = config.describe([(k.form, k.purpose) for k in KINDS]).splitlines()
         if fallback:
             lines[0] += " (the example: conf/dealmail.toml not found)"
         print("\n".join(lines))

@@ -244,8 +244,10 @@ class Config:
             return False
         return any(addr in net for net in self.policy.trusted_networks)
 
-    def describe(self) -> str:
-        """The effective configuration as ``dealmail check-config`` prints it."""
+    def describe(self, address_forms: Sequence[tuple[str, str]] = ()) -> str:
+        """The effective configuration as ``dealmail check-config`` prints it;
+        ``address_forms`` are the kinds of address each company serves, as (form with
+        ``{slug}`` and ``{domain}``, purpose)."""
         lines = [
             f"config: {self.path}",
             f"mail domain: {self.mail_domain}",
@@ -260,9 +262,9 @@ class Config:
             lines.append("")
             lines.append(f"company {c.slug} ({c.name}); internal domains: "
                          + ", ".join(c.internal_domains))
-            d = self.mail_domain
-            lines.append(f"  serves: {c.slug}@{d} (Smart BCC), {c.slug}+deal<ID>@{d}, "
-                         f"{c.slug}+ask@{d}, {c.slug}+choice-<token>@{d}")
+            for form, purpose in address_forms:
+                address = form.format(slug=c.slug, domain=self.mail_domain)
+                lines.append(f"  serves: {address}  ({purpose})")
             accepted = ", ".join(c.accept_levels) or "-"
             lines.append(f"  sender verification: minimum {c.min_verification}; also accepted: "
                          f"{accepted}; below it: {c.on_unverified}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from linking.capture import Disposition, Outcome
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -61,3 +63,18 @@ def too_big() -> Reply:
 
 def bad_content(reason: str) -> Reply:
     return Reply(554, "5.6.0", f"Message refused: {reason}")
+
+
+def for_disposition(done: Disposition, queue_id: str, refused_sender_code: int = 550) -> Reply:
+    """The SMTP answer to a capture's disposition (RFC 5321 §4.2.1: 2xx accepted, 4xx try
+    again, 5xx never). The submission listener refuses a sender with 553 (RFC 5321 §4.2.2,
+    "mailbox name not allowed"), the others with 550."""
+    if done.outcome in (Outcome.STORED, Outcome.REPEAT):
+        return queued(queue_id)
+    if done.outcome is Outcome.IGNORED:
+        return ok(f"Ok: {queue_id} ignored ({done.reason})")
+    if done.outcome is Outcome.REFUSED_CONTENT:
+        return bad_content(done.reason)
+    if done.outcome is Outcome.REFUSED_SENDER:
+        return Reply(refused_sender_code, done.status or "5.7.1", done.reason)
+    return Reply(451, done.status or "4.3.0", done.reason)

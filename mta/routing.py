@@ -1,7 +1,12 @@
-"""Recipient routing: which of dealmail's addresses an RCPT names, as data.
+"""Recipient routing: which of dealmail's addresses an RCPT names, with the kinds of address as
+data.
 
-Routes are patterns with named captures (Salmon's idea, without its global router): the
-company slug, a deal id, a choice token. The table is built from the config and swapped
+Every kind of address (the Smart BCC address, ``+deal<ID>``, ``+ask``, ``+choice-<token>``)
+is one :class:`AddressKind` entry in :data:`KINDS`: the pattern of its ``+suffix`` with named
+captures (Salmon's idea, without its global router), how ``check-config`` describes it, and
+whether several recipients of that kind may share one transaction. The handler of a kind says
+which kinds it serves (``serves``) and checks them at RCPT time (``rcpt_check``), so adding an
+address means one entry here and its handler. The table is built from the config and swapped
 whole on reload. Anything else, including every address outside the mail domain, is not ours:
 dealmail is not a relay on its inbound listener.
 """
@@ -9,34 +14,86 @@ dealmail is not a relay on its inbound listener.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from dealmail.addresses import AddressError, normalize_address
 from dealmail.config import Company, Config
 
-KINDS = ("bcc", "deal", "ask", "choice")
+__all__ = ["KINDS", "AddressKind", "Route", "RoutingTable", "kind_named"]
+
+
+@dataclass(frozen=True)
+class AddressKind:
+    """One kind of dealmail address: ``<slug>@`` or ``<slug>+<suffix>@`` the mail domain."""
+
+    name: str
+    #: Regular expression of the part after ``+`` (empty: the plain company address). Named
+    #: groups become the route's parameters; they are taken from the address as sent, since
+    #: a token is case-sensitive.
+    suffix: str
+    #: How ``check-config`` shows it, with ``{slug}`` and ``{domain}``.
+    form: str
+    purpose: str
+    #: Whether recipients of batchable kinds may share one transaction (each is a copy for
+    #: the same capture); any other kind gets a transaction of its own (RFC 5321 §3.3: 452
+    #: for the extra recipient makes the client send it again separately).
+    batchable: bool = False
+
+
+KINDS: tuple[AddressKind, ...] = (
+    AddressKind("bcc", "", "{slug}@{domain}",
+                "Smart BCC: a user's copy of their mail, or a forwarded customer mail",
+                batchable=True),
+    AddressKind("deal", r"deal(?P<deal_id>\d{1,18})", "{slug}+deal<ID>@{domain}",
+                "a user's copy, linked to deal ID", batchable=True),
+    AddressKind("ask", r"ask", "{slug}+ask@{domain}",
+                "questions about a deal's, person's or organization's conversations"),
+    AddressKind("choice", r"choice-(?P<token>[A-Za-z0-9_-]{16,128})",
+                "{slug}+choice-<token>@{domain}", "answers to \"which deal?\" questions"),
+)
+
+
+def kind_named(name: str, kinds: Iterable[AddressKind] = KINDS) -> AddressKind:
+    for kind in kinds:
+        if kind.name == name:
+            return kind
+    raise KeyError(name)
 
 
 @dataclass(frozen=True)
 class Route:
-    kind: str  # bcc | deal | ask | choice
+    kind: str
     company: Company
     address: str
-    deal_id: int | None = None
-    token: str | None = None
+    params: Mapping[str, str] = field(default_factory=dict)
+    batchable: bool = False
+
+    @property
+    def deal_id(self) -> int | None:
+        value = self.params.get("deal_id")
+        return int(value) if value else None
+
+    @property
+    def token(self) -> str | None:
+        return self.params.get("token")
 
 
-_LOCAL_RE = re.compile(
-    r"^(?P<slug>[a-z0-9._-]+?)"
-    r"(?:\+(?:deal(?P<deal>\d{1,18})|(?P<ask>ask)|choice-(?P<token>[A-Za-z0-9_-]{16,128})))?$"
-)
+def _pattern(kinds: Iterable[AddressKind]) -> re.Pattern[str]:
+    alternatives = [f"(?P<k_{k.name}>{k.suffix})" for k in kinds if k.suffix]
+    suffix = f"(?:\\+(?:{'|'.join(alternatives)}))?" if alternatives else ""
+    return re.compile(rf"^(?P<slug>[a-z0-9._-]+?){suffix}$", re.IGNORECASE)
 
 
 class RoutingTable:
-    def __init__(self, config: Config, enabled: frozenset[str] = frozenset({"bcc", "deal"})):
+    def __init__(self, config: Config, enabled: Iterable[str] = ("bcc", "deal"),
+                 kinds: Iterable[AddressKind] = KINDS) -> None:
         self.mail_domain = config.mail_domain
         self.companies = {c.slug: c for c in config.companies}
-        self.enabled = enabled
+        self.kinds = {k.name: k for k in kinds}
+        self.enabled = frozenset(enabled)
+        self._plain = next((k for k in self.kinds.values() if not k.suffix), None)
+        self._re = _pattern(self.kinds.values())
 
     def route(self, address: str) -> Route | None:
         """The route of an RCPT address, or None when it is not one of ours (550 5.1.1)."""
@@ -44,28 +101,21 @@ class RoutingTable:
             norm = normalize_address(address)
         except AddressError:
             return None
-        local, _, domain = norm.rpartition("@")
-        if domain != self.mail_domain:
+        if norm.rpartition("@")[2] != self.mail_domain:
             return None
-        m = _LOCAL_RE.match(local)
+        # Parameters are read from the local part as sent (a token is case-sensitive).
+        local = address.strip().strip("<>").rpartition("@")[0]
+        m = self._re.match(local)
         if m is None:
             return None
-        company = self.companies.get(m.group("slug"))
+        company = self.companies.get(m.group("slug").lower())
         if company is None:
             return None
-        if m.group("deal"):
-            kind = "deal"
-        elif m.group("ask"):
-            kind = "ask"
-        elif m.group("token"):
-            kind = "choice"
-        else:
-            kind = "bcc"
-        if kind not in self.enabled:
+        kind = next((k for k in self.kinds.values() if k.suffix and m.group(f"k_{k.name}")),
+                    self._plain)
+        if kind is None or kind.name not in self.enabled:
             return None
-        # The token is case-sensitive: take it from the address as sent.
-        token = None
-        if kind == "choice":
-            token = address.strip().strip("<>").rpartition("@")[0].split("+choice-", 1)[1]
-        return Route(kind=kind, company=company, address=norm,
-                     deal_id=int(m.group("deal")) if m.group("deal") else None, token=token)
+        params = {name: value for name, value in m.groupdict().items()
+                  if value is not None and name != "slug" and not name.startswith("k_")}
+        return Route(kind=kind.name, company=company, address=norm, params=params,
+                     batchable=kind.batchable)

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from crmstore.committer import GroupCommitter
+from linking.capture import Evidence
 
 from . import replies
 from .replies import Reply
@@ -55,7 +56,23 @@ class DataContext:
 Job = Callable[[], Reply]
 
 
+def evidence_of(ctx: DataContext) -> Evidence:
+    """What an SMTP transaction tells the capture path about how a message arrived."""
+    return Evidence(client_ip=ctx.peer_ip, helo=ctx.helo, envelope_from=ctx.mail_from,
+                    authenticated_as=ctx.authenticated_as, tls=bool(ctx.extra.get("tls")))
+
+
 class Handler(Protocol):
+    """The business logic of one or more kinds of address (``mta.routing.KINDS``)."""
+
+    #: The address kinds this handler answers for.
+    serves: tuple[str, ...]
+
+    def rcpt_check(self, route: Route) -> Reply | None:
+        """At RCPT, off the event loop: a refusal when the address does not exist (say a
+        ``+deal<ID>`` of no deal), else None."""
+        ...
+
     def check(self, ctx: DataContext) -> Reply | Job:
         """Runs in a worker thread with no write access: parse, verify, decide. Returns the
         final reply (refusals, ignored auto-replies) or a job for the committer, which runs
@@ -233,8 +250,7 @@ class InboundHooks:
         handlers: dict[str, Handler],
         committer: GroupCommitter,
         executor: ThreadPoolExecutor,
-        max_recipients: int,
-        rcpt_check: Callable[[Route], Reply | None] | None = None,
+        max_recipients: Callable[[], int],
         has_space: Callable[[], bool] | None = None,
     ) -> None:
         self.has_space = has_space
@@ -243,7 +259,6 @@ class InboundHooks:
         self.committer = committer
         self.executor = executor
         self.max_recipients = max_recipients
-        self.rcpt_check = rcpt_check
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -268,27 +283,26 @@ class InboundHooks:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         routes: list[Route] = getattr(envelope, "routes", [])
-        if len(envelope.rcpt_tos) >= self.max_recipients:
+        if len(envelope.rcpt_tos) >= self.max_recipients():
             return str(replies.too_many_recipients())
         route = self._routing().route(address)
-        if route is None or route.kind not in self.handlers:
+        handler = self.handlers.get(route.kind) if route is not None else None
+        if route is None or handler is None:
             log.info("refused RCPT <%s> from %s: not one of our addresses",
                      address, peer_ip(session))
             return str(replies.unknown_recipient(address))
         if routes:
             first = routes[0]
-            same_family = (first.kind in ("bcc", "deal")) == (route.kind in ("bcc", "deal"))
-            if first.company.slug != route.company.slug or not same_family or (
-                route.kind not in ("bcc", "deal")
-            ):
+            if (first.company.slug != route.company.slug or not first.batchable
+                    or not route.batchable):
                 # RFC 5321 §3.3: a 452 for this recipient makes the client send it in a later
                 # transaction, so each transaction has one company and one kind of handler.
                 return "452 4.5.3 Please send to this address in a separate transaction"
-        # The plain company address needs no database lookup; +deal/+choice ones do (off
-        # the event loop).
-        if self.rcpt_check is not None and route.kind != "bcc":
+        # The plain company address needs no database lookup; the others' checks run off
+        # the event loop.
+        if route.params:
             refusal = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.rcpt_check, route)
+                self.executor, handler.rcpt_check, route)
             if refusal is not None:
                 return str(refusal)
         envelope.rcpt_tos.append(address)

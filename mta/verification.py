@@ -1,9 +1,9 @@
-"""The sender-verification decision point of the inbound handlers.
+"""The verifier behind the sender gate (``linking.capture.SenderGate``).
 
 ``mta.senderauth`` says how sure we are that a message comes from its From (a level with
-evidence); this module applies the company's policy to that level: accept, refuse ``550 5.7.1``
-with the reason, quarantine, or defer ``451 4.7.5`` when DNS failed while a stronger level was
-still possible. It also builds our own Authentication-Results header (RFC 8601) for the stored
+evidence); this module applies the company's policy to that level: accept, refuse, quarantine,
+or defer when DNS failed while a stronger level was still possible (the gate turns these into
+a disposition). It also builds our own Authentication-Results header (RFC 8601) for the stored
 copy.
 """
 
@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 
 from dealmail.config import Company, Config, User
+from linking.capture import Evidence, Verification, Verifier
 from linking.parse import ParsedMessage
 
-from .handlers.smart_bcc import Verification, Verifier
 from .senderauth import (
     LEVELS,
     DnsQuery,
@@ -25,7 +25,6 @@ from .senderauth import (
     dnspython_txt,
     replay_key,
 )
-from .server import DataContext
 
 
 def accepts(company: Company, level: str) -> bool:
@@ -56,16 +55,16 @@ def crypto_verifier(
                                                        clock=clock)
         return found
 
-    def verify(ctx: DataContext, parsed: ParsedMessage, company: Company,
+    def verify(raw: bytes, parsed: ParsedMessage, seen: Evidence, company: Company,
                user: User) -> Verification:
         config = config_of()
         verifier = verifier_for(config)
-        verdict = verifier.verify(ctx.raw, parsed.from_.address, ctx.peer_ip, ctx.mail_from,
-                                  ctx.helo)
+        verdict = verifier.verify(raw, parsed.from_.address, seen.client_ip,
+                                  seen.envelope_from, seen.helo)
         accepted = accepts(company, verdict.level)
         evidence = verdict.as_dict()
-        evidence["client_ip"] = ctx.peer_ip
-        evidence["replay_key"] = replay_key(ctx.raw, verdict)
+        evidence["client_ip"] = seen.client_ip
+        evidence["replay_key"] = replay_key(raw, verdict)
         header = verifier.authentication_results(
             config.policy.authserv_id, verdict, parsed.from_.address.rpartition("@")[2])
         return Verification(

@@ -16,66 +16,60 @@ from collections.abc import Callable
 from datetime import datetime
 
 from crmstore.outbox import enqueue
-from dealmail.config import Config
 from digest.ask import answer_message, answer_request, parse_request
+from linking.capture import Capture, CaptureRequest, Disposition, Trust
 from linking.replytext import extract_reply_from_message
 
 from .. import replies
 from ..replies import Reply
-from ..server import DataContext, Job
-from .common import read_message
-from .smart_bcc import Verifier
+from ..routing import Route
+from ..server import DataContext, Job, evidence_of
 
 log = logging.getLogger("dealmail.ask")
 
 
 class AskHandler:
-    def __init__(self, config_of: Callable[[], Config], now: Callable[[], datetime],
-                 verifier: Verifier) -> None:
-        self.config_of = config_of
+    serves: tuple[str, ...] = ("ask",)
+
+    def __init__(self, capture: Capture, now: Callable[[], datetime]) -> None:
+        self.capture = capture
         self.now = now
-        self.verifier = verifier
+
+    def rcpt_check(self, route: Route) -> Reply | None:
+        return None
 
     def check(self, ctx: DataContext) -> Reply | Job:
         qid = ctx.queue_id
-        parsed = read_message(ctx, log, "request")
-        if isinstance(parsed, Reply):
-            return parsed
+        parsed = self.capture.read(ctx.raw)
+        if isinstance(parsed, Disposition):
+            return replies.for_disposition(parsed, qid)
         company = ctx.routes[0].company
-        config = self.config_of()
-        found = config.find_user(parsed.from_.address)
-        if found is None or found[0].slug != company.slug:
-            log.info("[%s] ask refused: %s is not a user of %s", qid, parsed.from_.address,
-                     company.slug)
-            return replies.not_allowed(
-                f"<{parsed.from_.address}> is not allowed to use this address")
-        _company, user = found
-        verdict = self.verifier(ctx, parsed, company, user)
-        if verdict.temp_error:
-            return replies.dns_temp_failure(
-                f"Sender verification failed temporarily: {verdict.reason}")
-        if not verdict.accepted:
-            log.info("[%s] ask refused: %s not verified (%s; level %s)", qid,
-                     parsed.from_.address, verdict.reason, verdict.level)
-            return replies.not_allowed(
-                f"Message from <{parsed.from_.address}> could not be verified: "
-                f"{verdict.reason}")
+        config = self.capture.config_of()
+        request = CaptureRequest(raw=ctx.raw, channel="ask", company=company, queue_id=qid,
+                                 evidence=evidence_of(ctx), trust=Trust.VERIFY)
+        # An unverified request is refused, never quarantined: an answer to a forged sender
+        # would be backscatter and a privacy leak.
+        admitted = self.capture.gate.admit(parsed, request, allow_quarantine=False)
+        if isinstance(admitted, Disposition):
+            log.info("[%s] ask refused: %s", qid, admitted.reason)
+            return replies.for_disposition(admitted, qid)
+        user = admitted.user
         try:
             body = extract_reply_from_message(parsed.full)
         except Exception:  # a body we cannot read still has a subject to answer
             log.info("[%s] ask: body unreadable, using the subject only", qid)
             body = ""
-        request = parse_request(parsed.subject, body)
+        request_ = parse_request(parsed.subject, body)
         message_id = parsed.message_id
         now = self.now()
 
         def job() -> Reply:
-            answer = answer_request(config, user.address, request, now)
+            answer = answer_request(config, user.address, request_, now)
             msg = answer_message(config, answer, now, in_reply_to=message_id)
             ids = enqueue(msg, kind="answer", mail_from="", recipients=[user.address],
                           now=now)
             log.info("[%s] ask from %s (%s %s): answer queued as outbox %s", qid,
-                     user.address, request.kind, request.arg, ids)
+                     user.address, request_.kind, request_.arg, ids)
             return replies.queued(qid)
 
         return job

@@ -9,14 +9,11 @@ our own rules:
   the current state and a fresh question, never a bounce.
 * DATA: auto-replies (out-of-office, RFC 3834) are accepted and ignored, nothing answered.
   The reply must come from the user who was asked (primary or alternate address) and pass the
-  same sender verification as Smart BCC (``mta.verification``), else ``550 5.7.1`` and nothing
-  changes; a token withdrawn between RCPT and DATA is also ``550 5.7.1``.
+  sender gate (``linking.capture.SenderGate``, as for Smart BCC), else ``550 5.7.1`` and
+  nothing changes; a token withdrawn between RCPT and DATA is also ``550 5.7.1``.
 * The answer is read from the reply's own text (``linking.replytext`` removes the quoted
-  question and the signature; ``linking.answers`` reads it). A valid answer links the email
-  and its thread to the deal, writes the audit entry and queues a one-line confirmation
-  (unless the user turned them off); anything unclear queues a short explanation repeating
-  the choices, with the same token. Every message back goes through the outbox, in the
-  transaction that records the answer, from the null sender to the user's primary address.
+  question and the signature) and applied by ``digest.answers`` in the committer's
+  transaction.
 """
 
 from __future__ import annotations
@@ -24,278 +21,77 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
-from crmstore import models as m
-from crmstore.outbox import enqueue
-from dealmail.clock import naive_utc
-from dealmail.config import Company, Config, User
-from digest import questions as q
-from linking.answers import Answer, read_answers
-from linking.parse import MARKER_HEADER
-from linking.record import Directory
+from digest.answers import apply_answer, token_owner
+from linking.capture import Capture, CaptureRequest, Disposition, Trust
 from linking.replytext import extract_reply_from_message
 
 from .. import replies
 from ..replies import Reply
 from ..routing import Route
-from ..server import DataContext, Job
-from .common import read_message
-from .smart_bcc import Verifier
+from ..server import DataContext, Job, evidence_of
 
 log = logging.getLogger("dealmail.choice")
-
-_TEXT = {
-    "en": {
-        "linked": "“{subject}” is now on deal {id} “{title}”.",
-        "none": "“{subject}” stays without a deal.",
-        "was_linked": "“{subject}” was already answered: it is on deal {id} “{title}”.",
-        "was_none": "“{subject}” was already answered: no deal.",
-        "elsewhere": "“{subject}” is already on deal {id} “{title}”.",
-        "expired": "The question about “{subject}” has expired; here it is again.",
-        "replaced": "The question about “{subject}” was replaced; here is the current one.",
-        "closed": "Deal {id} “{title}” is no longer open ({status}); please choose again "
-                  "for “{subject}”.",
-        "deleted": "Deal {id} no longer exists; please choose again for “{subject}”.",
-        "unclear": "I could not read your answer about “{subject}”: {why}.",
-        "missing": "“{subject}” still needs an answer.",
-        "no_open": "“{subject}”: the customer has no open deal left, so it stays without a "
-                   "deal.",
-        "problem": "{why}.",
-    },
-    "ja": {
-        "linked": "「{subject}」を案件{id}「{title}」に紐付けました。",
-        "none": "「{subject}」は案件に紐付けません。",
-        "was_linked": "「{subject}」はすでに回答済みです（案件{id}「{title}」）。",
-        "was_none": "「{subject}」はすでに回答済みです（案件なし）。",
-        "elsewhere": "「{subject}」はすでに案件{id}「{title}」に紐付いています。",
-        "expired": "「{subject}」についての質問は期限切れです。改めてお尋ねします。",
-        "replaced": "「{subject}」についての質問は新しいものに置き換えられました。",
-        "closed": "案件{id}「{title}」はもう進行中ではありません（{status}）。「{subject}」の"
-                  "案件を選び直してください。",
-        "deleted": "案件{id}は削除されました。「{subject}」の案件を選び直してください。",
-        "unclear": "「{subject}」への回答「{text}」を読み取れませんでした。{why_ja}",
-        "missing": "「{subject}」はまだ回答が必要です。",
-        "no_open": "「{subject}」: 顧客の進行中の案件がなくなったため、案件なしのままにします。",
-        "problem": "回答を読み取れませんでした。メールごとに「1: 2, 2: 0」のように番号で答えて"
-                   "ください。",
-    },
-}
-
-
-def _say(user: User, key: str, **values: Any) -> str:
-    lang = "ja" if user.language == "ja" else "en"
-    return _TEXT[lang][key].format(**values)
-
-
-def _why_ja(answer: Answer, count: int) -> str:
-    if answer.kind == "ambiguous":
-        return "複数の案件名に一致します。番号で答えてください。"
-    return f"0から{count}までの番号、または案件名の一部で答えてください。"
 
 
 class ChoiceHandler:
     """Handler of ``+choice-<token>`` replies (see the module docstring)."""
 
-    def __init__(
-        self,
-        config_of: Callable[[], Config],
-        directory_of: Callable[[], Directory],
-        now: Callable[[], datetime],
-        verifier: Verifier,
-    ) -> None:
-        self.config_of = config_of
-        self.directory_of = directory_of
+    serves: tuple[str, ...] = ("choice",)
+
+    def __init__(self, capture: Capture, now: Callable[[], datetime]) -> None:
+        self.capture = capture
         self.now = now
-        self.verifier = verifier
+
+    def rcpt_check(self, route: Route) -> Reply | None:
+        """A token never issued for this company is an address that does not exist
+        (``550 5.1.1``); used and expired ones are accepted."""
+        if token_owner(route.token or "", self.capture.directory_of(),
+                       route.company) is not None:
+            return None
+        return Reply(550, "5.1.1", f"<{route.address}>: no such question here")
 
     def check(self, ctx: DataContext) -> Reply | Job:
         qid = ctx.queue_id
         route = ctx.routes[0]
         token = route.token or ""
         # Out-of-office and other auto-replies to a question are never answered (no loops).
-        parsed = read_message(ctx, log, "reply to a question")
-        if isinstance(parsed, Reply):
-            return parsed
+        parsed = self.capture.read(ctx.raw)
+        if isinstance(parsed, Disposition):
+            return replies.for_disposition(parsed, qid)
         mid = parsed.message_id or "-"
-        config = self.config_of()
-        directory = self.directory_of()
+        config = self.capture.config_of()
+        directory = self.capture.directory_of()
         company = route.company
-        owner_id = _owner_of(token, directory, company)
+        owner_id = token_owner(token, directory, company)
         if owner_id is None:
             log.info("[%s] %s refused: unknown question token", qid, mid)
             return replies.not_allowed("This question does not exist (any more)")
-        found = config.find_user(parsed.from_.address)
-        if (found is None or found[0].slug != company.slug
-                or directory.user_ids.get(found[1].address) != owner_id):
+        request = CaptureRequest(raw=ctx.raw, channel="choice", company=company,
+                                 queue_id=qid, evidence=evidence_of(ctx), trust=Trust.VERIFY)
+        # Quarantine is for stored mail; an unverified answer must change nothing.
+        admitted = self.capture.gate.admit(parsed, request, allow_quarantine=False)
+        if isinstance(admitted, Disposition):
+            log.info("[%s] %s answer refused: %s", qid, mid, admitted.reason)
+            return replies.for_disposition(admitted, qid)
+        user = admitted.user
+        if directory.user_ids.get(user.address) != owner_id:
             log.info("[%s] %s refused: %s is not the user who was asked", qid, mid,
                      parsed.from_.address)
             return replies.not_allowed(
                 f"<{parsed.from_.address}> may not answer this question: only the user it "
                 "was sent to may answer, from their own address")
-        _company, user = found
-        verdict = self.verifier(ctx, parsed, company, user)
-        if verdict.temp_error:
-            log.info("[%s] %s deferred: %s", qid, mid, verdict.reason)
-            return replies.dns_temp_failure(
-                f"Sender verification failed temporarily: {verdict.reason}")
-        if not verdict.accepted:
-            # Quarantine is for stored mail; an unverified answer must change nothing.
-            log.info("[%s] %s refused: sender %s not verified (%s; level %s)", qid, mid,
-                     parsed.from_.address, verdict.reason, verdict.level)
-            return replies.not_allowed(
-                f"Answer from <{parsed.from_.address}> could not be verified: "
-                f"{verdict.reason}")
         try:
             text = extract_reply_from_message(parsed.full)
         except Exception as exc:  # a malformed body: the sender's fault, told precisely
             log.info("[%s] %s unreadable body: %s", qid, mid, exc)
             return replies.bad_content("the reply's text could not be read")
-        log.info("[%s] %s answer from %s (%s): %r", qid, mid, user.address, verdict.level,
-                 text[:80])
+        log.info("[%s] %s answer from %s (%s): %r", qid, mid, user.address,
+                 admitted.verification.level, text[:80])
 
         def job() -> Reply:
-            self.answer(config, directory, company, user, token, text, parsed.message_id,
-                        parsed.from_.address, qid)
+            apply_answer(config, directory, company, user, token, text, parsed.message_id,
+                         parsed.from_.address, qid, self.now())
             return replies.queued(qid)
 
         return job
-
-    # ------------------------------------------------------------------ the answer
-
-    def answer(self, config: Config, directory: Directory, company: Company, user: User,
-               token: str, text: str, reply_id: str | None, actor: str, qid: str) -> None:
-        """Apply one reply (inside the transaction) and queue what is said back."""
-        now = self.now()
-        nnow = naive_utc(now)
-        company_id = directory.company_ids[company.slug]
-        pairs = q.batch_rows(token)
-        by_number = dict(pairs)
-        top = max(by_number) if by_number else 0
-        cands = {k: q.candidates_of(r) for k, r in pairs}
-        answers = read_answers(text, [cands.get(k, []) for k in range(1, top + 1)])
-        notes: list[str] = []
-        done: list[str] = []
-        fresh_needed: list[m.PendingChoice] = []
-        waiting: list[q.Item] = []
-        for k, row in pairs:
-            subject = _subject(row)
-            thread = m.Thread.get_by_id(row.thread_id)
-            if row.state == "answered":
-                notes.append(_state_note(user, row, subject))
-                continue
-            if thread.deal_id is not None:
-                if row.state in q.ACTIVE:
-                    row.state = "void"
-                    row.save(only=[m.PendingChoice.state])
-                deal = m.Deal.get_by_id(thread.deal_id)
-                notes.append(_say(user, "elsewhere", subject=subject, id=deal.id,
-                                  title=deal.title))
-                continue
-            if row.state not in q.ACTIVE:
-                notes.append(_say(user, "replaced", subject=subject))
-                fresh_needed.append(row)
-                continue
-            if row.expires_at is not None and row.expires_at < nnow:
-                notes.append(_say(user, "expired", subject=subject))
-                fresh_needed.append(row)
-                continue
-            answer = answers.by_item.get(k)
-            if answer is None:
-                if answers.by_item:
-                    notes.append(_say(user, "missing", subject=subject))
-                waiting.append(q.Item(k, row, cands[k]))
-                continue
-            if answer.kind == "none":
-                q.apply_choice(row, None, actor, company_id, nnow, answer.text, qid)
-                done.append(_say(user, "none", subject=subject))
-                continue
-            if answer.kind == "deal" and answer.deal_id is not None:
-                deal = m.Deal.get_or_none((m.Deal.id == answer.deal_id)
-                                          & (m.Deal.company == company_id))
-                if deal is None:
-                    notes.append(_say(user, "deleted", id=answer.deal_id, subject=subject))
-                    fresh_needed.append(row)
-                elif deal.status != "open":
-                    notes.append(_say(user, "closed", id=deal.id, title=deal.title,
-                                      status=deal.status, subject=subject))
-                    fresh_needed.append(row)
-                else:
-                    q.apply_choice(row, deal.id, actor, company_id, nnow, answer.text, qid)
-                    done.append(_say(user, "linked", subject=subject, id=deal.id,
-                                     title=deal.title))
-                continue
-            notes.append(_say(user, "unclear", subject=subject, why=answer.why,
-                              text=answer.text, why_ja=_why_ja(answer, len(cands[k]))))
-            waiting.append(q.Item(k, row, cands[k]))
-        if answers.problems and waiting:
-            notes.extend(_say(user, "problem", why=p) for p in answers.problems)
-
-        log.info("[%s] choice token answered by %s: %d recorded, %d waiting, %d to ask again",
-                 qid, user.address, len(done), len(waiting), len(fresh_needed))
-        if fresh_needed:
-            # One Reply-To per email: what is still open is asked again under a new token.
-            fresh, gone = q.refresh_rows(fresh_needed + [i.row for i in waiting], now)
-            notes.extend(_say(user, "no_open", subject=_subject(r)) for r in gone)
-            new_token, items = q.ask_again(config, fresh, now) if fresh else (None, [])
-            self._send(config, company, user, company_id, q.compose_question(
-                config, company, user, items, new_token, now, notes=done + notes,
-                kind="answer", in_reply_to=reply_id))
-        elif waiting:
-            # Explain what was understood and repeat the choices; the token stays valid.
-            self._send(config, company, user, company_id, q.compose_question(
-                config, company, user, waiting, token, now, notes=done + notes,
-                kind="answer", in_reply_to=reply_id))
-        elif notes:
-            self._send(config, company, user, company_id, q.compose_question(
-                config, company, user, [], None, now, notes=done + notes, kind="answer",
-                in_reply_to=reply_id))
-        elif done and user.confirm_choices:
-            self._send(config, company, user, company_id, q.compose_confirmation(
-                config, company, user, done, now, in_reply_to=reply_id))
-
-    def _send(self, config: Config, company: Company, user: User, company_id: int,
-              message: Any) -> None:
-        kind = str(message.get(MARKER_HEADER, "answer"))
-        enqueue(message, kind=kind, mail_from="", recipients=[user.address], now=self.now(),
-                company_id=company_id)
-
-
-def _subject(row: m.PendingChoice) -> str:
-    email = m.Email.get_or_none(m.Email.id == row.email_id)
-    return (email.subject if email is not None and email.subject else "(no subject)")[:120]
-
-
-def _state_note(user: User, row: m.PendingChoice, subject: str) -> str:
-    if row.answer_deal_id is None:
-        return _say(user, "was_none", subject=subject)
-    deal = m.Deal.get_or_none(m.Deal.id == row.answer_deal_id)
-    title = deal.title if deal is not None else "?"
-    return _say(user, "was_linked", subject=subject, id=row.answer_deal_id, title=title)
-
-
-def _owner_of(token: str, directory: Directory, company: Company) -> int | None:
-    """The user a token was issued to, if it was issued for ``company``."""
-    if not token:
-        return None
-    company_id = directory.company_ids.get(company.slug)
-    row = (m.PendingChoice.select(m.PendingChoice.user)
-           .join(m.User, on=(m.PendingChoice.user == m.User.id))
-           .where(m.PendingChoice.token_hash.in_(q.token_hashes(token))
-                  & (m.User.company == company_id)).first())
-    return int(row.user_id) if row is not None else None
-
-
-def choice_rcpt_check(directory_of: Callable[[], Directory]) -> Callable[[Route], Reply | None]:
-    """RCPT-time check of ``+choice-<token>``: a token never issued for this company is an
-    address that does not exist (``550 5.1.1``); used and expired ones are accepted."""
-
-    def check(route: Route) -> Reply | None:
-        if route.kind != "choice":
-            return None
-        if _owner_of(route.token or "", directory_of(), route.company) is not None:
-            return None
-        return replies.Reply(550, "5.1.1", f"<{route.address}>: no such question here")
-
-    return check
-

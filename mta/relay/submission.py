@@ -15,15 +15,16 @@ and optionally ``listeners.submissions`` with TLS from the first byte (RFC 8314 
   attempts). Credentials never reach a log line: aiosmtpd logs each command line, so a filter
   redacts AUTH lines on its logger.
 * Nothing is relayed without authentication (``530 5.7.0`` at MAIL, RFC 4954 §6). The
-  envelope sender and the header From (and Sender, when present) must be addresses of the
-  authenticated user, primary or alternate: otherwise ``553 5.7.1`` (RELIABILITY.md A.30).
+  envelope sender and the header From (and Sender and Resent-From, when present) must be
+  addresses of the authenticated user, primary or alternate: otherwise ``553 5.7.1``.
 * A bare CR or LF in the message is normalised to CRLF or refused (``relay.bare_newlines``):
   aiosmtpd passes them through, and a lenient downstream server would read ``\\n.\\r\\n`` as the
-  end of data (outbound SMTP smuggling, RELIABILITY.md 0.3 and A.25).
+  end of data (outbound SMTP smuggling).
 
-Capture and queueing happen in one transaction (the group committer's): the message is stored
-and linked exactly like a Smart BCC copy (:func:`mta.handlers.smart_bcc.store_copies`, channel
-``relay``, the user's default visibility), unless every recipient is a colleague; and one
+Capture and queueing happen in one transaction (the group committer's): the message enters the
+one capture path (``linking.capture``, channel ``relay``, trust ``login``, the user's default
+visibility) and is stored and linked like every captured copy, unless every recipient is a
+colleague; and one
 outbox item per destination domain is queued with the envelope sender. The ``250`` is sent
 after the commit; the committer's after-commit hook wakes the outbox worker. The stored copy
 keeps its ``Bcc:`` header; the delivered copy loses it (RFC 5322 §3.6.3), gains a
@@ -52,15 +53,13 @@ from aiosmtpd.smtp import MISSING, Envelope, Session
 
 from crmstore.committer import GroupCommitter
 from crmstore.outbox import enqueue
-from dealmail.addresses import AddressError, domain_of, normalize_address, parse_strict_mailbox
+from dealmail.addresses import AddressError, domain_of, normalize_address
 from dealmail.config import Config, User
 from dealmail.passwords import verify_password
-from linking.originals import plain_original
+from linking.capture import Capture, CaptureRequest, Commit, Disposition, Outcome, Trust
 from linking.parse import MessageRejected, parse_message
-from linking.record import Arrival, Directory
 
 from .. import replies
-from ..handlers.smart_bcc import AfterRecord, store_copies
 from ..replies import Reply
 from ..server import (
     ConnectionGate,
@@ -68,6 +67,7 @@ from ..server import (
     DealmailSMTP,
     Job,
     decide_and_commit,
+    evidence_of,
     incident_reply,
     new_queue_id,
     parse_listen,
@@ -278,14 +278,11 @@ class RelayHandler:
 
     channel = "relay"
 
-    def __init__(self, config_of: Callable[[], Config], directory_of: Callable[[], Directory],
-                 now: Callable[[], datetime], base: Path,
-                 after_record: AfterRecord | None = None) -> None:
-        self.config_of = config_of
-        self.directory_of = directory_of
+    def __init__(self, capture: Capture, now: Callable[[], datetime], base: Path) -> None:
+        self.capture = capture
+        self.config_of = capture.config_of
         self.now = now
         self.base = base
-        self.after_record = after_record
 
     def _dkim_key(self, config: Config, from_domain: str) -> tuple[str, str, bytes] | None:
         for domain, selector, key_file in config.relay.dkim:
@@ -322,48 +319,36 @@ class RelayHandler:
         except MessageRejected as exc:
             log.info("[%s] refused from %s: %s", qid, user.address, exc.reason)
             return replies.bad_content(exc.reason)
-        claimed = [parsed.from_.address]
-        sender_header = parsed.headers.get("sender")
-        if sender_header:
-            try:
-                claimed.append(parse_strict_mailbox(str(sender_header)).address)
-            except AddressError:
-                return replies.bad_content("unreadable Sender header")
-        for address in claimed:
-            if address not in user.addresses:
-                log.info("[%s] refused: %s may not send as %s", qid, user.address, address)
-                return Reply(553, "5.7.1", f"Sender address rejected: <{address}> not owned "
-                                           f"by user {user.address}")
-        directory = self.directory_of()
-        everyone = [*recipients, *(b.address for b in parsed.to + parsed.cc)]
-        external = [a for a in everyone if not directory.is_internal(company, a.lower())]
-        track = bool(external) and not parsed.is_auto
+        request = CaptureRequest(
+            raw=raw, channel="relay", company=company, queue_id=qid,
+            evidence=evidence_of(ctx), trust=Trust.LOGIN, user=user,
+            recipients=tuple(recipients), received_at=now)
+        # The same gate as every source: here it checks that From, Sender and Resent-From
+        # are the authenticated user's own addresses (553 5.7.1 otherwise).
+        admitted = self.capture.gate.admit(parsed, request)
+        if isinstance(admitted, Disposition):
+            log.info("[%s] refused from %s: %s", qid, user.address, admitted.reason)
+            return replies.for_disposition(admitted, qid, refused_sender_code=553)
+        # An automatic message is delivered but never tracked (no loops, RFC 3834 §2).
+        prepared: Disposition | Commit = (
+            Disposition(Outcome.IGNORED, f"automatic message ({parsed.auto_reason})")
+            if parsed.is_auto else self.capture.prepare(request, parsed))
         received = received_line(ctx.helo, ctx.peer_ip, config.hostname, qid, user.address,
                                  recipients, now)
         outgoing = outgoing_copy(raw, received,
                                  self._dkim_key(config, domain_of(parsed.from_.address)))
-        arrival = Arrival(
-            user=user, company=company, channel=self.channel, queue_id=qid, received_at=now,
-            envelope_from=ctx.mail_from, client_ip=ctx.peer_ip, verification="authenticated",
-            evidence={"method": "smtp-auth", "login": user.address,
-                      "tls": bool(ctx.extra.get("tls"))},
-        )
-        # RFC 8601 §2.7.4: the stored copy says how its sender was authenticated.
-        stored = (f"Authentication-Results: {config.policy.authserv_id}; auth=pass "
-                  f"smtp.auth={user.address}\r\n").encode() + raw
         mid = parsed.message_id or "-"
-        company_ids = directory.company_ids
+        company_id = self.capture.directory_of().company_ids.get(company.slug)
 
         def job() -> Reply:
-            if track:
-                store_copies(config, directory, [plain_original(parsed, now)], stored,
-                             arrival, self.after_record)
-            else:
-                log.info("[%s] %s not tracked (%s)", qid, mid,
-                         "automatic message" if parsed.is_auto else "colleagues only")
+            done = prepared if isinstance(prepared, Disposition) else prepared()
+            if not done.accepted:  # the capture refused: nothing is sent either
+                return replies.for_disposition(done, qid, refused_sender_code=553)
+            if done.outcome is Outcome.IGNORED:
+                log.info("[%s] %s not tracked (%s)", qid, mid, done.reason)
             ids = enqueue(outgoing, kind="relay", mail_from=ctx.mail_from,
-                          recipients=recipients, now=now,
-                          company_id=company_ids.get(company.slug), subject=parsed.subject)
+                          recipients=recipients, now=now, company_id=company_id,
+                          subject=parsed.subject)
             log.info("[%s] %s from %s queued for %d recipient(s) as outbox %s", qid, mid,
                      user.address, len(recipients), ",".join(f"#{i}" for i in ids))
             return Reply(250, "2.0.0", f"Ok: queued as {qid}")
@@ -586,7 +571,7 @@ async def start_submission(
 
 async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
     """Start the listeners the config asks for (App.start calls this): ``submission`` and
-    ``submissions``. The relay captures with the same ``after_record`` as Smart BCC."""
+    ``submissions``. The relay captures through the application's one capture path."""
     from .tlscert import submission_context
 
     c: Config = app.config
@@ -595,8 +580,7 @@ async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
         return servers
     context = submission_context(c.tls.cert_file, c.tls.key_file, c.hostname, app.base,
                                  app.clock.now())
-    handler = RelayHandler(app.get_config, app.get_directory, app.clock.now, app.base,
-                           after_record=getattr(app.handlers.get("bcc"), "after_record", None))
+    handler = RelayHandler(app.capture, app.clock.now, app.base)
     throttle = AuthThrottle(
         app.clock.now, max_failures=c.relay.auth_max_failures,
         window=timedelta(seconds=c.relay.auth_window_seconds),

@@ -241,8 +241,8 @@ def test_handler_exception_answers_451_not_500(server: Any, monkeypatch: Any) ->
     def boom(*a: Any, **k: Any) -> Any:
         raise RuntimeError("secret internal detail")
 
-    handler = server.app.handlers["bcc"]
-    monkeypatch.setattr(handler, "directory_of", boom)
+    capture = server.app.capture
+    monkeypatch.setattr(capture, "directory_of", boom)
     code, text = smtp_error(server.port, msg())
     assert code == 451 and "secret" not in text
     assert m.Email.select().count() == 0
