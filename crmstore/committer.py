@@ -5,7 +5,7 @@ one database transaction, each inside its own savepoint (so one failing job roll
 and is answered 451), commits once, and only then resolves the jobs' futures. No client is
 answered before the commit that holds its message returned (RFC 5321 §6.1), yet N waiting
 messages cost one fsync instead of N. When nothing else waits the job is committed at once: a
-lone client never waits for a grouping window (DESIGN.md, measured facts).
+lone client never waits for a grouping window (docs/architecture.md, measured facts).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ log = logging.getLogger("dealmail.committer")
 T = TypeVar("T")
 Job = Callable[[], Any]
 
-# A fault injection point for tests (RELIABILITY.md A-DUR 3): called just before COMMIT.
+# A fault injection point for tests (docs/reliability.md A-DUR 3): called just before COMMIT.
 BeforeCommit = Callable[[], None]
 
 
@@ -162,7 +162,7 @@ class GroupCommitter:
 
     def _reconnect(self) -> None:
         """After a failed commit the connection may be dead (PostgreSQL restarted): reopen it
-        so the next message succeeds without a restart (RELIABILITY.md A-DUR 6)."""
+        so the next message succeeds without a restart (docs/reliability.md A-DUR 6)."""
         try:
             if not self.store.db.is_closed():
                 self.store.db.close()

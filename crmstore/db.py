@@ -4,7 +4,7 @@ schema, and mirror the configured companies and users into their tables.
 "250 only after the commit" is only true when the commit is durable, so the store checks the
 settings that make it so: SQLite in WAL mode with ``synchronous=FULL`` (a WAL commit with
 NORMAL can be lost on power failure), PostgreSQL with ``fsync`` and ``synchronous_commit`` on
-(RELIABILITY.md A-DUR 7). It refuses to start otherwise.
+(docs/reliability.md A-DUR 7). It refuses to start otherwise.
 """
 
 from __future__ import annotations

@@ -570,8 +570,8 @@ def import_csv(store: Store, company_slug: str, kind: str, path: Path,
 
     Pass the config's ``policy.freemail_domains`` and the company's ``internal_domains``
     (normalised, as the config holds them): an organization cannot own a freemail or an
-    internal domain, and a person cannot have an address in an internal domain (DESIGN.md:
-    those addresses are colleagues, never customers)."""
+    internal domain, and a person cannot have an address in an internal domain (those
+    addresses are colleagues, never customers: docs/architecture.md)."""
     if kind not in KINDS:
         raise ValueError(f"unknown import kind {kind!r}; expected one of {', '.join(KINDS)}")
     try:

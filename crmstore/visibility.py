@@ -1,6 +1,6 @@
 """Who may see an email: the one rule every listing, digest, answer and CLI output goes through.
 
-The rule (DESIGN.md, seed rules 6 and 7):
+The rule (docs/architecture.md, rules 6 and 7):
 
 * the owner of a sighting sees the email;
 * a colleague (same company) sees it only if some sighting of it is ``shared`` **and** the email,

@@ -109,7 +109,7 @@ def _unfold(value: str) -> str:
 def parse_strict_mailbox(value: str) -> Mailbox:
     """Parse a From header value that must hold exactly one mailbox.
 
-    Refuses what a lenient parser would silently reinterpret (RELIABILITY.md B.7):
+    Refuses what a lenient parser would silently reinterpret (docs/reliability.md B.7):
     several mailboxes, an address followed by another in angle brackets, NULs, an
     encoded-word that hides an address outside the brackets, unbalanced quotes.
     """

@@ -4,7 +4,7 @@ Every message dealmail writes carries ``Auto-Submitted: auto-generated`` (RFC 38
 marker header, so no auto-responder answers it and dealmail itself ignores it if it comes back
 (no loops). Templates are Jinja2 with ``StrictUndefined`` (a missing value is an error, not an
 empty string) and autoescaping for HTML; message text (subjects, names, bodies) is only ever
-passed as data, never compiled as a template (RELIABILITY.md A.34).
+passed as data, never compiled as a template (docs/reliability.md A.34).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A user's digest: what happened since their last one, composed as an email.
 
-The digest is the email form of a hosted CRM's personal inbox (DESIGN.md, seed rule 3). It lists,
-for the period since the user's last digest:
+The digest is the email form of a hosted CRM's personal inbox (docs/architecture.md, rule 3).
+It lists, for the period since the user's last digest:
 
 * tracked emails the user may see — their own copies, and colleagues' shared copies on deals the
   user owns — grouped by deal and then by person (subject, correspondent, date, channel, link
@@ -371,7 +371,7 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
         })
 
     # Messages that claimed to be from this user: quarantined copies (listed, never shown)
-    # and refused replays of an already stored message (RELIABILITY.md 0.7).
+    # and refused replays of an already stored message (docs/reliability.md 0.7).
     refused = []
     for s in (m.Sighting.select()
               .where((m.Sighting.user == user_row.id) & (m.Sighting.visibility == "quarantined")

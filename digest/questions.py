@@ -3,7 +3,7 @@
 When ``linking.record.record_email`` leaves a :class:`~crmstore.models.PendingChoice` (the
 person has several open deals and the thread none), :func:`queue_question` runs in the same
 transaction (Smart BCC's ``after_record`` hook) and puts the question in the outbox; nothing is
-sent from the transaction itself (DESIGN.md: everything leaves through the outbox).
+sent from the transaction itself (docs/architecture.md: everything leaves through the outbox).
 
 Tokens. One question email has one ``Reply-To: <slug>+choice-<token>@<mail domain>``; the token
 is ``secrets.token_urlsafe(24)`` (192 random bits) and is never stored: each pending choice of

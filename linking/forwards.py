@@ -1,6 +1,6 @@
 """Forwarded-message parsing: who really wrote the mail a salesperson forwarded to dealmail.
 
-A user forwards a customer's mail to the company address with an empty To (DESIGN.md,
+A user forwards a customer's mail to the company address with an empty To (docs/architecture.md,
 Smart BCC). The outer message is from the user; the correspondent is inside, either
 
 * attached whole: a ``message/rfc822`` part (RFC 2046 §5.2.1), or an ``.eml`` file sent

@@ -1,11 +1,11 @@
 """Reading a received message: the cheap header parse on the hot path, and the body on demand.
 
-Measured here (DESIGN.md): parsing with ``email.policy.default`` costs ~1.6 ms per message, the
-``compat32`` header parse ~0.08 ms. Linking needs only From/To/Cc/Subject/Date and the threading
-headers, so :func:`parse_message` splits the header block at the first blank line and parses
-only that with ``compat32``, decoding RFC 2047 words itself. The body (snippet, attachments,
-forwarded originals) is parsed when asked for, and for a large message only its MIME structure
-is walked, never its payloads held decoded.
+Measured here (docs/architecture.md): parsing with ``email.policy.default`` costs ~1.6 ms per
+message, the ``compat32`` header parse ~0.08 ms. Linking needs only From/To/Cc/Subject/Date and
+the threading headers, so :func:`parse_message` splits the header block at the first blank line
+and parses only that with ``compat32``, decoding RFC 2047 words itself. The body (snippet,
+attachments, forwarded originals) is parsed when asked for, and for a large message only its
+MIME structure is walked, never its payloads held decoded.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # RFC 5322 §3.6: these fields occur at most once. A duplicate From is how a forged sender hides
-# above a signed one (RELIABILITY.md B.7), so duplicates of the identity fields are refused.
+# above a signed one (docs/reliability.md B.7), so duplicates of the identity fields are refused.
 _SINGLETONS_REFUSED = ("from", "sender")
 _SINGLETONS = ("to", "cc", "subject", "date", "message-id", "reply-to", "in-reply-to",
                "references")

@@ -5,10 +5,11 @@ transaction; it only writes rows (email, sighting, participants, links, thread, 
 and returns what it decided. It never sends anything: a question about the deal is a
 ``PendingChoice`` row that the deal-choice machinery turns into an outbox item.
 
-Persons (seed rule 1): any customer address of the message is matched to a person by any of
-the person's addresses. Company users and internal domains are never customers.
-Deals (seed rule 2): an explicit ``+deal<ID>`` address, else the thread's deal, else the one
-open deal of the matched persons, else a pending choice when several are open. Won and lost
+Persons (docs/architecture.md, rule 1): any customer address of the message is matched to a
+person by any of the person's addresses. Company users and internal domains are never
+customers. Deals (docs/architecture.md, rule 2): an explicit ``+deal<ID>`` address, else the
+thread's deal, else the one open deal of the matched persons, else a pending choice when
+several are open. Won and lost
 deals are never chosen automatically.
 """
 

@@ -19,7 +19,7 @@ class Reply:
     text: str
 
     def __str__(self) -> str:
-        # One line; CR/LF never reach the wire from message data (RELIABILITY.md A.35).
+        # One line; CR/LF never reach the wire from message data (docs/reliability.md A.35).
         text = " ".join(self.text.replace("\x00", "").split())
         return f"{self.code} {self.status} {text}"
 

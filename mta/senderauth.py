@@ -1,7 +1,7 @@
 """Sender authentication: decide how sure we are that a message really comes from its From.
 
-Only mail that really comes from a user may become that user's tracked email (issue
-"Sender authentication"; RELIABILITY.md B.7-B.9). This module is pure: no database, no SMTP
+Only mail that really comes from a user may become that user's tracked email
+(docs/reliability.md B.7-B.9). This module is pure: no database, no SMTP
 server, and every DNS query goes through an injected function, so tests run offline and the
 SMTP integration decides what to do with the :class:`Verdict`.
 
@@ -12,7 +12,7 @@ Levels, strongest first (``LEVELS`` lists them weakest first so that an index co
     (RFC 7489 §3.1.1), whose ``h=`` covers From, without ``l=`` (or ``l=`` equal to the whole
     canonical body), RSA key of at least ``PolicyConfig.min_rsa_bits`` (1024 by default, which
     is also dkimpy's floor; 512/768 are always refused) or ed25519. EVERY DKIM-Signature is
-    checked, not only the first (``dkim.verify()`` only checks the first: RELIABILITY.md 0.5).
+    checked, not only the first (``dkim.verify()`` only checks the first: docs/reliability.md 0.5).
 ``upstream``
     Our trusted border MTA already did the work: its Authentication-Results (RFC 8601) says
     ``dmarc=pass header.from=<our From domain>`` or an aligned ``dkim=pass header.d=``. Only
@@ -38,7 +38,7 @@ Levels, strongest first (``LEVELS`` lists them weakest first so that an index co
 ``none``
     Everything else.
 
-Message-level rules from RELIABILITY.md B.7 apply before any level: a missing or duplicated
+Message-level rules from docs/reliability.md B.7 apply before any level: a missing or duplicated
 singleton header (RFC 5322 §3.6 table), a From header that is not exactly one mailbox, a From
 that differs from the ``from_address`` the caller parsed, or a Sender that differs from From
 make the verdict ``none``.
@@ -281,7 +281,7 @@ def singleton_violations(raw: bytes) -> list[str]:
     """Problems with RFC 5322 §3.6 singleton fields: duplicates, and a missing From.
 
     A duplicated From is the classic way to show one address while a signature covers
-    another (RELIABILITY.md B.7, B.9 #7/#8)."""
+    another (docs/reliability.md B.7, B.9 #7/#8)."""
     counts: dict[str, int] = {}
     for name, _ in _split_headers(raw):
         if name in SINGLETON_HEADERS:
@@ -973,7 +973,7 @@ class SenderVerifier:
 
 
 def replay_key(raw: bytes, verdict: Verdict | None = None) -> str | None:
-    """Key for DKIM replay detection (RELIABILITY.md 0.7, B.9 #23).
+    """Key for DKIM replay detection (docs/reliability.md 0.7, B.9 #23).
 
     sha256 over (Message-ID, the signature's b= hash, its bh=). The signature is the first
     *verified* one of ``verdict`` when given, else the first syntactically usable

@@ -5,7 +5,7 @@ business logic in ``mta.handlers``. The hooks check recipients at RCPT time agai
 table, and at DATA hand the message to the handler of its route: the handler's checks run in a
 worker thread, its database work in the group committer, and the reply is sent only after the
 commit returned. Any fault of ours answers ``451 4.3.0`` with an incident reference, never
-aiosmtpd's default ``500`` with the exception text (RELIABILITY.md §0.2).
+aiosmtpd's default ``500`` with the exception text (docs/reliability.md §0.2).
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ class InboundHooks:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        # Postfix's queue_minfree (RELIABILITY.md A-DUR 5): refuse a transaction we could
+        # Postfix's queue_minfree (docs/reliability.md A-DUR 5): refuse a transaction we could
         # not store, before the client sends it; a temporary reply, the client retries.
         if self.has_space is not None and not self.has_space():
             log.warning("refused MAIL from %s: not enough free disk space", peer_ip(session))

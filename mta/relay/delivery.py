@@ -21,8 +21,8 @@ Decisions, in one place each:
   the first byte (RFC 8314); ``opportunistic`` uses STARTTLS when offered without verifying
   the certificate, as RFC 7672 §1.3 describes opportunistic TLS for SMTP.
 * Credentials are never sent over an unencrypted connection, whatever the route says
-  (RELIABILITY.md D.6.6): the route fails with a TEMPORARY outcome and a clear message.
-* The message body is normalised to CRLF before it leaves (RELIABILITY.md A.25): a bare LF
+  (docs/reliability.md D.6.6): the route fails with a TEMPORARY outcome and a clear message.
+* The message body is normalised to CRLF before it leaves (docs/reliability.md A.25): a bare LF
   must never reach a downstream server, since a lenient one would read ``\\n.\\r\\n`` as the end
   of data (SMTP smuggling). aiosmtplib dot-stuffs the normalised lines.
 * A connection lost after the final ``.`` but before the reply is ambiguous (RFC 1047): the
@@ -151,7 +151,7 @@ def _address_problem(address: str, *, null_allowed: bool) -> str | None:
 
     aiosmtplib (>=5.1.1) refuses CR/LF but runs addresses through ``email.utils.parseaddr``,
     which would silently rewrite e.g. ``a(comment)@b`` into ``a@b``; we refuse anything it
-    would change, so the envelope sent is exactly the envelope queued (RELIABILITY.md D.6.16).
+    would change, so the envelope sent is exactly the envelope queued (docs/reliability.md D.6.16).
     """
     if address == "":
         return None if null_allowed else "empty address"
@@ -237,7 +237,7 @@ async def _open(route: NextHop, helo_name: str, command_timeout: float) -> aiosm
         if route.username is not None:
             if not _is_encrypted(smtp):
                 # Never hand credentials to a cleartext session, even if the server offers
-                # AUTH: a MITM may have stripped STARTTLS (RELIABILITY.md 0.4, D.6.6).
+                # AUTH: a MITM may have stripped STARTTLS (docs/reliability.md 0.4, D.6.6).
                 raise _RouteFailed(
                     f"refusing to send AUTH credentials to {route.label} over an unencrypted "
                     "connection (STARTTLS not offered or not negotiated)"
@@ -293,7 +293,7 @@ async def _transaction(
     options: list[str] = []
     if utf8:
         if not smtp.supports_extension("smtputf8"):
-            # RFC 6531 §3.2 / RELIABILITY.md A.18: cannot downgrade an internationalised
+            # RFC 6531 §3.2 / docs/reliability.md A.18: cannot downgrade an internationalised
             # address; the recipient's server will not accept it on any retry.
             set_all(recipients, Outcome.PERMANENT, 553,
                     "5.6.7 non-ASCII address and the server does not offer SMTPUTF8")
@@ -389,7 +389,7 @@ async def deliver(
         if problem is None:
             sendable.append(address)
         else:
-            # Refused locally, before any byte is written (RELIABILITY.md D.6.16).
+            # Refused locally, before any byte is written (docs/reliability.md D.6.16).
             results[address] = RecipientResult(
                 address, Outcome.PERMANENT, 553, f"5.1.3 bad recipient address: {problem}"
             )

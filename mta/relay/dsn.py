@@ -4,7 +4,7 @@ The outbox worker calls :func:`build_dsn` with the recipients that failed perman
 given up after the retry lifetime, or are still being retried when ``delayed=True``) and
 queues the result to the original envelope sender, sent from the null reverse-path
 ``MAIL FROM:<>`` (RFC 3464 §2, RFC 5321 §4.5.5). That null sender is what stops loops: a
-message whose own sender is null never gets a DSN (RFC 5321 §6.2, RELIABILITY.md A.23/D.6.7),
+message whose own sender is null never gets a DSN (RFC 5321 §6.2, docs/reliability.md A.23/D.6.7),
 so a DSN that fails is never bounced again.
 
 Shape (RFC 3462/6522 ``multipart/report; report-type=delivery-status``):
@@ -18,7 +18,7 @@ Shape (RFC 3462/6522 ``multipart/report; report-type=delivery-status``):
 
 Status codes (RFC 3463): the enhanced code from the server's reply when it has one of the
 right class; otherwise 5.0.0 for a permanent failure, 4.4.7 ("delivery time expired") for a
-message given up after temporary failures (RELIABILITY.md D.6.1), 4.0.0 for a delay
+message given up after temporary failures (docs/reliability.md D.6.1), 4.0.0 for a delay
 (4.4.1 when no server answered at all). Text that came from a remote server is stripped of
 control characters before it goes into a field, so a hostile reply cannot add header lines.
 """
@@ -134,7 +134,7 @@ def build_dsn(
     dsn["Date"] = format_datetime(_aware(now))
     dsn["Message-ID"] = make_msgid(domain=reporting_mta)
     # RFC 3834 §5: automatic responses are marked; our own marker lets dealmail's
-    # handlers recognise and ignore its own notices (no loops, DESIGN.md invariants).
+    # handlers recognise and ignore its own notices (no loops, docs/architecture.md invariants).
     dsn["Auto-Submitted"] = "auto-replied"
     dsn["X-Dealmail-Auto"] = "dsn"
 

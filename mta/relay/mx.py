@@ -6,7 +6,7 @@ order. DNS is injected (two plain callables), so tests need no network; the
 :func:`dnspython_mx_lookup` / :func:`dnspython_addr_lookup` factories adapt dnspython for
 production.
 
-Rules (RELIABILITY.md D.6.5):
+Rules (docs/reliability.md D.6.5):
 
 * MX hosts in preference order (RFC 5321 §5.1). Among equal preferences RFC 5321 asks for
   randomisation; we sort by name instead so that an attempt is reproducible and a log line

@@ -167,7 +167,7 @@ class AuthThrottle:
 
 class _RedactAuth(logging.Filter):
     """Drops the argument values of aiosmtpd's log lines about AUTH (it logs every command
-    line, with the base64 credentials), so no password reaches a log (RELIABILITY.md A.29)."""
+    line, with the base64 credentials), so no password reaches a log (docs/reliability.md A.29)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -231,7 +231,7 @@ def complete_headers(raw: bytes, hostname: str, now: datetime) -> bytes:
 
 
 def _clean(text: str, limit: int = 200) -> str:
-    # HELO and login come from the client: no CR/LF may reach a header (RELIABILITY.md A.35).
+    # HELO and login come from the client: no CR/LF may reach a header (docs/reliability.md A.35).
     return _CONTROL_RE.sub("", text)[:limit] or "unknown"
 
 
@@ -370,7 +370,7 @@ class SubmissionSMTP(DealmailSMTP):
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         # RFC 3207 §4.2: STARTTLS once; aiosmtpd would start a second handshake on the TLS
-        # stream (RELIABILITY.md A.27).
+        # stream (docs/reliability.md A.27).
         if _is_tls(self):
             await self.push("503 5.5.1 TLS already active")
             return
@@ -517,7 +517,7 @@ class SubmissionHooks:
             return "501 5.1.3 Bad recipient address syntax"
         local = normal.rpartition("@")[0]
         if any(c in local for c in '%!@"') or normal.rpartition("@")[2].startswith("["):
-            # Source-route and percent-hack forms (RELIABILITY.md A.31): no legitimate client
+            # Source-route and percent-hack forms (docs/reliability.md A.31): no legitimate client
             # needs them, and a lenient next hop could relay them on.
             return "553 5.1.3 Recipient address form not accepted here"
         envelope.rcpt_tos.append(address)

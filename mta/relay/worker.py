@@ -108,7 +108,7 @@ class OutboxWorker:
             items = list(q)
             if items:
                 # The attempt is counted when it starts: a worker killed mid-delivery still
-                # used one (at-least-once, RELIABILITY.md D.6).
+                # used one (at-least-once, docs/reliability.md D.6).
                 (m.OutboxItem.update(lease_until=lease_until,
                                      attempts=m.OutboxItem.attempts + 1)
                  .where(m.OutboxItem.id.in_([i.id for i in items])).execute())

@@ -1,5 +1,5 @@
-"""Tests for crmstore.queries through ``dealmail conversations``: the JSON shape the issue
-specifies, newest first, only what the reader may see (another user's private sighting is
+"""Tests for crmstore.queries through ``dealmail conversations``: the documented JSON
+shape, newest first, only what the reader may see (another user's private sighting is
 neither listed nor described), and clear errors for an unknown user, person or deal.
 
 The demo CSVs are imported with :func:`crmstore.importer.import_csv`; the emails, sightings

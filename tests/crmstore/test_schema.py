@@ -7,7 +7,7 @@
 * a database from a newer dealmail is refused untouched;
 * a database whose commits are not durable (SQLite without WAL + synchronous=FULL, an
   in-memory SQLite, PostgreSQL with synchronous_commit=off) is refused: "250 only after the
-  commit" means nothing otherwise (RELIABILITY.md A-DUR 7).
+  commit" means nothing otherwise (docs/reliability.md A-DUR 7).
 """
 
 from __future__ import annotations

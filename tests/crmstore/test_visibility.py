@@ -1,5 +1,5 @@
-"""Tests for crmstore.visibility, the one rule deciding who sees an email (DESIGN.md seed rules
-6 and 7), as a table of cases run on SQLite and on PostgreSQL.
+"""Tests for crmstore.visibility, the one rule deciding who sees an email
+(docs/architecture.md, rules 6 and 7), as a table of cases run on SQLite and on PostgreSQL.
 
 Company ``example``: alice (admin, shares by default), bob (user, private by default), carol
 (user). Company ``other``: olga. Every case builds one email with its sightings and links

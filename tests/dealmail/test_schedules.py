@@ -1,6 +1,6 @@
 """Tests for dealmail.schedules: schedule parsing and next-attempt times with injected datetimes.
 
-RELIABILITY.md D.6.1 (a destination that always answers 451: attempts follow the curve and
+docs/reliability.md D.6.1 (a destination that always answers 451: attempts follow the curve and
 give up at exactly the lifetime) and D.6.13 (wall clock moved back: no retry storm). No clock is
 read and nothing sleeps: every "now" is a literal datetime.
 """

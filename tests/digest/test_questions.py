@@ -110,7 +110,7 @@ def test_english_question_text_and_html(srv: Any) -> None:
     msg = render(srv, "alice@example.com", "Proposal <Q4> & seats")
     assert body(msg, "plain") == EN_TEXT
     html = body(msg, "html")
-    # Message data is escaped in HTML, never markup (RELIABILITY.md A.34).
+    # Message data is escaped in HTML, never markup (docs/reliability.md A.34).
     assert "<td>Proposal &lt;Q4&gt; &amp; seats</td>" in html
     assert "<td>Ann Customer &lt;ann@customer.test&gt;</td>" in html
     assert ("<tr><td><b>2</b></td><td>Upsell seats (deal 2)</td><td>Customer Inc</td>"

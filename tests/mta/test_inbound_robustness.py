@@ -4,7 +4,7 @@
   reason — never a 500, a crash or a hung session — and the server keeps serving;
 * the SMTP smuggling vectors of ../shared/corpus/smuggling never yield two stored messages;
 * SIGKILL during a load of uniquely tagged messages: after restart every tag that got 250 is
-  stored exactly once (RELIABILITY.md A-DUR 2, "Jepsen-lite").
+  stored exactly once (docs/reliability.md A-DUR 2, "Jepsen-lite").
 """
 
 from __future__ import annotations

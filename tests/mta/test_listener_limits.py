@@ -1,4 +1,4 @@
-"""Listener limits (RELIABILITY.md A-DOS 36, 37; A-PROTO 11, 13): the connection cap answers
+"""Listener limits (docs/reliability.md A-DOS 36, 37; A-PROTO 11, 13): the connection cap answers
 421 4.3.2 at once while existing sessions go on; a silent client is disconnected at the
 command deadline; session order errors and overlong commands keep the session in sync."""
 
@@ -54,7 +54,7 @@ def test_session_order_and_long_command(server: Any) -> None:
 
 
 def test_low_disk_space_refuses_mail_temporarily(server: Any, monkeypatch: Any) -> None:
-    """RELIABILITY.md A-DUR 5: below 1.5x the size limit free, MAIL gets 452 4.3.1."""
+    """docs/reliability.md A-DUR 5: below 1.5x the size limit free, MAIL gets 452 4.3.1."""
     monkeypatch.setattr(server.app.inbound_hooks, "has_space", lambda: False)
     with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as s:
         s.ehlo()

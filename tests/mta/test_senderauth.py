@@ -1,4 +1,4 @@
-"""Tests for mta.senderauth: RELIABILITY.md B.9 cases plus the DKIM corpora.
+"""Tests for mta.senderauth: docs/reliability.md B.9 cases plus the DKIM corpora.
 
 Offline throughout: keys are generated at module start, DNS is a dict stub, and the
 clock is injected. B.9 cases that belong elsewhere are not here: #9/#10/#24 From parsing

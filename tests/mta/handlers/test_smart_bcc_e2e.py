@@ -209,7 +209,7 @@ def test_message_over_size_limit(server_factory: Any) -> None:
     with pytest.raises(smtplib.SMTPSenderRefused) as info:
         send(running.port, msg(body=("x" * 70 + "\n") * 80))
     assert info.value.smtp_code == 552 and info.value.smtp_error.startswith(b"5.3.4")
-    # Not declared: the data is drained, then refused (RELIABILITY.md A.15).
+    # Not declared: the data is drained, then refused (docs/reliability.md A.15).
     with smtplib.SMTP("127.0.0.1", running.port) as s:
         s.ehlo()
         s.mail("alice@example.com")

@@ -1,6 +1,6 @@
 """Tests for mta.relay.delivery: real aiosmtplib sessions against the local scriptable sink.
 
-Covers RELIABILITY.md D.6.2 (mixed recipients), D.6.3 (drop after '.'), D.6.4 (stall ->
+Covers docs/reliability.md D.6.2 (mixed recipients), D.6.3 (drop after '.'), D.6.4 (stall ->
 deferred), D.6.6 (TLS policy, no AUTH in cleartext), D.6.15/A.25 (bare LF normalised, outbound
 smuggling impossible), D.6.16 (CRLF in an address refused before anything is written).
 Per-stage RFC 5321 timeouts (D.6.4) are not modelled: deliver() takes one per-command timeout.

@@ -1,6 +1,6 @@
 """Tests for mta.relay.dsn: every DSN is parsed back and checked field by field.
 
-RELIABILITY.md D.6.1 (give-up DSN: Action failed, Status 4.4.7, last Diagnostic-Code,
+docs/reliability.md D.6.1 (give-up DSN: Action failed, Status 4.4.7, last Diagnostic-Code,
 original headers), D.6.2 (a DSN only for the failed recipient), D.6.7 (no DSN about a
 null-sender message, size bounded: headers only), A.23.
 """

@@ -1,4 +1,4 @@
-"""Tests for mta.relay.mx: route resolution with injected DNS (RELIABILITY.md D.6.5).
+"""Tests for mta.relay.mx: route resolution with injected DNS (docs/reliability.md D.6.5).
 
 No network: MX and address lookups are dict-backed callables, and the dnspython adapters are
 driven by a fake resolver object that raises dnspython's own exception types.

@@ -3,7 +3,7 @@ clients (smtplib, swaks --tls --auth), a real SMTP server (``SmtpSink``) as the 
 
 The App runs with the example config (passwords set with ``set_password_in_file``), the demo
 CRM, an injected clock, and the outbox worker driven by hand (``run_outbox()``), so no test
-sleeps. RELIABILITY.md cases covered here: A.22 (Received with ESMTPSA), A.25 (outbound
+sleeps. docs/reliability.md cases covered here: A.22 (Received with ESMTPSA), A.25 (outbound
 smuggling, both policies), A.26 (STARTTLS command injection), A.27 (second STARTTLS),
 A.28 (no AUTH before TLS, implicit TLS works, the inbound listener never offers AUTH),
 A.29 (brute force per IP and per account, same answer, no password in logs), A.30 (sender
@@ -301,7 +301,7 @@ def test_auth_before_starttls_is_refused(relay: Relay) -> None:
                                      b"authentication mechanism")
         code, _ = s.docmd("MAIL", "FROM:<alice@example.com>")
         assert code == 530
-    # The inbound listener never offers AUTH at all (RELIABILITY.md A.28).
+    # The inbound listener never offers AUTH at all (docs/reliability.md A.28).
     with smtplib.SMTP("127.0.0.1", relay.inbound_port, timeout=30) as s:
         s.ehlo("client.test")
         assert "auth" not in s.esmtp_features
@@ -401,7 +401,7 @@ def test_sending_as_a_colleague_is_refused(relay: Relay) -> None:
 
 
 OPEN_RELAY_ADDRESSES = [
-    # The classic open-relay test set (RELIABILITY.md A.8/A.31).
+    # The classic open-relay test set (docs/reliability.md A.8/A.31).
     "victim@elsewhere.test",
     "victim%elsewhere.test@dealmail.localhost",
     '"victim@elsewhere.test"@dealmail.localhost',

@@ -2,7 +2,7 @@
 clock: retries, DSNs, per-recipient outcomes, crash safety, and several worker processes on
 PostgreSQL.
 
-RELIABILITY.md D.6 cases covered: D.6.1 (schedule and give-up at the lifetime with one
+docs/reliability.md D.6 cases covered: D.6.1 (schedule and give-up at the lifetime with one
 ``4.4.7`` DSN), D.6.2 (mixed 250/550/451 recipients), D.6.3 (connection dropped after the
 final ``.``: deferred, retried, duplicate at the sink recorded: at-least-once), D.6.7 (DSN from
 the null sender to the envelope sender; never a DSN about a null-sender message), D.6.8 (two
