@@ -178,6 +178,12 @@ class Store:
                 version += 1
                 m.SchemaInfo.create(version=version)
                 log.info("upgraded database schema to version %s", version)
+            # Tables added by a newer dealmail (new models, no change to existing ones) are
+            # created as they are: an upgrade step is needed only to change existing tables.
+            missing = [t for t in m.ALL_MODELS if not self.db.table_exists(t._meta.table_name)]
+            if missing:
+                self.db.create_tables(missing)
+                log.info("created tables %s", ", ".join(t._meta.table_name for t in missing))
             self._create_extra_indexes()
 
     def _create_extra_indexes(self) -> None:
