@@ -188,9 +188,29 @@ class App:
 
         if self.run_submission:  # with several workers, the first one serves submission
             self.servers.update(await start_submission_listeners(self))
+        if c.listeners.lmtp and self.run_submission:  # and LMTP behind the company's MTA
+            await self.start_lmtp()
+
+    async def start_lmtp(self) -> None:
+        """The LMTP listener behind the company's Postfix (mta/lmtp.py)."""
+        from mta.lmtp import LmtpHooks, start_lmtp
+
+        assert self.capture is not None and self.committer is not None
+        c = self.config
+        hooks = LmtpHooks(self.get_config, self.handlers, self.capture, self.committer,
+                          self.executor, has_space=self.has_space)
+        self.servers["lmtp"] = await start_lmtp(  # type: ignore[assignment]
+            hooks, c.listeners.lmtp, hostname=c.hostname,
+            data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
+            data_timeout=c.listeners.data_timeout, max_connections=c.lmtp.max_connections,
+            xforward_allowed=lambda peer: self.config.lmtp.xforward_allowed(peer),
+            socket_mode=c.lmtp.socket_mode)
+        log.info("LMTP listening on %s", self.address("lmtp"))
 
     def address(self, name: str) -> str:
         sock = self.servers[name].sockets[0]
+        if sock.family == socket.AF_UNIX:
+            return f"unix:{sock.getsockname()}"
         host, port = sock.getsockname()[:2]
         return f"{host}:{port}"
 
