@@ -199,7 +199,7 @@ class App:
         c = self.config
         hooks = LmtpHooks(self.get_config, self.handlers, self.capture, self.committer,
                           self.executor, has_space=self.has_space)
-        self.servers["lmtp"] = await start_lmtp(  # type: ignore[assignment]
+        self.servers["lmtp"] = await start_lmtp(
             hooks, c.listeners.lmtp, hostname=c.hostname,
             data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
             data_timeout=c.listeners.data_timeout, max_connections=c.lmtp.max_connections,

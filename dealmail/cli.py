@@ -100,6 +100,17 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--user", required=True, metavar="ADDRESS")
     dp.add_argument("--dry-run", action="store_true",
                     help="print the composed message instead of queueing it")
+    pp = sub.add_parser("postfix-config", parents=[common],
+                        help="print (or write) the company Postfix's settings and maps that "
+                        "deliver to dealmail over LMTP")
+    pp.add_argument("--write", type=Path, metavar="DIR",
+                    help="write the snippets and maps into DIR (atomically, old files kept "
+                    "as .bak) instead of printing them")
+    pp.add_argument("--postmap", action="store_true",
+                    help="with --write: run postmap on the hash tables")
+    pp.add_argument("--postfix-dir", type=Path, metavar="DIR",
+                    help="Postfix's configuration folder, for postmap -c (default: "
+                    "Postfix's own)")
     return p
 
 
@@ -134,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _set_password(config, args.address)
     if command == "inspect":
         return _inspect(config, args)
+    if command == "postfix-config":
+        return _postfix_config(config, args)
     try:
         return _store_command(config, args)
     except _CliError as exc:
@@ -212,6 +225,33 @@ def _set_password(config: Config, address: str) -> int:
         return EXIT_USAGE
     set_password_in_file(config.path, found[1].address, hash_password(password))
     print(f"password set for {found[1].address} in {config.path}")
+    return 0
+
+
+def _postfix_config(config: Config, args: argparse.Namespace) -> int:
+    from mta.postfix import DEFAULT_DIR, generate, write_files
+
+    folder = args.write.resolve() if args.write else DEFAULT_DIR
+    try:
+        generated = generate(config, folder)
+    except ValueError as exc:
+        print(f"dealmail: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.write is None:
+        print(generated.render())
+        return 0
+    try:
+        written = write_files(generated, folder, postmap=args.postmap,
+                              postfix_dir=args.postfix_dir)
+    except (OSError, RuntimeError) as exc:
+        print(f"dealmail: {exc}", file=sys.stderr)
+        return 73  # EX_CANTCREAT
+    for line in written:
+        print(f"wrote {line}")
+    print(f"Next: add {folder / 'dealmail_main.cf'} to main.cf and "
+          f"{folder / 'dealmail_master.cf'} to master.cf, "
+          + ("" if args.postmap else "run postmap on the hash: tables, ")
+          + "then `postfix reload`.")
     return 0
 
 

@@ -467,7 +467,7 @@ async def start_lmtp(
     hooks: LmtpHooks, listen: str, *, hostname: str, data_size_limit: int,
     command_timeout: float, data_timeout: float, max_connections: int,
     xforward_allowed: Callable[[str], bool], socket_mode: int = 0o660,
-) -> asyncio.AbstractServer:
+) -> asyncio.Server:
     """Listen on ``HOST:PORT`` (port 0 picks a free one) or ``unix:PATH``."""
     gate = ConnectionGate(max_connections)
     loop = asyncio.get_running_loop()
