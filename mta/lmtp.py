@@ -43,6 +43,7 @@ import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -420,7 +421,7 @@ class LmtpHooks:
         return CaptureRequest(
             raw=ctx.raw, channel=channel, company=company, queue_id=ctx.queue_id,
             evidence=self._evidence(ctx, routes), trust=Trust.VERIFY,
-            deal_id=deals[0] if deals else None)
+            deal_id=deals[0] if deals else None, recipients=_bcc_header(parsed))
 
     def _sender_mismatch(self, ctx: DataContext, company: Company,
                          parsed: ParsedMessage) -> Disposition | None:
@@ -447,6 +448,14 @@ class LmtpHooks:
         return CaptureRequest(
             raw=ctx.raw, channel="mta", company=routes[0].company, queue_id=ctx.queue_id,
             evidence=self._evidence(ctx, routes), trust=Trust.MAILBOX, user=user)
+
+
+def _bcc_header(parsed: ParsedMessage) -> tuple[str, ...]:
+    """The sender's own Bcc list, when the client left it in the message: the envelope
+    recipients Postfix delivers elsewhere are not ours to see, and a customer in Bcc is a
+    customer of the conversation (like the relay's envelope recipients)."""
+    values = [str(v) for v in parsed.headers.get_all("bcc", [])]
+    return tuple(a.lower() for _n, a in getaddresses(values) if "@" in a)
 
 
 def _answering(commit: Callable[[], Disposition], qid: str) -> Callable[[], Reply]:
