@@ -334,7 +334,9 @@ class Capture:
                 if original.original_raw and original.forward is not None:
                     original.forward["dkim"] = self.signature_check(
                         original.original_raw, original.from_.address.rpartition("@")[2])
-        sighting_evidence = dict(verdict.evidence)
+        # The source's own facts (XFORWARD attributes, mailbox and UID) are kept with the
+        # verdict's, which win on a clash.
+        sighting_evidence = {**evidence.details, **verdict.evidence}
         if verdict.header:
             # RFC 8601 §5: our verdict is the topmost header of this user's stored copy. It
             # is kept with the sighting (each copy is verified on its own) and prepended when
