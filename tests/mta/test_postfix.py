@@ -29,8 +29,8 @@ from mta.routing import mailbox_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
-from senderauth_support import rsa_key, sign  # noqa: E402
-from smtpsink import SmtpSink  # noqa: E402
+from senderauth_support import rsa_key, sign
+from smtpsink import SmtpSink
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "conf" / "dealmail.example.toml"
@@ -226,7 +226,8 @@ def test_internal_fault_defers_every_recipient_then_delivers(
     committer.before_commit = broken
     since = plugin.submit("alice@example.com", [f"example@{DOMAIN}", "carl@other.test"],
                           mail("fault@example.com"))
-    plugin.wait(r"to=<example(\+sent)?@dealmail\.localhost>.*status=deferred .*451 4\.3\.0", since, 2)
+    plugin.wait(r"to=<example(\+sent)?@dealmail\.localhost>.*status=deferred .*451 4\.3\.0",
+                since, 2)
     assert "status=bounced" not in plugin.postfix.log()[since:]
     assert not emails("fault@example.com")
     committer.before_commit = None
