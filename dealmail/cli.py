@@ -252,6 +252,8 @@ def _inspect(config: Config, args: argparse.Namespace) -> int:
         for p in result["participants"]:
             print(f"  {p['role']:<4} {p['address']} {p['name']}")
         print(f"reply text: {result['reply_text'][:200]!r}")
+        for defect in result["defects"]:
+            print(f"defect: {defect}")
         if "would_link" in result:
             print(f"would link: {json.dumps(result['would_link'], ensure_ascii=False)}")
     return 0
