@@ -196,7 +196,7 @@ class Link(BaseModel):
     deal = ForeignKeyField(Deal, null=True, backref="links", on_delete="CASCADE")
     organization = ForeignKeyField(Organization, null=True, backref="links",
                                    on_delete="CASCADE")
-    source = CharField(max_length=8)  # auto | choice | address | admin | thread
+    source = CharField(max_length=8)  # auto | choice | address | admin | thread | relink
     created_at = DateTimeField(default=utcnow)
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "compose_question",
     "new_token",
     "queue_question",
+    "queue_relink_questions",
     "refresh_question",
     "refresh_rows",
     "token_hashes",
@@ -387,6 +388,19 @@ def refresh_question(config: Config, item: m.OutboxItem, now: datetime) -> bytes
     return raw
 
 
+def queue_relink_questions(config: Config, directory: Directory, company: Company,
+                           questions: Sequence[tuple[str, int]], now: datetime) -> None:
+    """Ask about emails that re-linking left with several open deals: one question (batched
+    like any other) per user, listing their pending choices."""
+    asked: set[str] = set()
+    for address, pending_id in questions:
+        user = company.user(address)
+        if user is None or address in asked:
+            continue
+        asked.add(address)
+        queue_question(config, directory, user, company, now, pending_id)
+
+
 def after_record_hook(config_of: Callable[[], Config], directory_of: Callable[[], Directory],
                       now: Callable[[], datetime]) -> Callable[[RecordResult, User, Company],
                                                                None]:
@@ -396,6 +410,8 @@ def after_record_hook(config_of: Callable[[], Config], directory_of: Callable[[]
         if result.needs_choice and result.pending_choice_id is not None:
             queue_question(config_of(), directory_of(), user, company, now(),
                            result.pending_choice_id)
+        queue_relink_questions(config_of(), directory_of(), company,
+                               result.relink_questions, now())
 
     return hook
 

@@ -27,6 +27,7 @@ from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
 
 from .parse import normalize_subject
+from .relink import RelinkReport, relink_addresses
 from .threads import thread_index_key
 
 
@@ -82,6 +83,9 @@ class RecordResult:
     #: A ``+deal<ID>`` the user named that belongs to another customer than the email's:
     #: obeyed, and the user is told (deal id, title, the deal's customer, the email's).
     deal_mismatch: DealMismatch | None = None
+    #: Earlier emails linked because this one created a person they carry: the questions
+    #: (user address, pending choice id) the caller should queue.
+    relink_questions: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,16 @@ def record_email(
                                                decisions, created)
     persons = sorted({p for p in person_of.values() if p is not None})
     external = {a for a in person_of if not directory.is_internal(company, a)}
+    relinked = RelinkReport()
+    if created:
+        # The CRM just learned these addresses: earlier mail that carries them is linked now,
+        # in this transaction (linking/relink.py).
+        new_addresses = [a for a, pid in person_of.items() if pid in created]
+        relinked = relink_addresses(config, company, company_id, new_addresses, now,
+                                    actor=arrival.user.address)
+        if relinked.emails:
+            decisions.append(f"{relinked.emails} earlier email(s) linked to the new "
+                             "person(s)")
     if not external:
         decisions.append("internal only: no customer among the participants")
 
@@ -359,5 +373,5 @@ def record_email(
         email_id=email_id, sighting_id=sighting_id, duplicate=False,
         new_email=existing is None, thread_id=thread_id, persons=persons, deal_id=deal_id,
         needs_choice=needs_choice, pending_choice_id=pending_id, decisions=decisions,
-        deal_mismatch=mismatch,
+        deal_mismatch=mismatch, relink_questions=relinked.questions,
     )

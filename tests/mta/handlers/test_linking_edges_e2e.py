@@ -12,8 +12,12 @@ loopback port, smtplib as the client, the demo CRM in a fresh SQLite file):
 from __future__ import annotations
 
 import json
+import os
 import re
 import smtplib
+import subprocess
+import sys
+from dataclasses import replace
 from datetime import timedelta
 from email import policy
 from email.parser import BytesParser
@@ -27,6 +31,8 @@ from test_smart_bcc_e2e import BCC, convs, deal_id, send
 from crmstore import models as m
 from dealmail import cli
 from digest.questions import batch_rows
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_freemail_correspondent_becomes_a_person_without_organization(server: Any) -> None:
@@ -135,3 +141,60 @@ def test_plus_deal_of_another_customer_is_obeyed_and_said(server: Any) -> None:
     send(server.port, message(subject="Renewal terms 2"),
          [f"example+deal{deal_id('Renewal 2027')}@dealmail.localhost"])
     assert m.OutboxItem.select().where(m.OutboxItem.kind == "notice").count() == 1
+
+
+def _cli(server: Any, *args: str) -> str:
+    """The dealmail CLI in its own process, on the running server's database (models are
+    bound per process, so the CLI cannot run inside the test process next to the server)."""
+    config = server.app.config
+    done = subprocess.run(
+        [sys.executable, "-m", "dealmail.cli", *args, "--config", str(config.path),
+         "--set", f"database.url={config.database.url}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_import_then_relink_links_earlier_mail(server_factory: Any, tmp_path: Path) -> None:
+    srv = server_factory("policy.create_unknown_persons=false")
+    send(srv.port, message(to="Eve Newco <eve@newco.test>", subject="Intro"))
+    [participant] = m.Participant.select().where(m.Participant.address == "eve@newco.test")
+    assert participant.person_id is None
+    csv = tmp_path / "persons.csv"
+    csv.write_text("Name,Email\nEve Newco,eve@newco.test\n", encoding="utf-8")
+    _cli(srv, "import", "persons", str(csv), "--company", "example")
+    out = _cli(srv, "relink")
+    assert "example: 1 email(s) linked" in out
+    [thread] = convs("alice@example.com", person="eve@newco.test")["threads"]
+    assert thread["subject"] == "Intro"
+    audit = m.AuditEntry.get(m.AuditEntry.action == "relink")
+    assert json.loads(audit.detail_json)["persons"] == [
+        m.PersonAddress.get(m.PersonAddress.address == "eve@newco.test").person_id]
+    assert "0 email(s) linked" in _cli(srv, "relink", "--company", "example")  # idempotent
+
+
+def test_person_created_later_links_the_earlier_mail(server_factory: Any) -> None:
+    srv = server_factory("policy.create_unknown_persons=false")
+    send(srv.port, message(to="Eve Newco <eve@newco.test>", subject="Intro"))
+    srv.app.config = replace(srv.app.config, policy=replace(
+        srv.app.config.policy, create_unknown_persons=True))
+    send(srv.port, message(to="Eve Newco <eve@newco.test>", subject="Follow-up"))
+    threads = convs("alice@example.com", person="eve@newco.test")["threads"]
+    assert sorted(t["subject"] for t in threads) == ["Follow-up", "Intro"]
+    assert m.AuditEntry.select().where(m.AuditEntry.action == "relink").count() == 1
+
+
+def test_relink_to_a_person_with_several_deals_asks_which(server_factory: Any,
+                                                          tmp_path: Path) -> None:
+    srv = server_factory("policy.create_unknown_persons=false", start_outbox_worker=False)
+    send(srv.port, message(to="Ann <ann.private@other-mail.test>", subject="From home"))
+    csv = tmp_path / "persons.csv"
+    csv.write_text("Name,Email\nAnn Customer,\"ann@customer.test; ann.private@other-mail.test\"\n",
+                   encoding="utf-8")
+    _cli(srv, "import", "persons", str(csv), "--company", "example")
+    assert "1 question(s) queued" in _cli(srv, "relink")
+    [question] = m.OutboxItem.select().where(m.OutboxItem.kind == "question")
+    assert question.subject == "Which deal? From home"
+    [thread] = convs("alice@example.com", person="ann@customer.test")["threads"]
+    assert thread["needs_choice"] and thread["deal"] is None
