@@ -38,10 +38,10 @@ from linking.replytext import extract_reply, html_to_reply
 ROOT = Path(__file__).resolve().parent / "fixtures_heldout"
 BLIND = ROOT / "blind"
 
-# Floors: the rates measured before any change to the reading code (raised as it improves).
+# Reading targets (the reply floor is still the rate measured before any change).
 REPLY_EXACT_TARGET = 0.64
-SENDER_TARGET = 0.87
-FIELD_TARGET = 0.84  # To, Cc, subject, body
+SENDER_TARGET = 0.97
+FIELD_TARGET = 0.93  # To, Cc, subject, body
 
 _WS = re.compile(r"\s+")
 
@@ -98,7 +98,7 @@ class Tally:
         return f"{sum(values)}/{len(values)}"
 
     def report(self, title: str, fields: tuple[str, ...]) -> str:
-        groups = sorted({g for g, _ in self.hits if g != "ALL"}) + ["ALL"]
+        groups = [*sorted({g for g, _ in self.hits if g != "ALL"}), "ALL"]
         head = f"{title:<34}" + "".join(f"{f:>12}" for f in fields)
         rows = [head, "-" * len(head)]
         for group in groups:
