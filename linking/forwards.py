@@ -46,7 +46,9 @@ __all__ = [
     "ForwardedMessage",
     "find_forwards",
     "has_forward_marker",
+    "header_block_at",
     "parse_inline_forward",
+    "separator_kind",
     "strip_subject_prefixes",
 ]
 
@@ -189,6 +191,7 @@ _GENERIC_PHRASES = (
     "оригінальне повідомлення", "оригинално съобщение", "orijinal mesaj", "orijinal ileti",
     "αρχικο μηνυμα", "元のメッセージ", "原始邮件", "原始郵件", "원본 메시지", "원본 메일",
     "tin nhắn gốc", "pesan asli", "הודעה מקורית", "الرسالة الأصلية", "reply message",
+    "antwort nachricht",
 )
 
 # Header labels per field, in the UI languages of Outlook (desktop, web, Mac, mobile),
@@ -994,6 +997,29 @@ def parse_inline_forward(
         current_text = found.body
         current_subject = found.subject if found.subject else None
     return chain
+
+
+def separator_kind(line: str) -> str | None:
+    """'forward' ("---------- Forwarded message ---------", "Begin forwarded message:" …)
+    or 'generic' ("-----Original Message-----" and its translations, "_____" rules) when
+    an unquoted line is a separator that clients put above a quoted message, else None.
+    Shared with linking.replytext so that replies and forwards know the same separators."""
+    sep = _separator(line)
+    return sep[0] if sep else None
+
+
+def header_block_at(lines: list[str], start: int) -> tuple[dict[str, str], int] | None:
+    """(fields, end) of the header block of a quoted or forwarded message starting at
+    ``lines[start]`` ("From: / Sent: / To: / Subject:" in any of the languages above;
+    fields are named from, date, to, cc, bcc, subject, reply-to); None when the line is
+    not a known header line. ``end`` is the index of the first line after the block."""
+    hdr = _header(lines[start]) if start < len(lines) else None
+    if hdr is None or hdr[0] == "other":
+        return None
+    block = _header_block(lines, start)
+    if block is None:
+        return None
+    return block.fields, block.end
 
 
 def has_forward_marker(text: str) -> bool:

@@ -38,8 +38,8 @@ from linking.replytext import extract_reply, html_to_reply
 ROOT = Path(__file__).resolve().parent / "fixtures_heldout"
 BLIND = ROOT / "blind"
 
-# Reading targets (the reply floor is still the rate measured before any change).
-REPLY_EXACT_TARGET = 0.64
+# Reading targets.
+REPLY_EXACT_TARGET = 0.90
 SENDER_TARGET = 0.97
 FIELD_TARGET = 0.93  # To, Cc, subject, body
 
