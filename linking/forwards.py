@@ -157,7 +157,9 @@ _FORWARD_PHRASES = (
     "転送されたメッセージ", "転送メッセージ", "メッセージを転送", "転送メール", "转发的邮件",
     "转发的消息", "转发邮件", "轉寄的郵件", "轉寄的郵件開始", "已转发邮件",
     "전달된 메시지", "전달된 메일", "tin nhắn đã chuyển tiếp", "pesan yang diteruskan",
-    "הודעה שהועברה", "رسالة معاد توجيهها",
+    "bắt đầu tin nhắn được chuyển tiếp", "awal pesan yang diteruskan",
+    "permulaan mesej dimajukan", "เริ่มข้อความที่ส่งต่อ", "הודעה שהועברה",
+    "תחילת הודעה מועברת", "رسالة معاد توجيهها", "بداية الرسالة المعاد توجيهها",
 )
 # A separator line that *begins* with one of these names the forwarder or the original
 # sender after it: mutt's "----- Forwarded message from Bob <b@x> -----", Lotus Notes'
@@ -295,7 +297,7 @@ _FOLDED_LABELS: dict[str, str] = {
 _HEADER_RE = re.compile(
     r"^[ \t]*\*{0,2}[ \t]*(?P<label>[^:：\n*]{1,"
     + str(_LABEL_LIMIT)
-    + r"}?)[ \t]*\*{0,2}[ \t]*[:：][ \t]*\*{0,2}[ \t]*(?P<value>.*)$"
+    + r"}?)[ \t]*\*{0,2}[ \t]*[:：]\*{0,2}[ \t]*(?P<value>.*)$"
 )
 # Yahoo puts the whole header block on the separator line with no line breaks:
 # "----- Forwarded Message ----- From: a <a@x>To: b <b@y>Sent: …Subject: …".
@@ -354,6 +356,7 @@ _DATE_IN_LINE_RE = re.compile(
     r"(?:\s*[AaPp]\.?[Mm]\.?)?)?"
 )
 _MAX_CHAIN = 20
+_CLOCK_RE = re.compile(r"(?<!\d)\d{1,2}\s?[:.h時]\s?\d{2}(?!\d)")
 
 
 def strip_subject_prefixes(subject: str) -> str:
@@ -459,7 +462,10 @@ def _header(content: str) -> tuple[str, str] | None:
     fieldname = _FOLDED_LABELS.get(_label_key(m.group("label")))
     if fieldname is None:
         return None
-    return fieldname, m.group("value").strip().strip("*").strip()
+    value = m.group("value").strip()
+    if value.startswith("*") and value.endswith("*") and not value.startswith("**"):
+        value = value.strip("*").strip()  # "*From:* *Dana*" - a bold value, not a name
+    return fieldname, value
 
 
 def _glued_headers(text: str) -> dict[str, str]:
@@ -560,8 +566,8 @@ def _header_block(lines: list[str], start: int) -> _Block | None:
         # header line follows before the block's end, or it is more To/Cc addresses.
         if last is None:
             break
-        addressy = (
-            last in ("to", "cc") and "@" in line and fields[last].rstrip().endswith((",", ";"))
+        addressy = last in ("from", "to", "cc") and "@" in line and _continues_list(
+            fields[last], line
         )
         if known_follows(i + 1) or addressy:
             fields[last] = (fields[last] + " " + line.strip()).strip()
@@ -571,6 +577,15 @@ def _header_block(lines: list[str], start: int) -> _Block | None:
     if not fields:
         return None
     return _Block(fields, i)
+
+
+def _continues_list(value: str, line: str) -> bool:
+    """Whether ``line`` carries on an address list wrapped after ``value``: the value ends
+    with a separator, or its last entry is a name still waiting for its "<address>"."""
+    if value.rstrip().endswith((",", ";")):
+        return True
+    last_entry = re.split(r"[,;]", value)[-1]
+    return "@" not in last_entry and line.lstrip().startswith(("<", "[", "("))
 
 
 def _inferred_block(lines: list[str], start: int) -> _Block | None:
@@ -593,9 +608,11 @@ def _inferred_block(lines: list[str], start: int) -> _Block | None:
     if len(pairs) < 3:
         return None
     with_address = [k for k, (_l, v) in enumerate(pairs) if _EMAIL_RE.search(v)]
+    # Clients print the original's date with its time ("26.11.2026 10:03"); a date alone
+    # ("When: 5 May 2026") is more likely a note's own field.
     dated = [
         k for k, (_l, v) in enumerate(pairs)
-        if k not in with_address and parse_forward_date(v, UTC) is not None
+        if k not in with_address and _CLOCK_RE.search(v) and parse_forward_date(v, UTC)
     ]
     if not with_address or not dated:
         return None
@@ -651,11 +668,20 @@ def _split_list(value: str) -> list[str]:
     return [c.strip() for c in out if c.strip()]
 
 
+# Quote marks around a display name, and the "*bold*" that a client's HTML-to-text
+# conversion leaves around it (Gmail's text part: "From: *Dana Lee* <dana@x>").
+_NAME_WRAPPERS = (('"', '"'), ("'", "'"), ("«", "»"), ("“", "”"), ("„", "“"), ("*", "*"))
+
+
 def _unquote_name(name: str) -> str:
     name = name.strip().strip(",;").strip()
-    for left, right in (('"', '"'), ("'", "'"), ("«", "»"), ("“", "”"), ("„", "“"), ("'", "'")):
-        while len(name) >= 2 and name.startswith(left) and name.endswith(right):
-            name = name[1:-1].strip()
+    changed = True
+    while changed:
+        changed = False
+        for left, right in _NAME_WRAPPERS:
+            if len(name) >= 2 and name.startswith(left) and name.endswith(right):
+                name = name[1:-1].strip()
+                changed = True
     return name.replace('\\"', '"')
 
 
@@ -708,7 +734,9 @@ def _display_name(value: str) -> str:
     name of an address-book contact): quotes, mailto decorations and a Lotus Notes
     hierarchy ("Carl Other/ACME@ACME") removed."""
     name = _ON_BEHALF_RE.sub("", _clean_mailto(value))
-    name = re.sub(r"[<\[(]\s*[>\])]", "", name)
+    # Brackets that hold no address: empty ones, or Exchange's internal X.500 name
+    # ("Carl Other </O=ACME/OU=EXCHANGE ADMINISTRATIVE GROUP/CN=RECIPIENTS/CN=COTHER>").
+    name = re.sub(r"<[^<>@]*>|\[[^\[\]@]*\]|\(\s*\)", "", name)
     name = re.sub(r"(?<=\S)/[^\s/@]+(?:/[^\s/@]+)*(?:@\S+)?$", "", name.strip())
     return decode_words(_unquote_name(name.strip(" ;,")))
 
@@ -1008,14 +1036,18 @@ def separator_kind(line: str) -> str | None:
     return sep[0] if sep else None
 
 
-def header_block_at(lines: list[str], start: int) -> tuple[dict[str, str], int] | None:
+def header_block_at(
+    lines: list[str], start: int, infer: bool = False
+) -> tuple[dict[str, str], int] | None:
     """(fields, end) of the header block of a quoted or forwarded message starting at
     ``lines[start]`` ("From: / Sent: / To: / Subject:" in any of the languages above;
     fields are named from, date, to, cc, bcc, subject, reply-to); None when the line is
-    not a known header line. ``end`` is the index of the first line after the block."""
+    not a known header line. ``end`` is the index of the first line after the block.
+    With ``infer``, a block in an unknown language is read from its values instead."""
     hdr = _header(lines[start]) if start < len(lines) else None
     if hdr is None or hdr[0] == "other":
-        return None
+        block = _inferred_block(lines, start) if infer and start < len(lines) else None
+        return (block.fields, block.end) if block else None
     block = _header_block(lines, start)
     if block is None:
         return None

@@ -114,17 +114,18 @@ _DECORATED_RE = re.compile(r"[-_=*~#]{2,}")
 _DEVICE = (
     r"iPhone|iPad|iOS|Android|Galaxy|Samsung|BlackBerry|Outlook|Mail\s+for\s+Windows"
     r"|Mail\s+für\s+Windows|Yahoo|Proton|Huawei|Xiaomi|Pixel|smartphone|mobile|móvil"
-    r"|Handy|phone|tablet|Gmail|AOL|Spark|Superhuman"
+    r"|Handy|phone|tablet|Gmail|AOL|Spark|Superhuman|Windows"
+    r"|手机|手機|携帯|スマートフォン|华为|小米|아이폰|갤럭시|휴대폰"
 )
 _SEND_WORDS = (
     r"sent|envoyé|envoye|gesendet|enviado|enviada|inviato|inviata|verzonden|verstuurd"
     r"|wysłane|wysłano|odesláno|odoslané|отправлено|надіслано|skickat|sendt|lähetetty"
     r"|küldve|gönderildi|trimis|poslano|poslato|send|from\s+my|via|get|obtenir|obtener"
     r"|herunterladen|scarica|downloaden|baixar|hämta|hent|pobierz|скачайте|загрузите"
-    r"|入手|获取|取得|送信|发自|發自|发送|傳送|보냄|から"
+    r"|入手|获取|取得|送信|发自|發自|送自|发送|傳送|보냄|から"
 )
 _MOBILE_RE = re.compile(
-    rf"^\s*(?=.*\b(?:{_SEND_WORDS})\b|.*(?:送信|发自|發自|보냄|から|入手|获取))(?=.*(?:{_DEVICE}))"
+    rf"^\s*(?=.*\b(?:{_SEND_WORDS})\b|.*(?:送信|发自|發自|送自|보냄|から|入手|获取))(?=.*(?:{_DEVICE}))"
     r"(?P<text>[^,;\n]{2,60}?)(?:\s*[<(\[]https?://[^\s>)\]]*[>)\]])?\s*[.!。]?\s*$",
     re.IGNORECASE,
 )
@@ -373,7 +374,16 @@ def _splitter_at(lines: list[str], forced: list[bool], i: int) -> _Splitter | No
     stripped = line.strip()
     if len(stripped) <= 120 and _ABOVE_LINE_RE.search(stripped):
         return _Splitter("delimiter", 1)
-    sep = separator_kind(stripped) if not _RULE_LINE_RE.match(stripped) else None
+    if _RULE_LINE_RE.match(stripped):
+        # A rule right above a header block in a language we do not know (Outlook web
+        # writes "________________________________" there): read the block by its values.
+        k = _next_nonblank(lines, i + 1)
+        if k is not None and k - i <= 2 and header_block_at(lines, k) is None:
+            found = header_block_at(lines, k, infer=True)
+            if found is not None:
+                return _Splitter("header", found[1] - i)
+        return None
+    sep = separator_kind(stripped)
     if sep == "forward":
         return _Splitter("forward", 1)
     if sep == "generic" and _DECORATED_RE.search(stripped):
@@ -663,9 +673,11 @@ _VOID_TAGS = frozenset(
 _SKIP_TAGS = frozenset({"script", "style", "head", "title", "template"})
 # Containers in which clients put the quoted message.
 _QUOTE_CLASSES = ("gmail_quote", "yahoo_quoted", "moz-cite-prefix", "zmail_extra",
-                  "protonmail_quote", "ms-outlook-mobile-reference-message")
-# Markers after which everything is the quoted message (Outlook desktop, web and Mac).
-_CUT_IDS = ("divrplyfwdmsg", "appendonsend", "olk_src_body_section", "outlookmessageheader")
+                  "protonmail_quote", "ms-outlook-mobile-reference-message", "tutanota_quote")
+# Markers after which everything is the quoted message (Outlook desktop, web, Mac and the
+# new Outlook; Zimbra's divider above its header block).
+_CUT_IDS = ("divrplyfwdmsg", "appendonsend", "olk_src_body_section", "outlookmessageheader",
+            "mail-editor-reference-message-container", "zwchr")
 _WS_RE = re.compile(r"[ \t\n\r\f\v]+")
 
 
@@ -704,7 +716,9 @@ class _HtmlToLines(HTMLParser):
         if tag == "blockquote":
             return True
         classes = " ".join(v or "" for k, v in attrs if k == "class").lower()
-        return any(c in classes for c in _QUOTE_CLASSES)
+        # GMX and web.de wrap the quoted message in <div name="quote">.
+        named_quote = any(k == "name" and (v or "").lower() == "quote" for k, v in attrs)
+        return named_quote or any(c in classes for c in _QUOTE_CLASSES)
 
     def _is_cut_marker(self, attrs: list[tuple[str, str | None]]) -> bool:
         for k, v in attrs:

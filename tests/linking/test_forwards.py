@@ -642,3 +642,32 @@ def test_header_block_starting_with_the_date_and_a_dating_caption() -> None:
 def test_a_sentence_above_a_from_line_is_not_a_header_block() -> None:
     text = "Call notes, see below\nFrom: our side Sam\nTo do: pricing\nSubject to review."
     assert parse_inline_forward(text, subject="Notes") == []
+
+
+def test_bold_sender_name_from_gmail_text_part() -> None:
+    text = (
+        "---------- Forwarded message ---------\nFrom: *Dana Lee* <dana@x.example>\n"
+        "Date: Thu, Nov 26, 2026 at 10:03 AM\nSubject: Quote\nTo: Sam <sam@acme.example>\n\nHi"
+    )
+    (fm,) = parse_inline_forward(text)
+    assert fm.from_ == Mailbox("dana@x.example", "Dana Lee")
+
+
+def test_recipient_wrapped_between_name_and_address() -> None:
+    text = (
+        "---------- Forwarded message ---------\nFrom: Dana <dana@x.example>\n"
+        "Date: Thu, Nov 26, 2026 at 10:03 AM\nSubject: Q\nTo: Sam <sam@acme.example>, Priya\n"
+        "<priya@acme.example>\n\nHi"
+    )
+    (fm,) = parse_inline_forward(text)
+    assert fm.to == [Mailbox("sam@acme.example", "Sam"), Mailbox("priya@acme.example", "Priya")]
+    assert fm.body == "Hi"
+
+
+def test_exchange_internal_sender_keeps_only_the_name() -> None:
+    text = (
+        "From: Carl Other </O=ACME/OU=EXCHANGE ADMINISTRATIVE GROUP/CN=RECIPIENTS/CN=COTHER>\n"
+        "Sent: Thursday, November 26, 2026 10:03 AM\nTo: Sam Carter\nSubject: Budget\n\nOk"
+    )
+    (fm,) = parse_inline_forward(text, subject="FW: Budget")
+    assert fm.from_ is None and fm.from_name == "Carl Other"

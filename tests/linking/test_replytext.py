@@ -815,3 +815,27 @@ def test_html_forward_further_down_a_quote_is_history() -> None:
 def test_blank_lines_left_by_removed_inline_quotes_collapse() -> None:
     body = "Inline answers.\n\n> 1. SAML?\n\nYes.\n\n> 2. EU?\n\nYes, Frankfurt.\n"
     assert extract_reply(body) == "Inline answers.\n\nYes.\n\nYes, Frankfurt."
+
+
+def test_header_block_in_an_unknown_language_under_a_rule() -> None:
+    # Invented labels: the block is recognised by an address and a dated value under the rule.
+    body = (
+        "Setuju.\n\n________________________________\nKutoka: Ana Lima <ana@x.example>\n"
+        "Imetumwa: 26.11.2026 10:03\nKwa: Sam <s@a.example>\nSomo: Bei\n\nHabari"
+    )
+    assert extract_reply(body) == "Setuju."
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        "Get Outlook for iOS<https://aka.ms/o0ukef>",
+        "Outlook für Android herunterladen<https://aka.ms/ghei36>",
+        "Von meinem Samsung Galaxy Smartphone gesendet.",
+        "Wysłane z aplikacji Poczta dla systemu Windows",
+        "发自我的华为手机",
+        "Lähetetty iPhonesta",
+    ],
+)
+def test_mobile_and_app_trailers(trailer: str) -> None:
+    assert extract_reply(f"Ok, go ahead.\n\n{trailer}\n") == "Ok, go ahead."
