@@ -395,12 +395,20 @@ def _depth(line: str) -> tuple[int, str]:
 
 
 def _dequote(line: str, levels: int) -> str:
+    """``line`` without its first ``levels`` quote markers (each: up to three blanks, '>',
+    one optional blank), walked by index so that a deeply quoted line costs linear time."""
+    pos, n = 0, len(line)
     for _ in range(levels):
-        m = re.match(r"^[ \t]{0,3}>[ \t]?", line)
-        if not m:
+        j = pos
+        while j < n and j - pos < 3 and line[j] in " \t":
+            j += 1
+        if j >= n or line[j] != ">":
             break
-        line = line[m.end():]
-    return line
+        j += 1
+        if j < n and line[j] in " \t":
+            j += 1
+        pos = j
+    return line[pos:]
 
 
 def _phrase_kind(phrase: str, dashed: bool) -> str | None:
