@@ -174,7 +174,8 @@ _END_PHRASES = (
     "end of forwarded message", "end forwarded message", "end of forwarded e-mail",
     "конец пересылаемого сообщения", "кінець пересланого повідомлення",
     "ende der weitergeleiteten nachricht", "fin du message transfere",
-    "fin del mensaje reenviado", "fine messaggio inoltrato",
+    "fin del mensaje reenviado", "fine messaggio inoltrato", "original message ends",
+    "end of original message", "ende der ursprunglichen nachricht",
 )
 
 # Separators that Outlook and others use for replies *and* forwards: they only count when
@@ -209,7 +210,9 @@ _LABELS: dict[str, tuple[str, ...]] = {
         "Odesílatel", "Odosielateľ", "보낸 사람", "보낸이", "Από", "Expéditeur", "Remitente",
         "Remetente", "Afzender", "Pošiljatelj", "Pošiljalac", "Pošiljatelj", "Expeditor",
         "Expeditorul", "Nuo", "Siuntėjas", "No", "Sūtītājs", "Từ", "Dari", "Pengirim",
-        "מאת", "من", "จาก", "Lähettäjä", "Remitent",
+        "מאת", "من", "จาก", "Lähettäjä", "Remitent", "Daripada", "Од", "Frá", "Oddi wrth",
+        "Nork", "Nga", "Кімнен", "प्रेषक", "از", "فرستنده", "Mula kay", "Kutoka", "Kimdən",
+        "Kimdan",
     ),
     "date": (
         "Date", "Sent", "Datum", "Dato", "Gesendet", "Envoyé", "Envoyé le", "Enviado",
@@ -222,7 +225,9 @@ _LABELS: dict[str, tuple[str, ...]] = {
         "日時", "发送时间", "發送時間", "日期", "時間", "寄件日期", "傳送時間", "Fecha", "Sent at",
         "Kdy", "Ημερομηνία", "Στάλθηκε", "Lähetysaika", "보낸 날짜", "날짜", "Išsiųsta",
         "Nosūtīts", "Đã gửi", "Ngày", "Dikirim", "Tanggal", "נשלח", "تاريخ", "تم الإرسال",
-        "ส่ง", "วันที่",
+        "ส่ง", "วันที่", "Dihantar", "Tarikh", "Послато", "Испратено", "Enviados", "Anfonwyd",
+        "Bidalia", "Dërguar", "Жіберілді", "भेजा गया", "ارسال شده", "تاریخ", "Ipinadala",
+        "Imetumwa", "Gestuur", "Göndərilib", "Yuborildi",
     ),
     "to": (
         "To", "An", "À", "A", "Para", "Per a", "送信先", "Aan", "Till", "Til", "Vastaanottaja",
@@ -231,13 +236,15 @@ _LABELS: dict[str, tuple[str, ...]] = {
         "Destinatário", "Destinataire", "Destinatarul", "Empfänger", "Pre", "Adresát",
         "Adresat", "Příjemce", "Mottaker", "Modtager", "Mottagare", "Ontvanger", "Προς",
         "받는 사람", "Prejemnik", "Primalac", "Za", "Kam", "Đến", "Kepada", "אל", "إلى",
-        "ถึง",
+        "ถึง", "За", "At", "Nori", "Për", "Кімге", "प्रति", "به", "گیرنده", "Para kay", "Kwa",
+        "Kimə", "Kimga",
     ),
     "cc": (
         "Cc", "CC", "Kopie", "Kopie (CC)", "Kopia", "Kopi", "Kopio", "DW", "Копия", "Копія",
         "Копие", "Másolat", "Másolatot kap", "Bilgi", "Koopia", "Kópia", "Kopija", "副本",
         "抄送", "Cópia", "Copia", "Copie", "Copie à", "Kopie an", "Kopia do", "Kopiera",
-        "Κοιν", "참조", "A/c", "Kp", "עותק", "نسخة", "สำเนา", "Tembusan",
+        "Κοιν", "참조", "A/c", "Kp", "עותק", "نسخة", "สำเนา", "Tembusan", "Sk", "Копија",
+        "Afrit", "Cc", "Көшірме", "प्रतिलिपि", "رونوشت", "Nakala", "Surət", "Nusxa",
     ),
     "bcc": ("Bcc", "Cci", "Ukryta kopia", "Skrytá kopie", "Скрытая копия", "Bkopi", "Bcc"),
     "subject": (
@@ -245,7 +252,8 @@ _LABELS: dict[str, tuple[str, ...]] = {
         "Onderwerp", "Ämne", "Emne", "Aihe", "Temat", "Předmět", "Predmet", "Tárgy",
         "Subiect", "Subiectul", "Naslov", "Zadeva", "Тема", "Konu", "Teema", "Tema", "Tēma",
         "件名", "主题", "主旨", "標題", "Sujet", "Θέμα", "제목", "Chủ đề", "Perihal", "Subjek",
-        "נושא", "الموضوع", "เรื่อง",
+        "נושא", "الموضوع", "เรื่อง", "Perkara", "Efni", "Pwnc", "Gaia", "Subjekti",
+        "Тақырып", "विषय", "موضوع", "Paksa", "Mada", "Mövzu", "Mavzu",
     ),
     "reply-to": (
         "Reply-To", "Répondre à", "Antwort an", "Responder a", "Rispondi a", "Antwoord aan",
@@ -317,6 +325,7 @@ _GLUED_LABEL_RE = re.compile(
 )
 _QUOTE_RE = re.compile(r"^((?:[ \t]{0,3}>)+)[ \t]?")
 _RULE_RE = re.compile(r"^[ \t]*(?:_{8,}|-{8,}|={8,})[ \t]*$")
+_FRAME_RULE_RE = re.compile(r"^[ \t]*(?:-{4,}|={4,}|_{4,})[ \t]*$")
 # Any "Label: value" line (see _label_line); the label starts with a letter and holds no
 # digit, '@', '<' or '>', so "Re: 10:30" and "a@b.example: x" are not labels.
 _LABEL_LINE_RE = re.compile(
@@ -356,6 +365,13 @@ _DATE_IN_LINE_RE = re.compile(
     r"(?:\s*[AaPp]\.?[Mm]\.?)?)?"
 )
 _MAX_CHAIN = 20
+# Characters with no glyph that clients put around names, addresses and whole RTL lines
+# (byte order mark, zero-width space, the bidirectional marks, embeddings and isolates of
+# Unicode's bidi algorithm (UAX #9), word joiner).
+_INVISIBLE_RE = re.compile("[\ufeff\u200b\u200e\u200f\u061c\u202a-\u202e\u2060\u2066-\u2069]")
+# GroupWise's quote marker: ">>> Dana Lee <dana@x> 11/26/2026 10:03 AM >>>" and the original
+# below it, unquoted.
+_GROUPWISE_RE = re.compile(r"^[ \t]*>>>[ \t]+(?P<info>[^\n]{3,300}?)[ \t]+>>>[ \t]*$")
 _CLOCK_RE = re.compile(r"(?<!\d)\d{1,2}\s?[:.h時]\s?\d{2}(?!\d)")
 
 
@@ -381,8 +397,7 @@ def _subject_kind(subject: str | None) -> str:
 
 def _prepare(text: str) -> list[str]:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    for ch in ("\ufeff", "\u200b", "\u200e", "\u200f", "\u2060"):
-        text = text.replace(ch, "")
+    text = _INVISIBLE_RE.sub("", text)
     return text.replace("\u00a0", " ").split("\n")
 
 
@@ -825,8 +840,19 @@ def _body(region: list[str], start: int, opener: str = "") -> str:
         rest = _header_block(lines, k + 1)
         if rest is None or "from" not in rest.fields:
             lines = lines[k + 1:]
+    # A rule under the header block (SquirrelMail, Sylpheed) and rules or an end marker
+    # under the text (KMail, Yandex, mutt, Sylpheed) frame the original; they are not in it.
+    k = 0
+    while k < len(lines) and not lines[k].strip():
+        k += 1
+    if k < len(lines) and _FRAME_RULE_RE.match(lines[k]):
+        lines = lines[k + 1:]
     end = len(lines)
-    while end > 0 and (not lines[end - 1].strip() or _is_end_marker(lines[end - 1])):
+    while end > 0 and (
+        not lines[end - 1].strip()
+        or _is_end_marker(lines[end - 1])
+        or _FRAME_RULE_RE.match(lines[end - 1])
+    ):
         end -= 1
     return _join(lines[:end])
 
@@ -905,6 +931,24 @@ def _try_separator(
     # the text below is someone else's.
     fields = block.fields if block else {}
     return _make(fields, _body(region, block.end if block else 0), note, default_tz)
+
+
+def _try_groupwise(
+    lines: list[str], i: int, subject: str, default_tz: tzinfo
+) -> ForwardedMessage | None:
+    """GroupWise forwards and quotes with ">>> Name <address> date >>>" above the
+    original, which is not quoted."""
+    m = _GROUPWISE_RE.match(lines[i])
+    if not m:
+        return None
+    intro = _attribution_sender(m.group("info") + ":")
+    if intro is None:
+        return None
+    sender, _raw, date_raw = intro
+    fallback = strip_subject_prefixes(subject)
+    fm = _make({"date": date_raw}, _body(lines, i + 1), _note(lines, i), default_tz, fallback)
+    fm.from_, fm.from_raw = sender, m.group("info").strip()
+    return fm
 
 
 def _caption(line: str) -> bool:
@@ -989,6 +1033,10 @@ def _parse_one(text: str, subject: str | None, default_tz: tzinfo) -> ForwardedM
     kind = _subject_kind(subject)
     lines = _prepare(text)
     for i, line in enumerate(lines):
+        if kind != "reply" and line.lstrip().startswith(">>>"):
+            found = _try_groupwise(lines, i, subject or "", default_tz)
+            if found:
+                return found
         _d, content = _depth(line)
         if not content.strip():
             continue

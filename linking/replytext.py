@@ -46,6 +46,13 @@ __all__ = ["extract_reply", "extract_reply_from_message", "html_to_reply"]
 # --- patterns -----------------------------------------------------------------------------
 
 _QUOTE_RE = re.compile(r"^[ \t]*>")
+# Characters with no glyph that clients put around names, addresses and whole RTL lines
+# (byte order mark, zero-width space, the bidirectional marks, embeddings and isolates of
+# Unicode's bidi algorithm (UAX #9)): removed so that "‫… نوشت:‬" ends with its colon.
+_INVISIBLE_RE = re.compile("[\ufeff\u200b\u200e\u200f\u061c\u202a-\u202e\u2060\u2066-\u2069]")
+# GroupWise's quote marker: ">>> Dana Lee <dana@x> 11/26/2026 10:03 AM >>>", with the
+# original below it unquoted.
+_GROUPWISE_RE = re.compile(r"^[ \t]*>>>[ \t]+[^\n]{3,300}?[ \t]+>>>[ \t]*$")
 
 # Verbs that end an attribution line ("... wrote:"), by language: Gmail, Apple Mail,
 # Thunderbird, Outlook for Mac, Yahoo, Mail.ru, The Bat!, Lotus Notes and others (talon's
@@ -122,6 +129,7 @@ _SEND_WORDS = (
     r"|wysłane|wysłano|odesláno|odoslané|отправлено|надіслано|skickat|sendt|lähetetty"
     r"|küldve|gönderildi|trimis|poslano|poslato|send|from\s+my|via|get|obtenir|obtener"
     r"|herunterladen|scarica|downloaden|baixar|hämta|hent|pobierz|скачайте|загрузите"
+    r"|enviat|dihantar|dikirim|gửi|στάλθηκε|נשלח|أرسلت|ارسال|ส่งจาก|надіслано|изпратено"
     r"|入手|获取|取得|送信|发自|發自|送自|发送|傳送|보냄|から"
 )
 _MOBILE_RE = re.compile(
@@ -215,6 +223,7 @@ _LINK_OPEN_RE = re.compile(r"(?:\(|<)https?://[^)>\s]*$")
 # An attribution is at most this many lines (Gmail wraps a long one over two or three).
 _ATTRIB_MAX_LINES = 3
 _ATTRIB_MAX_LINES_BY_WORD = 6
+_SHORT_ATTRIB_CHARS = 100
 _ATTRIB_MAX_CHARS = 400
 _SIGNOFF_MAX_TAIL_LINES = 4
 _SIGNOFF_TAIL_LINE_MAX = 60
@@ -240,8 +249,7 @@ def extract_reply(text: str) -> str:
 
 def _split_lines(text: str) -> list[str]:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    for ch in ("\ufeff", "\u200b", "\u200e", "\u200f"):
-        text = text.replace(ch, "")
+    text = _INVISIBLE_RE.sub("", text)
     out: list[str] = []
     for line in text.split("\n")[:_MAX_LINES]:
         if _QUOTE_RE.match(line) or _ATTRIB_START_RE.match(line):
@@ -290,6 +298,9 @@ def _is_attribution(joined: str, quoted_below: bool) -> bool:
         return True
     # "Thursday, November 26, 2026, 10:03:12 AM, you wrote:" (The Bat!)
     if verb_end and _dated(joined):
+        return True
+    # "Dana Lee wrote:" right above a quotation (Thunderbird's short form, SquirrelMail).
+    if quoted_below and colon_end and verb_end and len(joined) <= _SHORT_ATTRIB_CHARS:
         return True
     # Any client, any language: a line ending in ":" that names the author's address, or a
     # date and a time, right above a quotation ("Name <a@x> ezt írta (időpont: …):",
@@ -445,6 +456,9 @@ def _extract_lines(lines: list[str], forced: list[bool]) -> str:
     in_forward = False
     i = 0
     while i < n:
+        if not forced[i] and _GROUPWISE_RE.match(lines[i]) and _EMAIL_RE.search(lines[i]):
+            saw_splitter = True
+            break  # GroupWise: the unquoted original follows its ">>> … >>>" marker
         if _is_quoted(lines, forced, i):
             end = _quote_run_end(lines, forced, i)
             loose_runs.append((i, end))

@@ -671,3 +671,29 @@ def test_exchange_internal_sender_keeps_only_the_name() -> None:
     )
     (fm,) = parse_inline_forward(text, subject="FW: Budget")
     assert fm.from_ is None and fm.from_name == "Carl Other"
+
+
+def test_groupwise_forward_names_the_sender_on_its_marker_line() -> None:
+    text = "FYI\n\n>>> \"Dana Lee\" <dana@x.example> 11/26/2026 10:03 AM >>>\nTender closes Dec 15."
+    (fm,) = parse_inline_forward(text, subject="Fwd: Tender")
+    assert fm.from_ == Mailbox("dana@x.example", "Dana Lee")
+    assert (fm.subject, fm.body, fm.note) == ("Tender", "Tender closes Dec 15.", "FYI")
+    assert fm.date == datetime(2026, 11, 26, 10, 3, tzinfo=UTC)
+    assert parse_inline_forward(text, subject="Re: Tender") == []
+
+
+def test_rules_and_end_markers_around_the_forwarded_text_are_not_body() -> None:
+    kmail = (
+        "----------  Forwarded Message  ----------\n\nSubject: Keys\nDate: Thursday, 26 November "
+        "2026, 10:03:00 CET\nFrom: Dana <dana@x.example>\nTo: sam@acme.example\n\nKeys missing.\n"
+        "-----------------------------------------\n"
+    )
+    assert parse_inline_forward(kmail)[0].body == "Keys missing."
+    sylpheed = (
+        "----------------------- Original Message -----------------------\n"
+        " From:    Dana <dana@x.example>\n To:      sam@acme.example\n"
+        " Date:    Thu, 26 Nov 2026 10:03:00 +0100\n Subject: Dates\n----\n\nWhich dates?\n\n"
+        "--------------------- Original Message Ends --------------------\n"
+    )
+    (fm,) = parse_inline_forward(sylpheed, subject="Fw: Dates")
+    assert (fm.from_, fm.body) == (Mailbox("dana@x.example", "Dana"), "Which dates?")

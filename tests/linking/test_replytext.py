@@ -839,3 +839,27 @@ def test_header_block_in_an_unknown_language_under_a_rule() -> None:
 )
 def test_mobile_and_app_trailers(trailer: str) -> None:
     assert extract_reply(f"Ok, go ahead.\n\n{trailer}\n") == "Ok, go ahead."
+
+
+def test_groupwise_marker_starts_the_unquoted_history() -> None:
+    body = (
+        "Will do.\n\n>>> \"Dana Lee\" <dana@x.example> 11/26/2026 10:03 AM >>>\n"
+        "Please resend the invoice.\n"
+    )
+    assert extract_reply(body) == "Will do."
+    # Without an address it is text with a ">>>" decoration, as before.
+    assert extract_reply("See\n>>> http://x.example <<<\nthen call") == (
+        "See\n>>> http://x.example <<<\nthen call"
+    )
+
+
+def test_name_wrote_without_a_date_above_a_quote() -> None:
+    assert extract_reply("Confirmed.\n\nDana Lee wrote:\n> Does 3 pm work?\n") == "Confirmed."
+
+
+def test_bidirectional_marks_around_an_rtl_attribution() -> None:
+    body = (
+        "بله.\n\n\u202bدر تاریخ پنجشنبه ۲۶ نوامبر ۲۰۲۶ ساعت ۱۰:۰۳ Ali <\u202aali@x.example"
+        "\u202c> نوشت:\u202c\n\n> سؤال؟\n"
+    )
+    assert extract_reply(body) == "بله."
