@@ -951,6 +951,20 @@ def _try_groupwise(
     return fm
 
 
+def _plausible_sender(value: str) -> bool:
+    """An address, or something shaped like a name: with a letter, a few words, no
+    sentence ("No: 4711" in a note is a number, Latvian "No:" is also a From label)."""
+    if _EMAIL_RE.search(value):
+        return True
+    words = value.split()
+    return (
+        any(ch.isalpha() for ch in value)
+        and 0 < len(words) <= 8
+        and len(value) <= 120
+        and not value.rstrip().endswith((".", "?", "!"))
+    )
+
+
 def _caption(line: str) -> bool:
     """A short line that dates the block below it ("Message du 26/11/26 10:03", Orange)."""
     text = line.strip()
@@ -986,7 +1000,7 @@ def _try_headerless(
     if block is None or "from" not in block.fields:
         return None
     others = sum(1 for f in ("date", "to", "subject") if f in block.fields)
-    if others < 2:
+    if others < 2 or not _plausible_sender(block.fields["from"]):
         return None
     fields = {**fields_extra, **block.fields}
     return _make(fields, _body(region, block.end), _note(lines, note_end), default_tz)

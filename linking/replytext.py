@@ -98,6 +98,8 @@ _TIME_RE = re.compile(r"(?<!\d)\d{1,2}\s?[:.h時]\s?\d{2}(?!\d)")
 _DATEISH_RE = re.compile(
     r"(?<!\d)(?:19|20)\d{2}(?!\d)|(?<!\d)\d{1,2}[./-]\d{1,2}[./-]\d{2,4}(?!\d)"
 )
+# "Here is what I sent:" introduces the writer's own quote, not someone else's message.
+_SENT_END_RE = re.compile(r"\bsent\s*[:：]\s*$", re.IGNORECASE)
 _DASH_SENT_RE = re.compile(rf"^\s*-{{2,}}.*\b(?:{_VERBS})\b.*-{{2,}}\s*$", re.IGNORECASE)
 # "reply above this line" delimiters of help desks and notification mails, by language.
 _ABOVE_LINE_RE = re.compile(
@@ -300,7 +302,13 @@ def _is_attribution(joined: str, quoted_below: bool) -> bool:
     if verb_end and _dated(joined):
         return True
     # "Dana Lee wrote:" right above a quotation (Thunderbird's short form, SquirrelMail).
-    if quoted_below and colon_end and verb_end and len(joined) <= _SHORT_ATTRIB_CHARS:
+    if (
+        quoted_below
+        and colon_end
+        and verb_end
+        and len(joined) <= _SHORT_ATTRIB_CHARS
+        and not _SENT_END_RE.search(joined)
+    ):
         return True
     # Any client, any language: a line ending in ":" that names the author's address, or a
     # date and a time, right above a quotation ("Name <a@x> ezt írta (időpont: …):",

@@ -697,3 +697,8 @@ def test_rules_and_end_markers_around_the_forwarded_text_are_not_body() -> None:
     )
     (fm,) = parse_inline_forward(sylpheed, subject="Fw: Dates")
     assert (fm.from_, fm.body) == (Mailbox("dana@x.example", "Dana"), "Which dates?")
+
+
+def test_numbered_note_is_not_a_name_only_forward() -> None:
+    note = "Order details\n\nNo: 4711\nDate: 26.11.2026\nTo: warehouse\nSubject: delivery\n\nOk"
+    assert parse_inline_forward(note, subject="Order") == []

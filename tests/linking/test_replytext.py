@@ -863,3 +863,8 @@ def test_bidirectional_marks_around_an_rtl_attribution() -> None:
         "\u202c> نوشت:\u202c\n\n> سؤال؟\n"
     )
     assert extract_reply(body) == "بله."
+
+
+def test_own_text_introduced_with_sent_is_kept_above_its_quote() -> None:
+    body = "Here is what I sent:\n> The price is 20k.\n> Delivery in May.\n\nDid you get it?"
+    assert extract_reply(body) == "Here is what I sent:\n\nDid you get it?"
