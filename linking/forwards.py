@@ -12,9 +12,28 @@ Smart BCC). The outer message is from the user; the correspondent is inside, eit
   "________________________________", …) or with no separator at all, possibly
   ">"-quoted, possibly nested (a forward of a forward).
 
-Everything here is a pure function of the message or text: no database, no network.
-The labels and separators cover the clients and languages listed in the brief; the
-layout follows crisp-oss/email-forward-parser's corpus (see tests/linking).
+How an inline forward is read, from the most explicit to the least:
+
+1. a separator line (tables of phrases per client family and UI language below; on a
+   dashed line a phrase may go on with a name: "----- Forwarded by Sam on … -----"), then
+   the header block under it; a block whose labels are all unknown is read from what its
+   values hold (first address = From, then To and Cc, a value with a date and time = Date,
+   the rest = subject); when there is no block, an introduction line naming the sender
+   ("26.11.2026, 10:03, "Name" <a@x>:", Yandex) or GroupWise's ">>> Name <a@x> date >>>";
+2. a header block with no separator, at the start of a paragraph (or under a line that
+   only dates it) with a sender and two of date, To and subject;
+3. with a forward Subject ("Fwd:", "TR:", "WG:"…), an "On … wrote:" line above an indented
+   or quoted original (Outlook for Mac).
+
+A header block's fields may carry labels in any of the languages of _LABELS, fields with
+unknown labels between them are skipped, wrapped values are joined. When the original's
+From holds only a name (Outlook prints just the display name of an address-book contact),
+``from_`` is None and ``from_raw``/``from_name`` keep the name, with ``from_name_only``
+set, so that a caller can match it against known persons.
+
+Everything here is a pure function of the message or text: no database, no network. The
+tests in tests/linking measure it on public corpora and on held-out mail written from each
+client's conventions (tests/linking/fixtures_heldout).
 """
 
 from __future__ import annotations

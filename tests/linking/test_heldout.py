@@ -1,9 +1,10 @@
 """Reading accuracy on hand-written held-out mail (tests/linking/fixtures_heldout).
 
-The corpora in ../shared/corpus are what the code was tuned on; these cases were written
-from each mail client's and UI language's conventions (attribution lines, quoted-header
-blocks, forward separators, signatures, HTML layouts) without running the code, with an
-expected JSON per case. See fixtures_heldout/README.md for the layout and the rules.
+The public corpora (test_replytext.py, test_forwards.py) are what the code was first tuned
+on; these cases were written from each mail client's and UI language's conventions
+(attribution lines, quoted-header blocks, forward separators, signatures, HTML layouts)
+without running the code, with an expected JSON per case. See fixtures_heldout/README.md
+for the layout and the rules.
 
 * ``replies/``: ``<case>.txt`` (a text/plain body, given to ``extract_reply``) or
   ``<case>.html`` (an HTML body, given to ``html_to_reply``); the JSON holds ``reply``.
@@ -15,6 +16,8 @@ expected JSON per case. See fixtures_heldout/README.md for the layout and the ru
 * ``blind/``: a third of the cases, chosen at random per family before any fix was made,
   measured separately (``test_blind_*``) so that the rates show whether the rules
   generalize beyond the cases looked at while writing them.
+* ``wave2/``: written after the first fixes, from clients and UI languages the first set
+  did not use, measured before the rules were changed for them (``test_wave2_*``).
 
 Every test prints its rates per family; the thresholds are the reading targets.
 """
