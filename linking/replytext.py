@@ -13,8 +13,8 @@ Algorithm (own implementation; ideas and several splitter patterns come from Git
    wrapped over up to three lines, or any line ending in ":" that names an address or a
    date and time and is followed by a quotation), a separator line ("-----Original
    Message-----" and its translations), a block of From:/Sent:/To:/Subject: header fields
-   (Outlook and most webmails, in any of the languages :mod:`linking.forwards` knows), or a
-   "reply above this line" delimiter.  When a splitter is followed by quoted lines, the
+   (Outlook and most webmails, in any of the languages :mod:`linking.forwards` knows),
+   GroupWise's ">>> Name <address> date >>>" line, or a "reply above this line" delimiter.  When a splitter is followed by quoted lines, the
    splitter and the quotation are removed and the text after them is kept (bottom-posting
    and inline answers); when it is followed by unquoted text, everything from the splitter
    down is removed.
