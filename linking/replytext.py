@@ -14,10 +14,10 @@ Algorithm (own implementation; ideas and several splitter patterns come from Git
    date and time and is followed by a quotation), a separator line ("-----Original
    Message-----" and its translations), a block of From:/Sent:/To:/Subject: header fields
    (Outlook and most webmails, in any of the languages :mod:`linking.forwards` knows),
-   GroupWise's ">>> Name <address> date >>>" line, or a "reply above this line" delimiter.  When a splitter is followed by quoted lines, the
-   splitter and the quotation are removed and the text after them is kept (bottom-posting
-   and inline answers); when it is followed by unquoted text, everything from the splitter
-   down is removed.
+   GroupWise's ">>> Name <address> date >>>" line, or a "reply above this line" delimiter.
+   When a splitter is followed by quoted lines, the splitter and the quotation are removed
+   and the text after them is kept (bottom-posting and inline answers); when it is followed
+   by unquoted text, everything from the splitter down is removed.
 3. A forwarded message that comes before any splitter ("---------- Forwarded message
    ---------" with its header block) is the sender's content, as in talon; the quoted
    history found after it is still removed.
