@@ -60,7 +60,7 @@ KINDS: tuple[AddressKind, ...] = (
                 "behind Postfix: copies of mail users send (sender_bcc_maps, LMTP only)",
                 batchable=True),
     AddressKind("received", r"received-(?P<mailbox>[0-9a-f]{12})",
-                "{slug}+received-<user key>@{domain}",
+                "{slug}+received-<userkey>@{domain}",
                 "behind Postfix: copies of mail a user receives (recipient_bcc_maps, LMTP only)",
                 batchable=True),
 )
