@@ -85,6 +85,8 @@ def _trust_comment(config: Config) -> str:
     xforward = "enabled" if config.lmtp.xforward_hosts else "disabled"
     ids = ", ".join(config.policy.trusted_authserv_ids) or "(none configured)"
     nets = ", ".join(map(str, config.policy.trusted_networks)) or "(none)"
+    upstream = (", ".join(map(str, config.policy.upstream_networks))
+                or "(empty: from any client; list your Postfix there)")
     return f"""\
 # What dealmail believes from this Postfix (dealmail's [policy] and [lmtp] sections):
 # * A copy made by sender_bcc_maps is checked like any copy of a user's own mail: the
@@ -95,7 +97,7 @@ def _trust_comment(config: Config) -> str:
 # * strong: your OpenDKIM signs what users submit, and dealmail checks that signature.
 # * upstream: Authentication-Results written by your OpenDKIM/OpenDMARC under an authserv-id
 #   listed in dealmail's policy.trusted_authserv_ids ({ids}), honoured only from
-#   policy.upstream_networks. Postfix must strip incoming headers that claim that
+#   policy.upstream_networks ({upstream}). Postfix must strip incoming headers that claim that
 #   authserv-id (header_checks below; header_checks see what the client sent, not what
 #   your milters add).
 # * trusted-network: the client is in policy.trusted_networks ({nets}). XFORWARD is
