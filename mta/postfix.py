@@ -86,7 +86,7 @@ def _trust_comment(config: Config) -> str:
     ids = ", ".join(config.policy.trusted_authserv_ids) or "(none configured)"
     nets = ", ".join(map(str, config.policy.trusted_networks)) or "(none)"
     upstream = (", ".join(map(str, config.policy.upstream_networks))
-                or "(empty: from any client; list your Postfix there)")
+                or "empty: from any client; list your Postfix there")
     return f"""\
 # What dealmail believes from this Postfix (dealmail's [policy] and [lmtp] sections):
 # * A copy made by sender_bcc_maps is checked like any copy of a user's own mail: the
