@@ -5,9 +5,10 @@ Each test calls ``record_email`` directly, inside the store's transaction, with 
 config, the demo CRM (Ann: two open deals; Carl: "Pilot" open and "Old order" won; Dora: no
 deal) and a message read by ``parse_message``. It proves: a customer is matched to a person by
 any of the person's addresses and to an organization by domain; unknown correspondents become
-persons (not at free-mail domains, not when ``create_unknown_persons`` is off); the one open
-deal is linked, several open deals leave one pending choice per thread and user, a ``+deal``
-address wins and the thread's deal is followed; a message joins a thread by References, by
+persons (of no organization at a free-mail domain; none when ``create_unknown_persons`` is
+off); the one open deal is linked, several open deals leave one pending choice per thread and
+user, a ``+deal`` address wins (even another customer's deal, noted as a mismatch) and the
+thread's deal is followed; a message joins a thread by References, by
 Outlook's Thread-Index, or by subject and a shared participant within the window; the same
 Message-ID from a second user is one email with two sightings, from the same user a
 duplicate that writes nothing; mail among colleagues links no customer; the sighting's
@@ -146,12 +147,15 @@ def test_unknown_customer_becomes_a_person_of_the_organization_of_its_domain(
     assert any("no open deal" in d for d in r.decisions)
 
 
-def test_unknown_correspondent_at_a_freemail_domain_is_no_person(world: World) -> None:
-    before = row_counts()
+def test_unknown_correspondent_at_a_freemail_domain_is_a_person_of_no_organization(
+        world: World) -> None:
+    m.OrgDomain.create(organization=world.crm.other_ltd, company=world.crm.company,
+                       domain="gmail.com")  # even a (wrongly) stored free-mail domain
     r = world.record(mail(to="Gina <gina@gmail.com>"))
-    assert r.persons == [] and links(r.email_id) == set()
-    assert m.Person.select().count() == before["Person"]
-    assert any("free-mail" in d for d in r.decisions)
+    [pid] = r.persons
+    gina = m.Person.get_by_id(pid)
+    assert (gina.name, gina.organization_id, gina.auto_created) == ("Gina", None, True)
+    assert links(r.email_id) == {(pid, None, None, "auto")}
 
 
 def test_no_person_is_created_when_create_unknown_persons_is_off(world: World) -> None:
@@ -205,6 +209,8 @@ def test_plus_deal_address_wins(world: World) -> None:
     # Even a deal that is not the customer's own open deal: the sender named it.
     carl = world.record(mail(subject="Other topic"), deal_id=crm.renewal)
     assert carl.deal_id == crm.renewal
+    assert carl.deal_mismatch is not None and carl.deal_mismatch.deal_id == crm.renewal
+    assert r.deal_mismatch is None
 
 
 def test_the_thread_deal_is_followed(world: World) -> None:

@@ -2,10 +2,11 @@
 
 Proves, for the example config (company ``example``, mail domain ``dealmail.localhost``): every
 kind of :data:`mta.routing.KINDS` is routed with its parameters (a deal id, a case-sensitive
-token) and its batchability, a test fails when a kind is added without a case here; upper-case
-and angle-bracketed company addresses are routed (and normalised); an unknown company, another
-domain, a disabled kind, an unknown or malformed suffix and malformed addresses are not ours
-(None); kinds are data: a table built with another kind routes it.
+token, a Postfix user key) and its batchability, and a test fails when a kind is added without
+a case here; upper-case and angle-bracketed company addresses are routed (and normalised); an
+unknown company, another domain, a disabled kind, an unknown or malformed suffix and malformed
+addresses are not ours (None); kinds are data: a table built with another kind routes it; the
+user key of ``+received-`` addresses is stable.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import pytest
 from conftest import make_config
 
 from dealmail.config import Config
-from mta.routing import KINDS, AddressKind, RoutingTable, kind_named
+from mta.routing import KINDS, AddressKind, RoutingTable, kind_named, mailbox_key
 
 DOMAIN = "dealmail.localhost"
 TOKEN = "Ab3_dE-fGhIjKlMnOpQ"  # mixed case: a token is case-sensitive
 ALL = tuple(k.name for k in KINDS)
+USERKEY = mailbox_key("example", "alice@example.com")
 
 # One address of each kind, with the route it must give: (kind, params, batchable).
 EXAMPLES: dict[str, tuple[str, dict[str, str], bool]] = {
@@ -28,6 +30,8 @@ EXAMPLES: dict[str, tuple[str, dict[str, str], bool]] = {
     f"example+deal42@{DOMAIN}": ("deal", {"deal_id": "42"}, True),
     f"example+ask@{DOMAIN}": ("ask", {}, False),
     f"example+choice-{TOKEN}@{DOMAIN}": ("choice", {"token": TOKEN}, False),
+    f"example+sent@{DOMAIN}": ("sent", {}, True),
+    f"example+received-{USERKEY}@{DOMAIN}": ("received", {"mailbox": USERKEY}, True),
 }
 
 
@@ -90,6 +94,8 @@ def test_kind_suffix_in_upper_case_is_routed(table: RoutingTable) -> None:
     f"example+deal{'9' * 19}@{DOMAIN}",  # more than 18 digits
     f"example+choice-short@{DOMAIN}",  # a token has at least 16 characters
     f"example+choice-{'a' * 16}!@{DOMAIN}",
+    f"example+received-{USERKEY[:11]}@{DOMAIN}",  # a user key has 12 hex digits
+    f"example+received-{'g' * 12}@{DOMAIN}",
     f"example+@{DOMAIN}",
     f"example++ask@{DOMAIN}",
     "", "<>", "example", f"@{DOMAIN}", "example@", f"exa mple@{DOMAIN}",
@@ -124,6 +130,13 @@ def test_kinds_are_data(config: Config) -> None:
     no_plain = RoutingTable(config, enabled=("deal",), kinds=[kind_named("deal")])
     assert no_plain.route(f"example@{DOMAIN}") is None
     assert no_plain.route(f"example+deal3@{DOMAIN}") is not None
+
+
+def test_mailbox_key_is_stable_short_and_per_user() -> None:
+    # Pinned: the generated Postfix maps carry it, so it must not change between releases.
+    assert USERKEY == "4b1f7e561eb1"
+    assert mailbox_key("example", "bob@example.com") != USERKEY
+    assert mailbox_key("acme", "alice@example.com") != USERKEY
 
 
 def test_kind_named() -> None:
