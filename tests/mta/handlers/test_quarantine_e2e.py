@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import EXAMPLE, ROOT, make_config
+
 from crmstore import models as m
 from crmstore.visibility import can_see
 from dealmail import cli
