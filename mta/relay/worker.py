@@ -32,6 +32,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from crmstore import models as m
+from crmstore.bounces import forget_bounced_persons
 from crmstore.db import Store
 from crmstore.outbox import enqueue
 from dealmail.clock import Clock, naive_utc
@@ -231,6 +232,10 @@ class OutboxWorker:
             m.OutboxItem.update(fields).where(m.OutboxItem.id == item.id).execute()
             if failed or gave_up:
                 self._queue_dsn(item, failed + gave_up, now)
+            if item.kind == "relay":
+                # A mistyped customer address: the person relayed mail created is nobody.
+                forget_bounced_persons(item.company_id, [
+                    r.address for r in failed if dsn_of(r).startswith("5.1.")], now)
         self._log_attempt(item, result, now, next_at, bool(gave_up))
 
     def _log_attempt(self, item: m.OutboxItem, result: DeliveryResult, now: datetime,
