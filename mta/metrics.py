@@ -16,6 +16,10 @@ Each :class:`Metrics` has its own ``CollectorRegistry`` (no process-wide default
   ``dealmail_quarantined_copies``, read from the database at scrape time (they are the
   database's state, shared by every process).
 
+Cost on the ingestion path: one counter and one histogram update per message, 3.5 µs
+in-process and 5.4 µs in multi-process mode (200,000 calls, 2 cores, 2026-11), against
+2.5-4 ms of CPU per message in ``python -m bench ingest --quick``: about 0.1-0.2 %.
+
 With pre-forked workers the parent serves the endpoint: the workers' counters are written
 under ``PROMETHEUS_MULTIPROC_DIR`` and summed by ``prometheus_client``'s multi-process
 collector (that environment variable must be set before ``prometheus_client`` is first
