@@ -182,11 +182,10 @@ def pg_url() -> Iterator[str]:
         admin.close()
 
 
-@pytest.fixture(scope="module")
-def module_stores(request: pytest.FixtureRequest,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Store]]:
-    """The open store of each backend for one test module, made when first asked for: a
-    schema (and a PostgreSQL database) is created once per module, not once per test."""
+@pytest.fixture(scope="session")
+def backend_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Store]]:
+    """The open store of each backend, made when first asked for: a schema (and a PostgreSQL
+    database, ~1 s on a busy machine) is created once per test session, not once per test."""
     from support.crm import pg_database
 
     with ExitStack() as stack:
@@ -197,7 +196,7 @@ def module_stores(request: pytest.FixtureRequest,
                 if backend == "sqlite":
                     url = f"sqlite:///{tmp_path_factory.mktemp('store')}/dealmail.db"
                 else:
-                    url = stack.enter_context(pg_database(request.module.__name__))
+                    url = stack.enter_context(pg_database("store"))
                 s = Store(url)
                 s.open()
                 stack.callback(s.close)  # before the database is dropped
@@ -209,9 +208,9 @@ def module_stores(request: pytest.FixtureRequest,
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store(request: pytest.FixtureRequest, tmp_path: Path,
-          module_stores: Callable[[str], Store]) -> Store:
+          backend_stores: Callable[[str], Store]) -> Store:
     """An open :class:`crmstore.db.Store` on a real SQLite file or on the local PostgreSQL
-    holding only the example config's company and users (the module's store, emptied)."""
+    holding only the example config's company and users (the session's store, emptied)."""
     from support.crm import empty_store
 
-    return empty_store(module_stores(request.param), make_config(tmp_path))
+    return empty_store(backend_stores(request.param), make_config(tmp_path))

@@ -1,7 +1,7 @@
 """A CRM store for the unit tests of the core path (imported as ``support.crm``).
 
 The ``store`` fixture of the root conftest hands each test a :class:`crmstore.db.Store` on a
-real SQLite file or on a PostgreSQL database, both created once per test module and emptied
+real SQLite file or on a PostgreSQL database, both created once per test session and emptied
 for each test (:func:`empty_store`) but for the example config's company and users.
 :func:`add_demo_crm` then writes the demo CRM of ``conf/demo`` straight through the models
 (not through the CSV importer, so that a fault of the importer never shows up as a fault of
@@ -57,7 +57,7 @@ def pg_database(label: str) -> Iterator[str]:
 
 def empty_store(store: Store, config: Config) -> Store:
     """``store`` with no rows but the config's companies and users, its ids restarted, and
-    the models bound to it (a module's stores are reused by its tests)."""
+    the models bound to it (the session's stores are shared by the tests)."""
     store.db.bind(m.ALL_MODELS, bind_refs=False, bind_backrefs=False)
     store.db.connect(reuse_if_open=True)
     if store.db.in_transaction():  # a failed test's leftovers
