@@ -106,7 +106,9 @@ def import_csv(store: Store, company_slug: str, kind: str, path: Path,
                progress: Callable[[int, int], None] | None = None,
                *, now: Callable[[], datetime] = m.utcnow,
                freemail_domains: Iterable[str] = (),
-               internal_domains: Iterable[str] = ()) -> ImportReport:
+               internal_domains: Iterable[str] = (),
+               after_write: Callable[[int, ImportReport], None] | None = None,
+               ) -> ImportReport:
     """Import one CSV file of ``kind`` into the company ``company_slug``.
 
     Runs in one transaction; raises :class:`CsvImportError` (nothing written) listing every
@@ -117,7 +119,10 @@ def import_csv(store: Store, company_slug: str, kind: str, path: Path,
     Pass the config's ``policy.freemail_domains`` and the company's ``internal_domains``
     (normalised, as the config holds them): an organization cannot own a freemail or an
     internal domain, and a person cannot have an address in an internal domain (those
-    addresses are colleagues, never customers: docs/architecture.md)."""
+    addresses are colleagues, never customers: docs/architecture.md).
+
+    ``after_write(company_id, report)`` runs inside the same transaction once the rows are
+    written (the CLI re-links earlier mail to the addresses the import added)."""
     if kind not in KINDS:
         raise ValueError(f"unknown import kind {kind!r}; expected one of {', '.join(KINDS)}")
     try:
@@ -136,6 +141,8 @@ def import_csv(store: Store, company_slug: str, kind: str, path: Path,
             if rows.problems:
                 # Raising inside the transaction rolls it back: whole file or nothing.
                 raise CsvImportError(rows.problems)
+            if after_write is not None:
+                after_write(company_id, report)
     except IntegrityError as exc:
         # Only a concurrent writer can get here (the rows were checked against what was
         # read in this transaction): e.g. a Smart BCC message created the same person on

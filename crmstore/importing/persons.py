@@ -158,4 +158,5 @@ def import_persons(store: Store, company_id: int, rows: Rows,
     address_rows.extend((pid, company_id, a) for pid, a in added)
     insert_rows(store, m.PersonAddress, [m.PersonAddress.person, m.PersonAddress.company,
                                          m.PersonAddress.address], address_rows)
+    report.new_addresses = [a for _pid, _cid, a in address_rows]
     return report

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -18,6 +18,9 @@ class ImportReport:
     updated: int
     unchanged: int
     organizations_created: int = 0
+    #: Addresses the CRM did not know before this import (new persons' and added ones):
+    #: earlier mail carrying them can now be linked.
+    new_addresses: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         text = (f"{self.kind}: {self.rows} rows, {self.created} created, {self.updated} updated, "
