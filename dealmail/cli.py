@@ -454,7 +454,7 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
                 raise _CliError(f"{args.file}: {exc.strerror}", EXIT_DATA) from exc
             print(f"{args.kind}: {report.rows} rows; {report.created} created, "
                   f"{report.updated} updated, {report.unchanged} unchanged")
-            for done in relinked:
+            for done in (d for d in relinked if d.emails):
                 print(f"earlier mail: {done.emails} email(s) linked to the imported persons, "
                       f"{done.deals} deal link(s), {len(done.questions)} question(s) queued")
             return 0
