@@ -14,6 +14,7 @@ from pathlib import Path
 
 from crmstore import models as m
 from crmstore.db import Store
+from crmstore.handles import next_number
 from crmstore.importer import import_csv
 from dealmail.config import Config, load_config
 
@@ -72,7 +73,8 @@ class World:
             content_hash=f"{n:064d}", thread=thread, subject=subject, date=naive(date),
             from_address=frm[1], from_name=frm[0],
             to_json=json.dumps([{"address": a, "name": nm} for nm, a in to]),
-            snippet=snippet, raw=b"x", created_at=naive(date))
+            snippet=snippet, raw=f"raw R{n}Z".encode(), created_at=naive(date),
+            number=next_number(self.company_id))
         for role, (name, addr) in [("from", frm)] + [("to", b) for b in to]:
             pa = m.PersonAddress.get_or_none(m.PersonAddress.address == addr)
             m.Participant.create(email=e, address=addr, name=name, role=role,
