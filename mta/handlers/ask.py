@@ -1,12 +1,15 @@
-"""The ``<slug>+ask@`` handler: a verified user asks for a deal's, person's or org's history.
+"""The ``<slug>+ask@`` handler: a verified user asks for a deal's, person's or org's history,
+and sends commands about their own tracked emails (``private E12``, ``forget E12``...).
 
 Only the company's users may ask, verified exactly as for Smart BCC (the same verifier: trusted
 network, DKIM, upstream Authentication-Results...). Anyone else is refused at SMTP time with
-``550 5.7.1`` and nothing is sent — an answer to a forged sender would be backscatter and a
-privacy leak. Quarantine does not apply here: an unverified request is simply refused.
-Automatic messages (Auto-Submitted, our own marker) are accepted and ignored (no loops,
-RFC 3834 §2). The answer is composed by :mod:`digest.ask` and queued in the outbox inside the
-committer's transaction; it is sent after the commit.
+``550 5.7.1`` and nothing is sent or changed — an answer to a forged sender would be
+backscatter and a privacy leak, a command from one would be a stranger's hand on a user's
+mail. Quarantine does not apply here: an unverified request is simply refused. Automatic
+messages (Auto-Submitted, our own marker) are accepted and ignored (no loops, RFC 3834 §2).
+The commands of one mail are applied, and the one answer (:mod:`digest.ask`) queued in the
+outbox, inside the committer's transaction: all of it or nothing is committed, and the answer
+is sent after the commit.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from crmstore.outbox import enqueue
-from digest.ask import answer_message, answer_request, parse_request
+from digest.ask import answer_mail, answer_message, parse_mail
 from linking.capture import Capture, CaptureRequest, Disposition, Trust
 from linking.replytext import extract_reply_from_message
 
@@ -31,9 +34,13 @@ log = logging.getLogger("dealmail.ask")
 class AskHandler:
     serves: tuple[str, ...] = ("ask",)
 
-    def __init__(self, capture: Capture, now: Callable[[], datetime]) -> None:
+    def __init__(self, capture: Capture, now: Callable[[], datetime],
+                 scrub: Callable[[], None] | None = None) -> None:
         self.capture = capture
         self.now = now
+        # Asked when a command deleted an email: its content leaves the database files
+        # after the commit (crmstore.db.Store.scrub_after_commit).
+        self.scrub = scrub
 
     def rcpt_check(self, route: Route) -> Reply | None:
         return None
@@ -59,17 +66,23 @@ class AskHandler:
         except Exception:  # a body we cannot read still has a subject to answer
             log.info("[%s] ask: body unreadable, using the subject only", qid)
             body = ""
-        request_ = parse_request(parsed.subject, body)
+        mail = parse_mail(parsed.subject, body)
         message_id = parsed.message_id
         now = self.now()
+        company_id = self.capture.directory_of().company_ids.get(company.slug)
 
         def job() -> Reply:
-            answer = answer_request(config, user.address, request_, now)
+            answer, results = answer_mail(config, user.address, mail, now, qid)
+            if self.scrub is not None and any(r.values.get("deleted") for r in results):
+                self.scrub()
             msg = answer_message(config, answer, now, in_reply_to=message_id)
             ids = enqueue(msg, kind="answer", mail_from="", recipients=[user.address],
-                          now=now)
-            log.info("[%s] ask from %s (%s %s): answer queued as outbox %s", qid,
-                     user.address, request_.kind, request_.arg, ids)
+                          now=now, company_id=company_id)
+            log.info("[%s] ask from %s: %d command(s) (%d refused), %s; answer queued as "
+                     "outbox %s", qid, user.address, len(results),
+                     sum(1 for r in results if not r.ok),
+                     ", ".join(f"{r.kind} {r.arg}".strip() for r in mail.requests) or "-",
+                     ids)
             return replies.queued(qid)
 
         return job
