@@ -341,12 +341,16 @@ def add_person(actor: Actor, number: int, ref: str) -> Result:
             return Result("person", handle(number), "refused", "internal", values)
         pa = m.PersonAddress.get_or_none((m.PersonAddress.company == company_id)
                                          & (m.PersonAddress.address == address))
-        if pa is not None:
-            person = m.Person.get_by_id(pa.person_id)
-        else:
-            part = (m.Participant.select()
-                    .where((m.Participant.email == email.id)
-                           & (m.Participant.address == address)).first())
+        part = (m.Participant.select()
+                .where((m.Participant.email == email.id)
+                       & (m.Participant.address == address)).first())
+        person = m.Person.get_by_id(pa.person_id) if pa is not None else None
+        if person is not None and part is None and person.auto_created and person.id not in {
+                p.id for p in _known_persons(actor.user)}:
+            # A person made from a colleague's mail only: naming it (or even answering
+            # differently) would tell that the colleague corresponds with this address.
+            person = None
+        if person is None:
             if part is None:
                 return Result("person", handle(number), "refused", "not_participant", values)
             domain = domain_of(address)

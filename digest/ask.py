@@ -240,9 +240,9 @@ class Mail:
 
 def parse_mail(subject: str, body: str = "") -> Mail:
     """Commands from the subject and every body line; a question from the subject or the
-    first non-blank body line (as :func:`parse_request`), or from any line naming a handle
-    (``show E12``). A question alone, or nothing understood, gives what
-    :func:`parse_request` gives."""
+    first non-blank body line (as :func:`parse_request`), or from any line that is a
+    keyword alone or names a handle (``ignored``, ``show E12``). A question alone, or nothing
+    understood, gives what :func:`parse_request` gives."""
     mail = Mail()
     lines = [subject, *body.splitlines()]
     first_body = next((i for i, ln in enumerate(lines) if i and ln.strip()), None)
@@ -254,7 +254,10 @@ def parse_mail(subject: str, body: str = "") -> Mail:
             mail.commands.append(command)
             continue
         found = _parse_line(line)
-        if found is not None and (i in (0, first_body) or found.kind == "show"):
+        # Elsewhere only a question that is the whole line (``inbox``, ``ignored``) or names
+        # a handle: prose lines starting with "deal" or "person" are not questions.
+        if found is not None and (i in (0, first_body)
+                                  or found.kind in ("show", "inbox", "ignored", "help")):
             mail.requests.append(found)
         elif looks_like_command(line):
             mail.commands.append(Command("not_understood",

@@ -111,17 +111,19 @@ def looks_like_command(line: str) -> bool:
 
 
 def tidy(commands: Sequence[Command]) -> list[Command]:
-    """Each command once (a mailto link puts it in the subject, the user may type it in the
-    body too); a ``deal E12`` without a deal is dropped when the mail names one elsewhere."""
+    """A command repeated on the next line runs once (a mailto link puts it in the subject,
+    the user may type it again in the body); a ``deal E12`` without a deal is dropped when the
+    mail names one elsewhere. The order written is kept (``private``, ``share``, ``private``
+    is three changes)."""
     named = {(c.verb, c.numbers) for c in commands if c.target}
     out: list[Command] = []
-    seen: set[tuple[str, tuple[int, ...], bool, str]] = set()
     for c in commands:
-        key = (c.verb, c.numbers, c.thread, c.target.casefold())
-        if key in seen or (c.verb in ("deal", "person") and not c.target
-                           and (c.verb, c.numbers) in named):
+        if c.verb in ("deal", "person") and not c.target and (c.verb, c.numbers) in named:
             continue
-        seen.add(key)
+        if out and out[-1].verb != "not_understood" and (
+                out[-1].verb, out[-1].numbers, out[-1].thread, out[-1].target.casefold()) == (
+                c.verb, c.numbers, c.thread, c.target.casefold()):
+            continue
         out.append(c)
     return out
 
@@ -198,21 +200,21 @@ _SAY: dict[str, dict[str, str]] = {
         "track.done": "{t}: tracked again.",
         "track.unchanged": "{t}: was not on your ignore list.",
         "refused.unknown": "{h}: unknown, or not your email.",
-        "refused.no_deal": "{h}: no deal matches “{ref}”.{options}",
-        "refused.ambiguous_deal": "{h}: several deals match “{ref}”; write the deal's "
+        "refused.no_deal": "{h} {subj}: no deal matches “{ref}”.{options}",
+        "refused.ambiguous_deal": "{h} {subj}: several deals match “{ref}”; write the deal's "
                                   "number.{options}",
-        "refused.no_target.deal": "{h}: which deal? Write the handle, then the deal's number "
-                                  "or title, e.g. “deal {h} 4”.",
-        "refused.no_target.person": "{h}: which person? Write the handle, then an address, "
-                                    "e.g. “person {h} ann@customer.test”.",
+        "refused.no_target.deal": "{h} {subj}: which deal? Write the handle, then the deal's "
+                                  "number or title, e.g. “deal {h} 4”.",
+        "refused.no_target.person": "{h} {subj}: which person? Write the handle, then an "
+                                    "address, e.g. “person {h} ann@customer.test”.",
         "refused.bad_address": "“{t}”: not an email address or @domain.",
         "refused.internal": "“{t}”: your company's own address, never a customer.",
-        "refused.internal.person": "{h}: “{ref}” is your company's own address, never a "
+        "refused.internal.person": "{h} {subj}: “{ref}” is your company's own address, never a "
                                    "customer.",
-        "refused.not_participant": "{h}: no person has the address {ref}, and it is not a "
+        "refused.not_participant": "{h} {subj}: no person has the address {ref}, and it is not a "
                                    "participant of this email.",
-        "refused.no_person": "{h}: no person matches “{ref}”; write an address.",
-        "refused.ambiguous_person": "{h}: several persons match “{ref}”; write an "
+        "refused.no_person": "{h} {subj}: no person matches “{ref}”; write an address.",
+        "refused.ambiguous_person": "{h} {subj}: several persons match “{ref}”; write an "
                                     "address.{options}",
         "refused.not_understood": "“{t}”: not understood.",
         "refused.extra_query": "“{t}”: one question per mail; send it in a mail of its own.",
@@ -243,20 +245,22 @@ _SAY: dict[str, dict[str, str]] = {
         "track.done": "{t}: 再び記録します。",
         "track.unchanged": "{t}: 無視リストにありません。",
         "refused.unknown": "{h}: 不明、またはあなたのメールではありません。",
-        "refused.no_deal": "{h}: 「{ref}」に一致する案件はありません。{options}",
-        "refused.ambiguous_deal": "{h}: 「{ref}」に一致する案件が複数あります。案件の番号で"
+        "refused.no_deal": "{h} {subj}: 「{ref}」に一致する案件はありません。{options}",
+        "refused.ambiguous_deal": "{h} {subj}: 「{ref}」に一致する案件が複数あります。案件の番号で"
                                   "指定してください。{options}",
-        "refused.no_target.deal": "{h}: どの案件ですか？ 「案件 {h} 4」のように番号または"
+        "refused.no_target.deal": "{h} {subj}: どの案件ですか？ 「案件 {h} 4」のように番号または"
                                   "案件名を続けて書いてください。",
-        "refused.no_target.person": "{h}: どの人物ですか？ 「人物 {h} ann@customer.test」の"
+        "refused.no_target.person": "{h} {subj}: どの人物ですか？ 「人物 {h} ann@customer.test」の"
                                     "ようにアドレスを続けて書いてください。",
         "refused.bad_address": "「{t}」: メールアドレスまたは @ドメイン ではありません。",
         "refused.internal": "「{t}」: 自社のアドレスです (顧客ではありません)。",
-        "refused.internal.person": "{h}: 「{ref}」は自社のアドレスです (顧客ではありません)。",
-        "refused.not_participant": "{h}: {ref} の人物はなく、このメールの参加者でもありません。",
-        "refused.no_person": "{h}: 「{ref}」に一致する人物はありません。アドレスで指定して"
+        "refused.internal.person": "{h} {subj}: 「{ref}」は自社のアドレスです"
+                                   " (顧客ではありません)。",
+        "refused.not_participant": "{h} {subj}: {ref} の人物はなく、このメールの参加者でも"
+                                   "ありません。",
+        "refused.no_person": "{h} {subj}: 「{ref}」に一致する人物はありません。アドレスで指定して"
                              "ください。",
-        "refused.ambiguous_person": "{h}: 「{ref}」に一致する人物が複数あります。アドレスで"
+        "refused.ambiguous_person": "{h} {subj}: 「{ref}」に一致する人物が複数あります。アドレスで"
                                     "指定してください。{options}",
         "refused.not_understood": "「{t}」: 理解できませんでした。",
         "refused.extra_query": "「{t}」: 問い合わせは1通に1件です。別のメールで送ってください。",

@@ -231,9 +231,12 @@ def compose_confirmation(config: Config, company: Company, user: User, lines: Se
 
 
 def _usable(row: m.PendingChoice) -> bool:
-    """Still worth asking: the thread has no deal yet."""
+    """Still worth asking: the thread has no deal yet, and no user unlinked it on purpose
+    (``unlink E12``: its emails stay without a deal until one is named)."""
     thread = m.Thread.get_or_none(m.Thread.id == row.thread_id)
-    return thread is not None and thread.deal_id is None
+    return (thread is not None and thread.deal_id is None
+            and not m.ThreadUnlinked.select().where(
+                m.ThreadUnlinked.thread == thread.id).exists())
 
 
 def _said_none(row: m.PendingChoice) -> bool:

@@ -39,6 +39,9 @@ class World:
         self.users = {u.address: u.id for u in m.User.select()}
         self._ids = itertools.count(1)
 
+    def email_number(self, subject: str) -> int:
+        return int(m.Email.get(m.Email.subject == subject).number)
+
     def deal(self, title: str) -> m.Deal:
         return m.Deal.get(m.Deal.title == title)
 
