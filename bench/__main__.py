@@ -1,4 +1,4 @@
-"""Command line of the benchmarks: ``python -m bench ingest|scale [--quick] [--json FILE]``."""
+"""Command line of the benchmarks: ``python -m bench ingest|scale|lmtp [--quick] [--json FILE]``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sp.add_argument("--json", type=Path, metavar="FILE", help="write all figures here")
         sp.add_argument("--workers", type=int, default=2,
                         help="dealmail worker processes (listeners.workers; default 2)")
+    lp = sub.add_parser("lmtp", help="Postfix's queue into dealmail over LMTP vs a bare "
+                        "aiosmtpd LMTP sink")
+    lp.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    lp.add_argument("--json", type=Path, metavar="FILE", help="write all figures here")
     args = p.parse_args(argv)
+    if args.mode == "lmtp":
+        from .lmtp import main as lmtp_main
+
+        return lmtp_main(args.quick, args.json)
     if args.mode == "ingest":
         from .ingest import main as ingest_main
 

@@ -33,6 +33,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from peewee import fn
+
 from crmstore import models as m
 from crmstore.inbox import ignored_patterns, is_ignored
 from dealmail.addresses import AddressError, parse_strict_mailbox
@@ -321,7 +323,10 @@ class Capture:
             log.info("[%s] %s envelope sender <%s> is not an address of %s", qid,
                      parsed.message_id or "-", evidence.envelope_from, user.address)
         if request.channel == "bcc":
-            channel, originals, _chains = originals_for(parsed, user, config, now)
+            company_id = directory.company_ids[request.company.slug]
+            channel, originals, _chains = originals_for(
+                parsed, user, config, now,
+                name_lookup=lambda name: person_address_by_name(company_id, name))
         else:
             channel, originals = request.channel, [plain_original(parsed, now)]
         if channel in _AUTOMATIC_CHANNELS and not self._has_customer(
@@ -345,7 +350,9 @@ class Capture:
                 if original.original_raw and original.forward is not None:
                     original.forward["dkim"] = self.signature_check(
                         original.original_raw, original.from_.address.rpartition("@")[2])
-        sighting_evidence = dict(verdict.evidence)
+        # The source's own facts (XFORWARD attributes, mailbox and UID) are kept with the
+        # verdict's, which win on a clash.
+        sighting_evidence = {**evidence.details, **verdict.evidence}
         if verdict.header:
             # RFC 8601 §5: our verdict is the topmost header of this user's stored copy. It
             # is kept with the sighting (each copy is verified on its own) and prepended when
@@ -406,6 +413,23 @@ class Capture:
         who = parsed.from_.address if parsed is not None else request.evidence.client_ip
         log.info("[%s] %s %s (%s) from %s: %s", request.queue_id, mid, done.outcome.value,
                  request.channel, who, done.reason)
+
+
+def person_address_by_name(company_id: int, name: str) -> str | None:
+    """The first address of the one person of the company whose name is exactly ``name``
+    (compared case-insensitively, spaces collapsed); None when there is none or several."""
+    # str.lower, not casefold: the comparison must agree with the database's LOWER().
+    wanted = " ".join(name.split()).lower()
+    if not wanted:
+        return None
+    rows = list(m.Person.select(m.Person.id)
+                .where((m.Person.company == company_id)
+                       & (fn.LOWER(m.Person.name) == wanted)).limit(2))
+    if len(rows) != 1:
+        return None
+    first = (m.PersonAddress.select(m.PersonAddress.address)
+             .where(m.PersonAddress.person == rows[0].id).order_by(m.PersonAddress.id).first())
+    return str(first.address) if first is not None else None
 
 
 # --------------------------------------------------------------------------- ignored correspondents
