@@ -3,7 +3,8 @@
 the LMTP listener hand them over) and a Smart BCC copy (trust ``verify``) go through the same
 check. A message whose customers the user all ignores is accepted and not tracked; in a
 message with other customers the ignored one is neither linked nor made a person; the list is
-the user's own."""
+the user's own. When the CRM learns the address later (linking/relink.py), an email every
+holder of which ignores it stays unlinked from it, and a thread a user unlinked gets no deal."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from linking.capture import (
     Verification,
 )
 from linking.record import Directory
+from linking.relink import relink_addresses
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "digest"))
 from digest_world import open_store
@@ -110,3 +112,31 @@ def test_internal_mail_to_the_company_address_is_not_affected(capture: Any) -> N
     ignore(ALICE, "@other.test")
     done = take(capture, ALICE, "Bob <bob@example.com>", "lunch", Trust.VERIFY, "bcc")
     assert done.outcome is Outcome.STORED
+
+
+def test_relink_respects_ignore_lists_and_unlinked_threads(capture: Any) -> None:
+    _capture, config, store = capture
+    ignore(ALICE, "eve@newco.test")
+    take(capture, ALICE, "Eve <eve@newco.test>, Dora <dora@customer.test>", "ignored eve",
+         Trust.VERIFY, "bcc")
+    take(capture, BOB, "Eve <eve@newco.test>", "bob's eve", Trust.VERIFY, "bcc")
+    bobs = m.Email.get(m.Email.subject == "bob's eve")
+    alices = m.Email.get(m.Email.subject == "ignored eve")
+    eve = m.Person.get(m.Person.name == "Eve")  # made from Bob's copy
+    assert m.Participant.get((m.Participant.email == alices.id)
+                             & (m.Participant.address == "eve@newco.test")).person_id is None
+    # Eve gets a deal; Bob's thread is taken off any deal by hand, then the CRM relinks.
+    company = m.Company.get()
+    m.Deal.create(company=company, title="Eve's", status="open", person=eve)
+    m.ThreadUnlinked.create(thread=bobs.thread_id, user=m.User.get(m.User.address == BOB))
+    m.Participant.update(person=None).where(m.Participant.email == bobs.id).execute()
+    m.Link.delete().where(m.Link.email == bobs.id).execute()
+    with store.transaction():
+        report = relink_addresses(config, config.companies[0], company.id,
+                                  ["eve@newco.test"], NOW)
+    assert report.emails == 1  # Bob's; Alice ignores Eve and is the only one with hers
+    assert m.Link.select().where((m.Link.email == bobs.id) & (m.Link.person == eve.id)).exists()
+    assert not m.Link.select().where((m.Link.email == alices.id)
+                                     & (m.Link.person == eve.id)).exists()
+    assert m.Thread.get_by_id(bobs.thread_id).deal_id is None
+    assert not m.PendingChoice.select().exists()
