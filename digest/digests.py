@@ -394,6 +394,7 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
         pending.append({
             "id": pc.id,
             "subject": email.subject,
+            "handle": handle(email.number),
             "date": local_time(email.date, tz),
             "person": person.name if person else "",
             "state": pc.state,

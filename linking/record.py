@@ -11,6 +11,11 @@ customers. Deals (docs/architecture.md, rule 2): an explicit ``+deal<ID>`` addre
 thread's deal, else the one open deal of the matched persons, else a pending choice when
 several are open. Won and lost
 deals are never chosen automatically.
+
+A user's standing choices (crmstore/inbox.py) are followed: a thread they made private or
+shared gives their later copies in it that visibility, a thread a user unlinked from its deal
+gets none automatically, and the correspondents they ignore (``Arrival.ignored``) are neither
+linked nor created as persons. Each new email takes its company's next number (its handle).
 """
 
 from __future__ import annotations
