@@ -88,8 +88,10 @@ class Result:
         return self.status != "refused"
 
     def as_dict(self) -> dict[str, Any]:
-        # Whether a forgotten email itself went says whether a colleague has it: never shown.
-        shown = {k: v for k, v in self.values.items() if k != "deleted"}
+        # Whether a forgotten email itself went says whether a colleague has it: never shown
+        # (nor the internal "_" values for the caller).
+        shown = {k: v for k, v in self.values.items()
+                 if k != "deleted" and not k.startswith("_")}
         return {"command": self.command, "target": self.target, "status": self.status,
                 "reason": self.reason, **shown}
 
@@ -406,13 +408,19 @@ def forget(actor: Actor, number: int) -> Result:
 
     ``values["deleted"]`` says whether the email itself went (the caller asks the store to
     scrub deleted content after the commit); it is never shown to the user, since it would
-    tell whether a colleague has the same email."""
+    tell whether a colleague has the same email. ``values["_batches"]`` names the question
+    emails that asked about it, for the caller to draw again (``digest.questions``)."""
     found = own_copy(actor.user, number)
     if found is None:
         return _unknown("forget", number)
     email, sighting = found
     email_id = email.id
     sighting.delete_instance()
+    mine = (m.PendingChoice.select().where((m.PendingChoice.email == email_id)
+                                           & (m.PendingChoice.user == actor.user.id)))
+    # The question emails that asked about it (``<digest>-NNN`` token hashes): one still
+    # waiting in the outbox is drawn again without it (digest/questions.py).
+    batches = sorted({str(p.token_hash).rsplit("-", 1)[0] for p in mine if p.token_hash})
     (m.PendingChoice.delete().where((m.PendingChoice.email == email_id)
                                     & (m.PendingChoice.user == actor.user.id)).execute())
     deleted = not m.Sighting.select().where(m.Sighting.email == email_id).exists()
@@ -421,7 +429,8 @@ def forget(actor: Actor, number: int) -> Result:
     _audit(actor, "forget", None if deleted else email_id,
            {"handle": handle(number), "email": email_id, "before": sighting.visibility,
             "after": None, "email_deleted": deleted})
-    return Result("forget", handle(number), "done", values={"deleted": deleted})
+    return Result("forget", handle(number), "done",
+                  values={"deleted": deleted, "_batches": batches})
 
 
 def _purge_email(email: m.Email) -> None:

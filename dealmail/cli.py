@@ -562,7 +562,7 @@ def _emails(config: Config, store: Any, args: argparse.Namespace) -> int:
         command = Command(action, tuple(_handle_number(h) for h in args.handles),
                           thread=bool(getattr(args, "thread", False)))
     with store.transaction():
-        results = run_one(actor, command)
+        results = run_one(config, actor, command)
         if any(r.values.get("deleted") for r in results):
             store.scrub_after_commit()
     if args.json:

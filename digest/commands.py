@@ -30,6 +30,7 @@ from crmstore.handles import parse_handle
 from dealmail.config import Config
 
 from .digests import find_user_config, internal_checker
+from .questions import redraw_questions
 
 __all__ = ["Command", "parse_command", "result_line", "run_commands"]
 
@@ -141,7 +142,7 @@ def actor_for(config: Config, user_address: str, now: datetime, via: str,
                        freemail=frozenset(config.policy.freemail_domains), queue_id=queue_id)
 
 
-def run_one(actor: inbox.Actor, command: Command) -> list[inbox.Result]:
+def run_one(config: Config, actor: inbox.Actor, command: Command) -> list[inbox.Result]:
     """Apply one command (one result per handle it names)."""
     verb = command.verb
     if verb == "not_understood":
@@ -161,7 +162,10 @@ def run_one(actor: inbox.Actor, command: Command) -> list[inbox.Result]:
         elif verb == "person":
             results.append(inbox.add_person(actor, number, command.target))
         elif verb == "forget":
-            results.append(inbox.forget(actor, number))
+            result = inbox.forget(actor, number)
+            if result.values.get("_batches"):
+                redraw_questions(config, result.values["_batches"], actor.now)
+            results.append(result)
         else:  # parse_command makes no other verb
             raise ValueError(f"unknown command verb {verb!r}")
     return results
@@ -171,7 +175,7 @@ def run_commands(config: Config, user_address: str, commands: Sequence[Command],
                  now: datetime, via: str = "mail", queue_id: str = "") -> list[inbox.Result]:
     """Apply the commands of one mail in order (inside the caller's transaction)."""
     actor = actor_for(config, user_address, now, via, queue_id)
-    return [r for c in tidy(commands) for r in run_one(actor, c)]
+    return [r for c in tidy(commands) for r in run_one(config, actor, c)]
 
 
 # --------------------------------------------------------------------------- saying it

@@ -124,7 +124,7 @@ def run_commands(w: World, emails: list[m.Email], commands: list[Any]) -> None:
         thread = verb.endswith("_thread")
         cmd = Command(verb.removesuffix("_thread"), (number,), thread=thread,
                       target=arg if verb in ("deal", "person") else "")
-        run_one(actor_for(w.config, user, UNTIL, "test"), cmd)
+        run_one(w.config, actor_for(w.config, user, UNTIL, "test"), cmd)
 
 
 def outputs_for(w: World, user: str, persons: list[m.Person],

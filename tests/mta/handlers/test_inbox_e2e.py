@@ -514,3 +514,23 @@ def test_unlink_closes_the_which_deal_question(env: Env) -> None:
     email = m.Email.get(m.Email.subject == "Proposal")
     assert m.Thread.get_by_id(email.thread_id).deal_id is None
     assert [p.state for p in m.PendingChoice.select()] == ["void"]
+
+
+def test_a_waiting_question_forgets_a_forgotten_email(env: Env) -> None:
+    """Two emails to Ann wait in one "which deal?" question (the batch window): forgetting
+    one draws the question again without it; forgetting the other drops it, bytes and all."""
+    bcc(env.port, ALICE, "First offer", to="Ann <ann@customer.test>")
+    bcc(env.port, ALICE, "Second offer", to="Ann <ann@customer.test>")
+    [item] = m.OutboxItem.select().where(m.OutboxItem.kind == "question")
+    assert "2 emails" in item.subject
+    command(env.port, ALICE, f"forget {handle_of('First offer')}")
+    env.deliver()  # the answer; the question still waits for its window
+    item = m.OutboxItem.get_by_id(item.id)
+    assert item.state == "queued" and item.subject == "Which deal? Second offer"
+    assert b"First offer" not in bytes(item.message)
+    command(env.port, ALICE, f"forget {handle_of('Second offer')}")
+    env.deliver()
+    item = m.OutboxItem.get_by_id(item.id)
+    assert (item.state, bytes(item.message), item.subject) == ("dropped", b"", "")
+    env.clock.advance(timedelta(minutes=6))
+    assert [x for x in env.deliver() if x["X-Dealmail-Auto"] == "question"] == []
