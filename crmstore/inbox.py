@@ -38,7 +38,8 @@ from dealmail.clock import naive_utc
 
 from . import models as m
 from .handles import email_of, handle
-from .visibility import can_see, visible_to
+from .quarantine import prune_auto_persons
+from .visibility import can_see, known_persons
 
 __all__ = [
     "Actor",
@@ -309,14 +310,7 @@ def unlink(actor: Actor, number: int) -> Result:
 
 
 def _known_persons(user: m.User) -> list[m.Person]:
-    """Persons the user may be named: imported ones, and automatically created ones that
-    appear in an email the user may see (a colleague's private mail must not leak a name)."""
-    seen = m.Email.select(m.Email.id).where(visible_to(user))
-    with_seen = m.Participant.select(m.Participant.person).where(
-        m.Participant.email.in_(seen) & m.Participant.person.is_null(False))
-    return list(m.Person.select().where(
-        (m.Person.company == user.company_id)
-        & (~m.Person.auto_created | m.Person.id.in_(with_seen))).order_by(m.Person.id))
+    return list(m.Person.select().where(known_persons(user)).order_by(m.Person.id))
 
 
 def add_person(actor: Actor, number: int, ref: str) -> Result:
@@ -454,17 +448,7 @@ def _purge_email(email: m.Email) -> None:
         m.ThreadUnlinked.delete().where(m.ThreadUnlinked.thread == thread_id).execute()
         m.Thread.delete().where(m.Thread.id == thread_id).execute()
     # A person dealmail created from this email alone would keep its correspondent's name.
-    for pid in sorted(persons):
-        person = m.Person.get_or_none(m.Person.id == pid)
-        if person is None or not person.auto_created:
-            continue
-        used = (m.Participant.select().where(m.Participant.person == pid).exists()
-                or m.Link.select().where(m.Link.person == pid).exists()
-                or m.Deal.select().where(m.Deal.person == pid).exists()
-                or m.PendingChoice.select().where(m.PendingChoice.person == pid).exists())
-        if not used:
-            m.PersonAddress.delete().where(m.PersonAddress.person == pid).execute()
-            m.Person.delete().where(m.Person.id == pid).execute()
+    prune_auto_persons(persons)
 
 
 # --------------------------------------------------------------------------- ignoring

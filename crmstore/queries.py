@@ -8,10 +8,11 @@ a person or deal is the colleague's business alone.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
 
 from peewee import JOIN, fn
+
+from dealmail.clock import json_time
 
 from . import models as m
 from .handles import handle
@@ -130,13 +131,11 @@ def conversations(user: m.User, person: m.Person | None = None, deal: m.Deal | N
         seen = sightings.get(eid, [])
         mine = next((s for s in seen if s[0] == user.id), None)
         shown = mine or next((s for s in seen if s[3] == "shared"), None)
-        if isinstance(date, str):  # SQLite stores "YYYY-MM-DD HH:MM:SS[.ffffff]"
-            date = datetime.fromisoformat(date)
         entry["emails"].append({
             "id": eid,
             "handle": handle(number),
             "message_id": message_id,
-            "date": date.isoformat() + "Z" if date else None,
+            "date": json_time(date),
             "subject": subject,
             "from": {"address": from_address, "name": from_name},
             "to": addresses(to_json),

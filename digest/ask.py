@@ -29,12 +29,11 @@ from email.message import EmailMessage
 from typing import Any
 
 from jinja2 import Environment
-from peewee import Expression
 
 from crmstore import models as m
 from crmstore.handles import email_of, handle, parse_handle
 from crmstore.inbox import Result, ignored_patterns
-from crmstore.visibility import can_see, visible_to
+from crmstore.visibility import can_see, known_persons, visible_to
 from dealmail.config import Company, Config, User
 
 from .actions import add_actions
@@ -276,16 +275,6 @@ class Answer:
     context: dict[str, Any] = field(default_factory=dict)
 
 
-def _known_persons(user_row: m.User) -> Expression:
-    """Persons this user may be told about: imported ones, and automatically created ones
-    that appear in an email the user may see."""
-    seen = m.Email.select(m.Email.id).where(visible_to(user_row))
-    with_seen_mail = m.Participant.select(m.Participant.person).where(
-        m.Participant.email.in_(seen) & m.Participant.person.is_null(False))
-    return (m.Person.company == user_row.company_id) & (
-        ~m.Person.auto_created | m.Person.id.in_(with_seen_mail))
-
-
 def _match(names: dict[int, str], arg: str) -> tuple[list[int], list[int]]:
     """(matches, closest): exact (case-folded) match, else unique substring, else fuzzy."""
     want = arg.casefold()
@@ -385,7 +374,7 @@ def answer_request(config: Config, user_address: str, request: Request,
         options = [{"label": f"deal {i}", "name": f"#{i} {deals[i].title}"}
                    for i in (found if len(found) > 1 else close)]
     elif request.kind == "person":
-        persons = {p.id: p for p in m.Person.select().where(_known_persons(user_row))}
+        persons = {p.id: p for p in m.Person.select().where(known_persons(user_row))}
         if "@" in request.arg:
             addr = request.arg.strip("<>").lower()
             row = (m.PersonAddress.select(m.PersonAddress.person)
@@ -475,3 +464,45 @@ def answer_message(config: Config, answer: Answer, now: datetime,
     return new_message(config, answer.company, to=answer.user.address, subject=subject,
                        text=text, html=html, kind="answer", now=now, in_reply_to=in_reply_to,
                        reply_to=ask)
+
+
+# --------------------------------------------------------------------------- release
+
+# "release E12" (the line the digest shows beside a quarantined copy, E12 its handle); 解除 in
+# Japanese.
+_RELEASE_RE = re.compile(r"^(?:release|解除)\s*:?\s*#?E?(\d{1,18})$", re.IGNORECASE)
+
+
+def parse_release(subject: str, body: str = "") -> int | None:
+    """The handle number of a ``release E<number>`` request in the subject or the first
+    non-blank body line, else None (then the message is an ordinary request)."""
+    first = next((ln for ln in body.splitlines() if ln.strip()), "")
+    for line in (subject, first):
+        text = _PREFIX_RE.sub("", unicodedata.normalize("NFKC", line).strip()).strip()
+        match = _RELEASE_RE.match(" ".join(text.split()))
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def release_message(config: Config, user_address: str, number: int, released: bool,
+                    now: datetime, in_reply_to: str | None = None) -> EmailMessage:
+    """The answer to ``release E<number>``: done (with the subject, now the user's own copy),
+    or why not (no quarantined copy of theirs by that handle)."""
+    company, user = find_user_config(config, user_address)
+    ja = user.language == "ja"
+    h = handle(number)
+    if released:
+        email = email_of(m.User.get(m.User.address == user.address).company_id, number)
+        subject = email.subject if email is not None else ""
+        title = f"解除しました: {h}" if ja else f"Released from quarantine: {h}"
+        text = (f"{h}「{subject}」を隔離から解除し、通常どおり保存しました。\n" if ja else
+                f"{h} \"{subject}\" is released from quarantine and stored as your "
+                "own copy, linked as usual.\n")
+    else:
+        title = f"解除できません: {h}" if ja else f"Nothing to release: {h}"
+        text = (f"{h} はあなたの隔離メールではありません。\n" if ja else
+                f"There is no quarantined copy of yours with the handle {h}.\n")
+    return new_message(config, company, to=user.address, subject=f"dealmail: {title}",
+                       text=text, kind="answer", now=now, in_reply_to=in_reply_to,
+                       reply_to=company_address(config, company, "ask"))

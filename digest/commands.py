@@ -38,7 +38,7 @@ _VERBS = {
     "private": "private", "非公開": "private",
     "share": "share", "共有": "share",
     "deal": "deal", "案件": "deal",
-    "unlink": "unlink", "紐付け解除": "unlink", "解除": "unlink",
+    "unlink": "unlink", "紐付け解除": "unlink",
     "person": "person", "contact": "person", "人物": "person",
     "forget": "forget", "削除": "forget", "忘れる": "forget",
     "ignore": "ignore", "無視": "ignore",

@@ -18,8 +18,10 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from crmstore.handles import email_of
 from crmstore.outbox import enqueue
-from digest.ask import answer_mail, answer_message, parse_mail
+from dealmail.config import Company
+from digest.ask import answer_mail, answer_message, parse_mail, parse_release, release_message
 from linking.capture import Capture, CaptureRequest, Disposition, Trust
 from linking.replytext import extract_reply_from_message
 
@@ -66,6 +68,9 @@ class AskHandler:
         except Exception:  # a body we cannot read still has a subject to answer
             log.info("[%s] ask: body unreadable, using the subject only", qid)
             body = ""
+        release = parse_release(parsed.subject, body)
+        if release is not None:
+            return self._release_job(qid, user.address, company, release, parsed.message_id)
         mail = parse_mail(parsed.subject, body)
         message_id = parsed.message_id
         now = self.now()
@@ -83,6 +88,28 @@ class AskHandler:
                      sum(1 for r in results if not r.ok),
                      ", ".join(f"{r.kind} {r.arg}".strip() for r in mail.requests) or "-",
                      ids)
+            return replies.queued(qid)
+
+        return job
+
+    def _release_job(self, qid: str, user: str, company: Company, number: int,
+                     message_id: str | None) -> Job:
+        """``release E<number>``: the verified user releases their own quarantined copy (in
+        the committer's transaction, with the capture hooks), and is told."""
+        config = self.capture.config_of()
+        company_id = self.capture.directory_of().company_ids.get(company.slug)
+        now = self.now()
+
+        def job() -> Reply:
+            email = email_of(company_id, number) if company_id is not None else None
+            done = (self.capture.release(email.id, actor=user, user_address=user)
+                    if email is not None else None)
+            msg = release_message(config, user, number, done is not None, now,
+                                  in_reply_to=message_id)
+            enqueue(msg, kind="answer", mail_from="", recipients=[user], now=now,
+                    company_id=company_id)
+            log.info("[%s] release E%s asked by %s: %s", qid, number, user,
+                     "released" if done is not None else "no such quarantined copy")
             return replies.queued(qid)
 
         return job
