@@ -305,7 +305,7 @@ def serve(config: Config, fallback: bool, overrides: tuple[str, ...]) -> int:
 def load_demo_if_empty(app: Any) -> None:
     """First start with ``server.demo_data`` set: load its CSVs into the empty database."""
     from crmstore import models as m
-    from crmstore.importer import import_csv
+    from crmstore.importing import import_csv
 
     config = app.config
     if not config.server.demo_data or not config.companies:
@@ -470,7 +470,7 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
 
     try:
         if args.command == "import":
-            from crmstore.importer import CsvImportError, import_csv
+            from crmstore.importing import CsvImportError, import_csv
 
             company_id(args.company)
             try:

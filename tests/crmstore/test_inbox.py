@@ -7,56 +7,39 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import make_config
+from support.crm import add_demo_crm, empty_store
 
 from crmstore import inbox
 from crmstore import models as m
 from crmstore.db import Store
-from crmstore.importer import import_csv
-from dealmail.config import load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "digest"))
-from digest_world import DEMO, EXAMPLE, World, after
+from digest_world import World, after
 
 NOW = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
 ALICE, BOB = "alice@example.com", "bob@example.com"
 
 
-def world_on(url: str) -> tuple[World, Store]:
-    config = load_config(EXAMPLE, [f"database.url={url}"])
-    store = Store(url)
-    store.open()
-    store.sync_config(config)
-    for kind in ("organizations", "persons", "deals"):
-        import_csv(store, "example", kind, DEMO / f"{kind}.csv",
-                   freemail_domains=config.policy.freemail_domains,
-                   internal_domains=config.companies[0].internal_domains)
-    return World(config, store), store
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    url = (f"sqlite:///{tmp_path}/inbox.db" if request.param == "sqlite"
-           else str(request.getfixturevalue("pg_url")))
-    w, store = world_on(url)
-    try:
-        yield w
-    finally:
-        store.close()
+@pytest.fixture
+def world(store: Store, tmp_path: Path) -> World:
+    """The demo CRM on the session's store of each backend (emptied for each test)."""
+    add_demo_crm(store)
+    return World(make_config(tmp_path), store)
 
 
 @pytest.fixture
-def sqlite_world(tmp_path: Path) -> Iterator[World]:
-    w, store = world_on(f"sqlite:///{tmp_path}/inbox.db")
-    try:
-        yield w
-    finally:
-        store.close()
+def sqlite_world(backend_stores: Callable[[str], Store], tmp_path: Path) -> World:
+    config = make_config(tmp_path)
+    store = empty_store(backend_stores("sqlite"), config)
+    add_demo_crm(store)
+    return World(config, store)
 
 
 def actor(w: World, address: str) -> inbox.Actor:
