@@ -135,6 +135,11 @@ class LimitsConfig:
 
     message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
+    #: MIME structure caps, checked on the raw bytes before any recursive parse: nesting of
+    #: multipart and message/* entities, parts in all, header fields in one header block.
+    mime_depth: int = 50
+    mime_parts: int = 1000
+    header_fields: int = 1000
 
 
 @dataclass(frozen=True)
@@ -357,7 +362,8 @@ _DATABASE_KEYS = {"url": str}
 _LISTENER_KEYS = {"inbound": str, "submission": str, "submissions": str, "max_connections": int,
                   "workers": int, "command_timeout": (int, float),
                   "data_timeout": (int, float)}
-_LIMIT_KEYS = {"message_size": int, "max_recipients": int}
+_LIMIT_KEYS = {"message_size": int, "max_recipients": int,
+               "mime_depth": int, "mime_parts": int, "header_fields": int}
 _OUTBOX_KEYS = {"smarthost": str, "smarthost_tls": str, "smarthost_username": str,
                 "smarthost_password": str, "retry_schedule": str,
                 "give_up_after_hours": (int, float), "lease_seconds": int,
@@ -605,6 +611,14 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         if limits["max_recipients"] < 1:
             p.add("limits.max_recipients", "must be at least 1")
         sec["limits"]["max_recipients"] = limits["max_recipients"]
+    # (lowest, highest): the MIME depth stays well below Python's recursion limit, which the
+    # standard library's parser and generator use one or more frames per level of.
+    for key, low, high in (("mime_depth", 1, 100),
+                           ("mime_parts", 1, 1_000_000), ("header_fields", 10, 1_000_000)):
+        if key in limits:
+            if not low <= limits[key] <= high:
+                p.add(f"limits.{key}", f"must be between {low} and {high}")
+            sec["limits"][key] = limits[key]
 
     nets = []
     for i, value in enumerate(policy.get("trusted_networks", [])):

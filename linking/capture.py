@@ -37,7 +37,7 @@ from dealmail.addresses import AddressError, parse_strict_mailbox
 from dealmail.config import Company, Config, User
 
 from .originals import originals_for, plain_original
-from .parse import MessageRejected, ParsedMessage, parse_message
+from .parse import NESTED_TOO_DEEPLY, MessageRejected, ParsedMessage, parse_message
 from .record import Arrival, Directory, Original, RecordResult, record_email
 
 __all__ = [
@@ -286,7 +286,7 @@ class Capture:
         """The parsed header block, or the final answer when the message must go no further
         (unreadable: refused; automatic: accepted and ignored, RFC 3834 §2)."""
         try:
-            parsed = parse_message(raw)
+            parsed = parse_message(raw, self.config_of().limits)
         except MessageRejected as exc:
             return Disposition(Outcome.REFUSED_CONTENT, exc.reason, "5.6.0")
         if parsed.is_auto:
@@ -297,6 +297,17 @@ class Capture:
                 parsed: ParsedMessage | None = None) -> Disposition | Commit:
         """Read, gate and choose the originals (worker thread, no writes). Returns the final
         answer, or the commit to run inside the store's transaction."""
+        try:
+            return self._prepare(request, parsed)
+        except RecursionError:
+            # linking.parse.check_structure caps the nesting before any recursive walk; this
+            # is the last guard: a permanent refusal, never a 451 that is retried for days.
+            done = Disposition(Outcome.REFUSED_CONTENT, NESTED_TOO_DEEPLY, "5.6.0")
+            self._log(request, parsed, done)
+            return done
+
+    def _prepare(self, request: CaptureRequest,
+                 parsed: ParsedMessage | None) -> Disposition | Commit:
         qid = request.queue_id
         if parsed is None:
             read = self.read(request.raw)

@@ -28,10 +28,13 @@ from dealmail.addresses import (
     parse_address_list,
     parse_strict_mailbox,
 )
+from dealmail.config import LimitsConfig
 
 __all__ = [
+    "NESTED_TOO_DEEPLY",
     "MessageRejected",
     "ParsedMessage",
+    "check_structure",
     "decode_text_part",
     "normalize_subject",
     "parse_message",
@@ -59,6 +62,11 @@ _JA_CHARSET_ALIASES = {
 _LARGE = 512 * 1024
 _HASH_CHUNK = 1 << 20
 _EOL_RE = re.compile(rb"[ \t]*\r?\n")
+
+
+#: The reason given when a recursive walk still hit Python's recursion limit (the last guard
+#: behind :func:`check_structure`).
+NESTED_TOO_DEEPLY = "MIME structure nested too deeply"
 
 
 class MessageRejected(Exception):
@@ -196,12 +204,146 @@ def _split_header_block(raw: bytes) -> int:
     return min(ends) if ends else len(raw)
 
 
-def parse_message(raw: bytes) -> ParsedMessage:
+# ---------------------------------------------------------------------------- structure
+
+# The standard library parser's rules (email/feedparser.py): a header line, and the line ends
+# it splits on (CRLF, bare CR, bare LF alike).
+_HEADER_LINE_RE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
+_DEFAULT_LIMITS = LimitsConfig()
+
+
+def _line_end(raw: bytes, start: int) -> tuple[int, int]:
+    """(end of the line's content, start of the next line) for the line at ``start``."""
+    cr = raw.find(b"\r", start)
+    lf = raw.find(b"\n", start)
+    if cr == -1 and lf == -1:
+        return len(raw), len(raw)
+    if lf == -1 or (cr != -1 and cr < lf):
+        return cr, cr + (2 if raw[cr + 1:cr + 2] == b"\n" else 1)
+    return lf, lf + 1
+
+
+def _entity_headers(raw: bytes, pos: int, default_type: str,
+                    limits: LimitsConfig) -> tuple[str, str | None, int]:
+    """Read the header block of one entity at ``pos`` as the standard library parser does
+    (it ends at an empty line or at the first line that is not a header line): its content
+    type, its boundary, and where its body starts. Counts the fields against the cap."""
+    fields = 0
+    ctype_lines: list[bytes] = []
+    in_ctype = False
+    end = len(raw)
+    while pos < end:
+        line_end, nxt = _line_end(raw, pos)
+        line = raw[pos:line_end]
+        if not line:
+            pos = nxt  # the separator line belongs to the header block
+            break
+        if _HEADER_LINE_RE.match(line) is None:
+            break  # the body starts without a separator (a defect the parser tolerates)
+        if line[:1] in (b" ", b"\t"):
+            if in_ctype:
+                ctype_lines.append(line)
+        else:
+            fields += 1
+            if fields > limits.header_fields:
+                raise MessageRejected(
+                    f"more than {limits.header_fields} header fields in one header block")
+            in_ctype = line[:13].lower() == b"content-type:" and not ctype_lines
+            if in_ctype:
+                ctype_lines.append(line[13:])
+        pos = nxt
+    if not ctype_lines:
+        return default_type, None, pos
+    probe = Message()
+    probe["Content-Type"] = b" ".join(x.strip() for x in ctype_lines).decode(
+        "ascii", "surrogateescape")
+    probe.set_default_type(default_type)
+    return probe.get_content_type(), probe.get_boundary(), pos
+
+
+def check_structure(raw: bytes, limits: LimitsConfig | None = None) -> None:
+    """Refuse a message whose MIME structure is beyond the caps of ``limits`` (``[limits]``:
+    nesting depth of multipart and message/* entities, number of parts, header fields per
+    header block), reading only the raw bytes: no recursion, no payload decoded. Run before
+    anything parses the whole message: the standard library's parser and generator recurse
+    once or more per level (depth 300 exhausts Python's recursion limit), and a permanent
+    condition must get a permanent answer, 554 5.6.0, not a RecursionError's 451.
+
+    Boundaries are looked for as the parser does (RFC 2046 §5.1.1; any line end), so the
+    depth counted here is the depth the parser would reach."""
+    limits = limits or _DEFAULT_LIMITS
+    open_parts: list[tuple[bytes, int, bool]] = []  # (delimiter, depth of its parts, digest)
+    parts = 0
+    pos = 0
+    depth = 0
+    default_type = "text/plain"
+    end = len(raw)
+    # Positions of the next "\n--" and "\r--" (-2: not searched yet; -1: none left). A
+    # delimiter at the very start of the data has no line end before it: the top-level
+    # entity's header block comes first, so none can be there.
+    next_lf = next_cr = -2
+    while True:
+        # One entity and the chain of message/* entities inside it.
+        while True:
+            parts += 1
+            if parts > limits.mime_parts:
+                raise MessageRejected(f"more than {limits.mime_parts} MIME parts")
+            if depth > limits.mime_depth:
+                raise MessageRejected(
+                    f"MIME structure nested deeper than {limits.mime_depth} levels")
+            ctype, boundary, pos = _entity_headers(raw, pos, default_type, limits)
+            default_type = "text/plain"
+            if ctype.startswith("message/"):
+                # Its body is a whole message (for delivery-status, blocks of header
+                # fields the parser reads as messages): another header block follows.
+                depth += 1
+                continue
+            if ctype.startswith("multipart/") and boundary:
+                open_parts.append((b"--" + boundary.encode("ascii", "surrogateescape"),
+                                   depth + 1, ctype == "multipart/digest"))
+            break
+        # The next delimiter line of an open multipart (an outer one closes inner ones).
+        found = False
+        while open_parts and pos < end:
+            # The next line starting with "--" after any line end, from cached searches (a
+            # search per candidate would make a long message quadratic).
+            if next_lf != -1 and next_lf < pos - 1:
+                next_lf = raw.find(b"\n--", pos - 1)
+            if next_cr != -1 and next_cr < pos - 1:
+                next_cr = raw.find(b"\r--", pos - 1)
+            hits = [i for i in (next_lf, next_cr) if i != -1]
+            if not hits:
+                pos = end
+                break
+            start = min(hits) + 1
+            line_end, nxt = _line_end(raw, start)
+            line = raw[start:line_end].rstrip(b" \t")
+            pos = nxt
+            for index in range(len(open_parts) - 1, -1, -1):
+                delimiter, part_depth, digest = open_parts[index]
+                if line == delimiter:
+                    del open_parts[index + 1:]
+                    depth = part_depth
+                    default_type = "message/rfc822" if digest else "text/plain"
+                    found = True
+                    break
+                if line == delimiter + b"--":
+                    del open_parts[index:]
+                    break
+            if found:
+                break
+        if not found:
+            return
+
+
+def parse_message(raw: bytes, limits: LimitsConfig | None = None) -> ParsedMessage:
     """Parse the header block; raises :class:`MessageRejected` with a precise reason when the
-    message has no single readable From or its identity headers are ambiguous."""
+    message has no single readable From, its identity headers are ambiguous, or its
+    structure is beyond the caps of ``limits`` (:func:`check_structure`)."""
     header_end = _split_header_block(raw)
     if header_end > _MAX_HEADER_BYTES:
         raise MessageRejected(f"header block larger than {_MAX_HEADER_BYTES} bytes")
+    check_structure(raw, limits)
     block = raw[:header_end]
     if b"\x00" in block:
         raise MessageRejected("NUL byte in the header block")

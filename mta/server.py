@@ -25,6 +25,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from crmstore.committer import GroupCommitter
 from linking.capture import Evidence
+from linking.parse import NESTED_TOO_DEEPLY
 
 from . import replies
 from .replies import Reply
@@ -337,6 +338,11 @@ async def decide_and_commit(executor: ThreadPoolExecutor, committer: GroupCommit
     try:
         decided = await asyncio.get_running_loop().run_in_executor(executor, check)
         reply = decided if isinstance(decided, Reply) else await committer.submit_async(decided)
+    except RecursionError:
+        # A structure too deep for a recursive walk that linking.parse.check_structure did
+        # not foresee: permanent, so 554 (a 451 would be retried for days).
+        log.warning("[%s] refused from %s: %s", ctx.queue_id, ctx.peer_ip, NESTED_TOO_DEEPLY)
+        reply = replies.bad_content(NESTED_TOO_DEEPLY)
     except Exception:
         log.exception("[%s] fault while handling DATA from %s", ctx.queue_id, ctx.peer_ip)
         reply = replies.temp_failure(ctx.queue_id)

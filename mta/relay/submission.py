@@ -315,7 +315,7 @@ class RelayHandler:
         now = self.now()
         raw = complete_headers(raw, config.hostname, now)
         try:
-            parsed = parse_message(raw)
+            parsed = parse_message(raw, config.limits)
         except MessageRejected as exc:
             log.info("[%s] refused from %s: %s", qid, user.address, exc.reason)
             return replies.bad_content(exc.reason)

@@ -207,3 +207,39 @@ def test_sigkill_during_load_loses_no_acknowledged_message(tmp_path: Path) -> No
     assert len(acked) > 50
     assert missing == []
     assert all(n == 1 for n in stored.values())
+
+
+# --------------------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize("kind", ["multipart", "rfc822"])
+def test_deep_nesting_is_a_permanent_refusal(server: Any, kind: str) -> None:
+    """Depth 5,000 is 554 5.6.0 with the reason (a 451 would be retried for days), and the
+    session goes on."""
+    from support.mail import nested_multipart, nested_rfc822
+
+    raw = (nested_multipart if kind == "multipart" else nested_rfc822)(5000)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            s.sendmail("alice@example.com", [BCC], raw)
+        assert refused.value.smtp_code == 554
+        assert refused.value.smtp_error.startswith(
+            b"5.6.0 Message refused: MIME structure nested deeper than 50 levels")
+        s.rset()
+        s.sendmail("alice@example.com", [BCC], b"From: alice@example.com\r\nTo: carl@other.test"
+                   b"\r\nSubject: after\r\n\r\nstill serving\r\n")
+
+
+def test_recursion_past_the_structure_check_is_still_554(server: Any, monkeypatch: Any) -> None:
+    """The last guard: were the raw-bytes check to miss a structure, the RecursionError of a
+    recursive walk still becomes a permanent 554, never a 451 nor a traceback to the client."""
+    from support.mail import nested_rfc822
+
+    import linking.parse
+
+    monkeypatch.setattr(linking.parse, "check_structure", lambda raw, limits=None: None)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            s.sendmail("alice@example.com", [BCC], nested_rfc822(3000))
+        assert refused.value.smtp_code == 554
+        assert b"nested too deeply" in refused.value.smtp_error

@@ -28,3 +28,27 @@ def message(frm: str = "Alice <alice@example.com>", to: str = "Ann <ann@customer
 def wire(msg: EmailMessage) -> bytes:
     """The message as a mail client puts it on the wire: CRLF line ends (RFC 5321 §2.3.8)."""
     return msg.as_bytes(policy=SMTP)
+
+
+# Deeply nested structures (linking.parse.check_structure).
+STRUCTURE_HEAD = (b"From: Alice <alice@example.com>\r\nTo: Carl <carl@other.test>\r\n"
+                  b"Subject: nested\r\nMIME-Version: 1.0\r\n")
+LEAF = b"Content-Type: text/plain\r\n\r\nhello\r\n"
+
+
+def nested_multipart(depth: int, head: bytes = STRUCTURE_HEAD) -> bytes:
+    """Multiparts nested ``depth`` deep around one text part."""
+    body = LEAF
+    for i in range(depth, 0, -1):
+        body = (b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (i, i)
+                + body + b"\r\n--b%d--\r\n" % i)
+    return head + body
+
+
+def nested_rfc822(depth: int, head: bytes = STRUCTURE_HEAD) -> bytes:
+    """message/rfc822 entities nested ``depth`` deep around one text part."""
+    body = LEAF
+    for _ in range(depth):
+        body = (b"Content-Type: message/rfc822\r\n\r\nFrom: x@y.test\r\nSubject: n\r\n"
+                + body)
+    return head + body
