@@ -181,6 +181,7 @@ class App:
                 hostname=c.hostname,
                 data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
                 data_timeout=c.listeners.data_timeout, max_connections=c.listeners.max_connections,
+                line_length=c.limits.line_length,
             )
             log.info("inbound SMTP listening on %s", self.address("inbound"))
         # Authenticated relay (submission with STARTTLS, optional implicit TLS).

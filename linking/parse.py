@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
@@ -32,10 +33,12 @@ from dealmail.config import LimitsConfig
 
 __all__ = [
     "NESTED_TOO_DEEPLY",
+    "Entity",
     "MessageRejected",
     "ParsedMessage",
     "check_structure",
     "decode_text_part",
+    "mime_entities",
     "normalize_subject",
     "parse_message",
 ]
@@ -261,16 +264,24 @@ def _entity_headers(raw: bytes, pos: int, default_type: str,
     return probe.get_content_type(), probe.get_boundary(), pos
 
 
-def check_structure(raw: bytes, limits: LimitsConfig | None = None) -> None:
-    """Refuse a message whose MIME structure is beyond the caps of ``limits`` (``[limits]``:
-    nesting depth of multipart and message/* entities, number of parts, header fields per
-    header block), reading only the raw bytes: no recursion, no payload decoded. Run before
-    anything parses the whole message: the standard library's parser and generator recurse
-    once or more per level (depth 300 exhausts Python's recursion limit), and a permanent
-    condition must get a permanent answer, 554 5.6.0, not a RecursionError's 451.
+@dataclass(frozen=True)
+class Entity:
+    """One MIME entity found by :func:`mime_entities`, as offsets into the raw message."""
 
-    Boundaries are looked for as the parser does (RFC 2046 §5.1.1; any line end), so the
-    depth counted here is the depth the parser would reach."""
+    header_start: int
+    body_start: int
+    #: Where a leaf's body ends (before the line end of the delimiter that follows it);
+    #: None for a container (multipart, message/*), whose body is its entities.
+    body_end: int | None
+    content_type: str
+
+
+def mime_entities(raw: bytes, limits: LimitsConfig | None = None) -> Iterator[Entity]:
+    """The MIME entities of ``raw`` in order, read from the raw bytes as the standard
+    library parser reads them (header blocks ending at an empty or non-header line;
+    delimiter lines after any line end, RFC 2046 §5.1.1; multipart/digest parts default to
+    message/rfc822), with no recursion and no payload decoded. Raises
+    :class:`MessageRejected` past the caps of ``limits`` (see :func:`check_structure`)."""
     limits = limits or _DEFAULT_LIMITS
     open_parts: list[tuple[bytes, int, bool]] = []  # (delimiter, depth of its parts, digest)
     parts = 0
@@ -291,16 +302,22 @@ def check_structure(raw: bytes, limits: LimitsConfig | None = None) -> None:
             if depth > limits.mime_depth:
                 raise MessageRejected(
                     f"MIME structure nested deeper than {limits.mime_depth} levels")
+            header_start = pos
             ctype, boundary, pos = _entity_headers(raw, pos, default_type, limits)
             default_type = "text/plain"
             if ctype.startswith("message/"):
                 # Its body is a whole message (for delivery-status, blocks of header
                 # fields the parser reads as messages): another header block follows.
+                yield Entity(header_start, pos, None, ctype)
                 depth += 1
                 continue
             if ctype.startswith("multipart/") and boundary:
+                yield Entity(header_start, pos, None, ctype)
                 open_parts.append((b"--" + boundary.encode("ascii", "surrogateescape"),
                                    depth + 1, ctype == "multipart/digest"))
+                leaf = None
+            else:
+                leaf = (header_start, pos, ctype)
             break
         # The next delimiter line of an open multipart (an outer one closes inner ones).
         found = False
@@ -318,22 +335,40 @@ def check_structure(raw: bytes, limits: LimitsConfig | None = None) -> None:
             start = min(hits) + 1
             line_end, nxt = _line_end(raw, start)
             line = raw[start:line_end].rstrip(b" \t")
-            pos = nxt
             for index in range(len(open_parts) - 1, -1, -1):
                 delimiter, part_depth, digest = open_parts[index]
-                if line == delimiter:
-                    del open_parts[index + 1:]
-                    depth = part_depth
-                    default_type = "message/rfc822" if digest else "text/plain"
-                    found = True
+                if line == delimiter or line == delimiter + b"--":
+                    if leaf is not None:
+                        # RFC 2046 §5.1.1: the line end before a delimiter belongs to it.
+                        cut = start - (2 if raw[start - 2:start] == b"\r\n" else 1)
+                        yield Entity(leaf[0], leaf[1], max(cut, leaf[1]), leaf[2])
+                        leaf = None
+                    if line == delimiter:
+                        del open_parts[index + 1:]
+                        depth = part_depth
+                        default_type = "message/rfc822" if digest else "text/plain"
+                        found = True
+                    else:
+                        del open_parts[index:]
                     break
-                if line == delimiter + b"--":
-                    del open_parts[index:]
-                    break
+            pos = nxt
             if found:
                 break
         if not found:
+            if leaf is not None:
+                yield Entity(leaf[0], leaf[1], end, leaf[2])
             return
+
+
+def check_structure(raw: bytes, limits: LimitsConfig | None = None) -> None:
+    """Refuse a message whose MIME structure is beyond the caps of ``limits`` (``[limits]``:
+    nesting depth of multipart and message/* entities, number of parts, header fields per
+    header block), reading only the raw bytes (:func:`mime_entities`). Run before anything
+    parses the whole message: the standard library's parser and generator recurse once or
+    more per level (depth 300 exhausts Python's recursion limit), and a permanent condition
+    must get a permanent answer, 554 5.6.0, not a RecursionError's 451."""
+    for _entity in mime_entities(raw, limits):
+        pass
 
 
 def parse_message(raw: bytes, limits: LimitsConfig | None = None) -> ParsedMessage:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
 from crmstore.committer import GroupCommitter
+from dealmail.config import LimitsConfig
 from linking.capture import Evidence
 from linking.parse import NESTED_TOO_DEEPLY
 
@@ -101,7 +102,12 @@ class DealmailSMTP(SMTP):
     """aiosmtpd's protocol with our limits: connection cap, DATA deadline, enhanced codes."""
 
     def __init__(self, handler: Any, *, gate: ConnectionGate, data_timeout: float,
-                 **kwargs: Any) -> None:
+                 line_length: int = LimitsConfig.line_length, **kwargs: Any) -> None:
+        # aiosmtpd sizes its stream reader by this attribute (RFC 5322's 998 + CRLF + a
+        # stuffed dot); real mail has longer lines, which are stored as received
+        # ([limits] line_length; the relay re-encodes them before sending on).
+        self.line_length_limit = line_length + 3
+        self._line_length = line_length
         super().__init__(handler, **kwargs)
         self._gate = gate
         self._data_timeout = data_timeout
@@ -137,12 +143,16 @@ class DealmailSMTP(SMTP):
                                   "552 Error: message size exceeds")):
                 status = str(replies.too_big())
             elif status.startswith("500 Line too long"):
-                # The upload was drained; the message breaks RFC 5322 §2.1.1 (998 octets).
-                status = str(replies.bad_content("a line is longer than 998 characters "
-                                                 "(RFC 5322 section 2.1.1)"))
+                status = self._too_long_reply()
             elif status.startswith("500 Error: ("):
                 status = "451 4.3.0 Temporary local problem, please try again later"
         await super().push(status)
+
+    def _too_long_reply(self) -> str:
+        # The upload was drained first (RFC 5321 §4.2.5: the reply follows the final dot).
+        return str(replies.bad_content(
+            f"a line is longer than {self._line_length} characters ([limits] line_length; "
+            "RFC 5322 section 2.1.1 allows 998)"))
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """aiosmtpd cancels and creates a timer for every command (6% of a transaction's
@@ -194,6 +204,7 @@ class DealmailSMTP(SMTP):
         buf = bytearray()
         limit = self.data_size_limit
         received = 0
+        longest = 0  # of the lines kept, with CRLF: the relay re-encodes past 998
         too_long = too_much = False
         partial = False  # inside a line longer than the stream limit
         while self.transport is not None:
@@ -219,22 +230,25 @@ class DealmailSMTP(SMTP):
                 too_much = True
             if too_long or too_much:
                 continue
-            if len(line) > self.line_length_limit:
-                too_long = True
-                continue
+            size = len(line)
+            if size > longest:
+                if size > self.line_length_limit:
+                    too_long = True
+                    continue
+                longest = size
             buf += memoryview(line)[1:] if line.startswith(b".") else line
         if too_long or too_much:
             del buf
             self._set_post_data_state()
-            await self.push(str(replies.bad_content(
-                "a line is longer than 998 characters (RFC 5322 section 2.1.1)"))
-                if too_long and not too_much else str(replies.too_big()))
+            await self.push(self._too_long_reply() if too_long and not too_much
+                            else str(replies.too_big()))
             self._reset_timeout()
             return
         content = bytes(buf)
         del buf
         self.envelope.content = content
         self.envelope.original_content = content
+        self.envelope.longest_line = longest - 2  # type: ignore[attr-defined]
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
@@ -381,7 +395,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 async def start_listener(
     hooks: Any, listen: str, *, hostname: str, data_size_limit: int, command_timeout: float,
     data_timeout: float, max_connections: int, sock: socket.socket | None = None,
-    **smtp_kwargs: Any,
+    line_length: int = LimitsConfig.line_length, **smtp_kwargs: Any,
 ) -> asyncio.Server:
     """Listen on ``HOST:PORT`` (port 0 picks a free one; read it from the server's socket),
     or accept on ``sock``, a listening socket bound by the parent of several worker
@@ -392,7 +406,7 @@ async def start_listener(
 
     def factory() -> DealmailSMTP:
         return DealmailSMTP(
-            hooks, gate=gate, data_timeout=data_timeout,
+            hooks, gate=gate, data_timeout=data_timeout, line_length=line_length,
             data_size_limit=data_size_limit, enable_SMTPUTF8=True, hostname=hostname,
             ident="dealmail ESMTP", timeout=command_timeout, loop=loop, **smtp_kwargs,
         )

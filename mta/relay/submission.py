@@ -54,7 +54,7 @@ from aiosmtpd.smtp import MISSING, Envelope, Session
 from crmstore.committer import GroupCommitter
 from crmstore.outbox import enqueue
 from dealmail.addresses import AddressError, domain_of, normalize_address
-from dealmail.config import Config, User
+from dealmail.config import Config, LimitsConfig, User
 from dealmail.passwords import verify_password
 from linking.capture import Capture, CaptureRequest, Commit, Disposition, Outcome, Trust
 from linking.parse import MessageRejected, parse_message
@@ -74,6 +74,7 @@ from ..server import (
     peer_ip,
 )
 from .delivery import has_bare_cr_or_lf, normalize_line_endings
+from .longlines import LIMIT, fit_line_length
 
 __all__ = [
     "AuthThrottle",
@@ -254,9 +255,15 @@ def dkim_sign(raw: bytes, domain: str, selector: str, key_pem: bytes) -> bytes:
     return bytes(header) + raw
 
 
-def outgoing_copy(raw: bytes, received: bytes, dkim_key: tuple[str, str, bytes] | None) -> bytes:
-    """The delivered copy: no Bcc, our Received line on top, DKIM-signed when a key is set."""
+def outgoing_copy(raw: bytes, received: bytes, dkim_key: tuple[str, str, bytes] | None,
+                  *, longest_line: int | None = None) -> bytes:
+    """The delivered copy: no Bcc, our Received line on top, no line longer than 998 octets
+    (a part with longer ones re-encoded, ``mta.relay.longlines``), then DKIM-signed when a
+    key is set, so that the signature covers what leaves. ``longest_line`` is what the DATA
+    reader measured; without it the message is scanned."""
     out = received + strip_bcc(raw)
+    if longest_line is None or longest_line > LIMIT:
+        out = fit_line_length(out)
     if dkim_key is not None:
         domain, selector, pem = dkim_key
         out = dkim_sign(out, domain, selector, pem)
@@ -336,7 +343,8 @@ class RelayHandler:
         received = received_line(ctx.helo, ctx.peer_ip, config.hostname, qid, user.address,
                                  recipients, now)
         outgoing = outgoing_copy(raw, received,
-                                 self._dkim_key(config, domain_of(parsed.from_.address)))
+                                 self._dkim_key(config, domain_of(parsed.from_.address)),
+                                 longest_line=ctx.extra.get("longest_line"))
         mid = parsed.message_id or "-"
         company_id = self.capture.directory_of().company_ids.get(company.slug)
 
@@ -532,7 +540,8 @@ class SubmissionHooks:
             queue_id=queue_id, authenticated_as=session.auth_data
             if isinstance(session.auth_data, str) else None,
             smtp_utf8="SMTPUTF8" in [o.upper() for o in envelope.mail_options],
-            extra={"tls": _is_tls(server)},
+            extra={"tls": _is_tls(server),
+                   "longest_line": getattr(envelope, "longest_line", None)},
         )
         check = functools.partial(self.handler.check, ctx, list(envelope.rcpt_tos))
         return await decide_and_commit(self.executor, self.committer, check, ctx)
@@ -544,7 +553,7 @@ class SubmissionHooks:
 async def start_submission(
     hooks: SubmissionHooks, listen: str, tls_context: ssl.SSLContext, *, implicit: bool,
     hostname: str, data_size_limit: int, command_timeout: float, data_timeout: float,
-    max_connections: int,
+    max_connections: int, line_length: int = LimitsConfig.line_length,
 ) -> asyncio.Server:
     """Listen on ``HOST:PORT``: STARTTLS (``implicit=False``) or TLS from the first byte."""
     install_auth_redaction()
@@ -554,7 +563,8 @@ async def start_submission(
 
     def factory() -> SubmissionSMTP:
         protocol = SubmissionSMTP(
-            hooks, gate=gate, data_timeout=data_timeout, data_size_limit=data_size_limit,
+            hooks, gate=gate, data_timeout=data_timeout, line_length=line_length,
+            data_size_limit=data_size_limit,
             enable_SMTPUTF8=True, hostname=hostname, ident="dealmail ESMTP submission",
             timeout=command_timeout, loop=loop, auth_required=True, auth_require_tls=True,
             tls_context=None if implicit else tls_context,
@@ -594,7 +604,8 @@ async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
         servers[name] = await start_submission(
             hooks, listen, context, implicit=implicit, hostname=c.hostname,
             data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
-            data_timeout=c.listeners.data_timeout, max_connections=c.listeners.max_connections)
+            data_timeout=c.listeners.data_timeout, max_connections=c.listeners.max_connections,
+            line_length=c.limits.line_length)
         sock = servers[name].sockets[0].getsockname()
         log.info("%s listening on %s:%s (%s)", name, sock[0], sock[1],
                  "implicit TLS" if implicit else "STARTTLS")

@@ -29,6 +29,7 @@ from dealmail.schedules import RetrySchedule, parse_schedule
 
 from .delivery import DeliveryResult, NextHop, Outcome, RecipientResult, deliver
 from .dsn import build_dsn
+from .longlines import fit_line_length
 from .mx import AddrLookup, MxLookup, RouteError, resolve_routes
 
 log = logging.getLogger("dealmail.outbox")
@@ -136,7 +137,11 @@ class OutboxWorker:
             code = 550 if exc.permanent else 451
             return DeliveryResult([RecipientResult(r, outcome, code, f"{exc.status} {exc}")
                                    for r in recipients], transcript_error=str(exc))
-        return await deliver(bytes(item.message), item.mail_from, recipients, routes,
+        # What dealmail composes (a DSN quoting a header, say) can carry a line longer
+        # than RFC 5322 allows; a relayed copy was fitted before it was signed and comes
+        # back unchanged.
+        message = fit_line_length(bytes(item.message))
+        return await deliver(message, item.mail_from, recipients, routes,
                              self.config_of().hostname, timeout=self.timeout)
 
     def record(self, item: m.OutboxItem, result: DeliveryResult) -> None:

@@ -3,9 +3,11 @@ sys.path through the root conftest)."""
 
 from __future__ import annotations
 
+import re
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import make_msgid
+from pathlib import Path
 
 
 def message(frm: str = "Alice <alice@example.com>", to: str = "Ann <ann@customer.test>",
@@ -52,3 +54,15 @@ def nested_rfc822(depth: int, head: bytes = STRUCTURE_HEAD) -> bytes:
         body = (b"Content-Type: message/rfc822\r\n\r\nFrom: x@y.test\r\nSubject: n\r\n"
                 + body)
     return head + body
+
+
+def long_line_corpus() -> list[Path]:
+    """The corpus messages with a line longer than RFC 5322's 998 octets (CRLF counted as
+    a line end, as a client sends them)."""
+    from conftest import corpus_dir
+
+    from mta.relay.longlines import has_long_line
+
+    return [p for p in sorted(corpus_dir().rglob("*")) if p.is_file()
+            and p.suffix in (".eml", ".txt", "") and "LICENSE" not in p.name.upper()
+            and has_long_line(re.sub(rb"\r?\n", b"\r\n", p.read_bytes()))]

@@ -526,6 +526,44 @@ def test_dkim_signature_on_the_delivered_form(relay_factory: Any, tmp_path: Path
     assert dkim.verify(data, dnsfunc=dnsfunc)
 
 
+def test_long_lines_are_encoded_before_signing(relay_factory: Any, tmp_path: Path) -> None:
+    """A 5,000-character single-line HTML part is stored as received and leaves
+    quoted-printable (the sink, like a strict MTA, refuses lines over 998 octets: its 500
+    would have become a DSN), under a DKIM signature computed on the encoded form."""
+    dkim = pytest.importorskip("dkim")
+    from email import message_from_bytes
+    from email import policy as email_policy
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "dkim.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    relay = relay_factory(
+        'relay.dkim=[{domain = "example.com", selector = "dm", key_file = "dkim.key"}]')
+    html = "<html><body>" + "<p>Offre pour Ann, caf\u00e9 compris</p>" * 150 + "</body></html>"
+    assert len(html) > 5000
+    message = msg(subject="one-line html")
+    message.set_content(html, subtype="html", cte="8bit")
+    raw = message.as_bytes(policy=SMTP_POLICY)
+    assert max(len(line) for line in raw.split(b"\r\n")) > 5000
+    relay.send(raw, ["ann@customer.test"])
+    assert relay.run_outbox() == 1
+    data = relay.sink.messages[0].data
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    delivered = message_from_bytes(data, policy=email_policy.default)
+    assert delivered["Content-Transfer-Encoding"] == "quoted-printable"
+    assert delivered.get_content().rstrip("\r\n") == html
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    assert dkim.verify(data, dnsfunc=lambda name, timeout=5: record)
+    stored = m.Email.get(m.Email.message_id == message["Message-ID"])
+    assert html.encode() in bytes(stored.raw)  # the stored copy is the one received
+
+
 def test_outbox_cli_lists_relay_items(relay: Relay) -> None:
     relay.send(msg(), ["ann@customer.test"])
     from crmstore.outbox import list_items
