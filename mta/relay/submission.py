@@ -98,10 +98,16 @@ AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 AUTH_LOCKED = "421 4.7.0 Too many failed logins; try again later"
 AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+# RFC 4616 §2: an authorization identity other than the login asks to act as someone else
+# (proxy authorization), which no user may do.
+AUTH_AUTHZID = "535 5.7.8 Authorization identity must be empty or the login itself"
+SOURCE_ROUTE_REFUSED = ("553 5.1.3 Source routes are not accepted; send to the plain "
+                        "address (RFC 5321 section 4.1.1.3)")
 
 _BCC_RE = re.compile(rb"^bcc[ \t]*:", re.IGNORECASE)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _AUTH_LINE_RE = re.compile(r"auth\b|auth_|base64|challenge", re.IGNORECASE)
+_SOURCE_ROUTE_RE = re.compile(r"^\s*<\s*@")
 
 
 # --------------------------------------------------------------------------- throttling
@@ -367,6 +373,15 @@ class RelayHandler:
 # --------------------------------------------------------------------------- SMTP side
 
 
+def _login_form(value: bytes) -> str:
+    """A login or authorization identity as compared: a normalised address if it is one."""
+    text = value.decode("utf-8", "replace").strip()
+    try:
+        return normalize_address(text)
+    except AddressError:
+        return text.lower()
+
+
 def _is_tls(server: Any) -> bool:
     transport = server.transport
     return server._tls_protocol is not None or (
@@ -375,6 +390,27 @@ def _is_tls(server: Any) -> bool:
 
 class SubmissionSMTP(DealmailSMTP):
     """The protocol of the submission listeners."""
+
+    _source_route = False
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # RFC 5321 §4.1.1.3 and appendix C: a server SHOULD ignore a source route
+        # (<@a.test,@b.test:x@y>), and aiosmtpd drops it silently. A mail client never sends
+        # one, and the next hop of a relay might honour it: refused (docs/reliability.md
+        # A.31), with aiosmtpd's own order of checks (530/503 first).
+        if _SOURCE_ROUTE_RE.match(arg or ""):
+            self._source_route = True
+            return None, None
+        return super()._getaddr(arg)
+
+    async def push(self, status: Any) -> None:
+        if (self._source_route and isinstance(status, str)
+                and status.startswith("553 5.1.3 Error: malformed address")):
+            self._source_route = False
+            log.info("source-routed path refused from %s",
+                     peer_ip(self.session) if self.session is not None else "?")
+            status = SOURCE_ROUTE_REFUSED
+        await super().push(status)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         # RFC 3207 §4.2: STARTTLS once; aiosmtpd would start a second handshake on the TLS
@@ -411,8 +447,10 @@ class SubmissionHooks:
         if transport is not None:
             transport.close()
 
-    async def _credentials(self, server: Any, args: list[str]) -> tuple[bytes, bytes] | None:
-        """(login, password) from AUTH PLAIN or LOGIN; None after a protocol error reply."""
+    async def _credentials(self, server: Any,
+                           args: list[str]) -> tuple[bytes, bytes, bytes] | None:
+        """(authorization identity, login, password) from AUTH PLAIN or LOGIN (which has no
+        authorization identity: empty); None after a protocol error reply."""
         mechanism = args[0].upper()
         try:
             if mechanism == "PLAIN":
@@ -426,7 +464,7 @@ class SubmissionHooks:
                 if len(parts) != 3:
                     await server.push("501 5.5.2 Cannot split the PLAIN response")
                     return None
-                return parts[1], parts[2]  # RFC 4616 §2: authzid NUL authcid NUL passwd
+                return parts[0], parts[1], parts[2]  # RFC 4616 §2: authzid NUL authcid NUL pw
             if mechanism == "LOGIN":
                 if len(args) == 1:
                     login = await server.challenge_auth("Username:")
@@ -437,7 +475,7 @@ class SubmissionHooks:
                 password = await server.challenge_auth("Password:")
                 if password is MISSING:
                     return None
-                return login, password
+                return b"", login, password
         except (binascii.Error, ValueError):
             await server.push("501 5.5.2 Cannot decode base64")
             return None
@@ -456,13 +494,13 @@ class SubmissionHooks:
         creds = await self._credentials(server, args)
         if creds is None:
             return None
-        login_bytes, password_bytes = creds
-        login = login_bytes.decode("utf-8", "replace").strip()
+        authzid_bytes, login_bytes, password_bytes = creds
+        login = _login_form(login_bytes)
         password = password_bytes.decode("utf-8", "replace")
-        try:
-            login = normalize_address(login)
-        except AddressError:
-            login = login.lower()
+        if authzid_bytes and _login_form(authzid_bytes) != login:
+            # Refused before the password is looked at: the answer says nothing about it.
+            log.info("AUTH from %s refused: authorization identity differs from the login", ip)
+            return AUTH_AUTHZID
         if self.throttle.locked(ip, login):
             log.info("AUTH from %s refused: too many failures", ip)
             await self._refuse_locked(server)

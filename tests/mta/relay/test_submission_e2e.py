@@ -400,6 +400,55 @@ def test_sending_as_a_colleague_is_refused(relay: Relay) -> None:
     assert len(items("relay")) == 1
 
 
+def test_resent_from_and_sender_are_checked_like_from(relay: Relay) -> None:
+    """RFC 5322 §3.6.6: Resent-From and Resent-Sender name who sends a resent message, so
+    they must be the user's own addresses, like From and Sender (553 5.7.1)."""
+    with relay.login("bob@example.com", BOB_PW) as s:
+        for header in ({"Resent_From": "Alice <alice@example.com>"},
+                       {"Resent_Sender": "alice@example.com"},
+                       {"Sender": "alice@example.com"}):
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                s.sendmail("bob@example.com", ["ann@customer.test"],
+                           msg(frm="Bob <bob@example.com>", **header).as_bytes(
+                               policy=SMTP_POLICY))
+            assert info.value.smtp_code == 553, header
+            assert info.value.smtp_error.startswith(
+                b"5.7.1 Sender address rejected: <alice@example.com> not owned by user "
+                b"bob@example.com"), header
+        s.sendmail("bob@example.com", ["ann@customer.test"],
+                   msg(frm="Bob <bob@example.com>", Resent_From="bob@example.com").as_bytes(
+                       policy=SMTP_POLICY))
+    assert len(items("relay")) == 1
+
+
+def test_source_routes_are_refused(relay: Relay) -> None:
+    with relay.login() as s:
+        code, text = s.docmd("MAIL", "FROM:<@relay.test:alice@example.com>")
+        assert code == 553 and text.startswith(b"5.1.3 Source routes are not accepted")
+        assert s.docmd("MAIL", "FROM:<alice@example.com>")[0] == 250
+        for route in ("<@a.test,@b.test:x@y.test>", "< @a.test:ann@customer.test>"):
+            code, text = s.docmd("RCPT", f"TO:{route}")
+            assert code == 553 and text.startswith(b"5.1.3 Source routes"), route
+        assert s.docmd("RCPT", "TO:<ann@customer.test>")[0] == 250
+    with relay.client() as s:  # unauthenticated: aiosmtpd's order of checks first
+        assert s.docmd("MAIL", "FROM:<@a.test:alice@example.com>")[0] == 530
+
+
+def test_authorization_identity_must_be_the_login(relay: Relay) -> None:
+    """AUTH PLAIN's authzid (RFC 4616 §2) asks to act as someone else: bob\0alice\0pw no
+    longer logs in as alice; an empty one or the login itself is fine."""
+    for authzid in ("bob@example.com", "someone"):
+        with relay.client() as s:
+            blob = base64.b64encode(f"{authzid}\0alice@example.com\0{ALICE_PW}".encode())
+            code, text = s.docmd("AUTH", f"PLAIN {blob.decode()}")
+            assert code == 535 and text.startswith(b"5.7.8 Authorization identity"), authzid
+            assert s.docmd("MAIL", "FROM:<alice@example.com>")[0] == 530
+    for authzid in ("", "Alice@Example.com"):
+        with relay.client() as s:
+            blob = base64.b64encode(f"{authzid}\0alice@example.com\0{ALICE_PW}".encode())
+            assert s.docmd("AUTH", f"PLAIN {blob.decode()}")[0] == 235, authzid
+
+
 OPEN_RELAY_ADDRESSES = [
     # The classic open-relay test set (docs/reliability.md A.8/A.31).
     "victim@elsewhere.test",
