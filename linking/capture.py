@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -168,6 +168,11 @@ class Verification:
     temp_error: bool = False
     evidence: dict[str, Any] = field(default_factory=dict)
     header: str | None = None  # our Authentication-Results line for the stored copy
+    #: When the level rests on a signature of the headers (DKIM, ARC): the header names it
+    #: wholly covers. Linking reads no other address header, so a header a replay could have
+    #: added never makes a participant or a person (it stays in the stored raw message).
+    #: None: no such restriction (trusted network, upstream A-R, login, mailbox).
+    covered: frozenset[str] | None = None
 
 
 # (raw bytes, parsed header block, evidence, company, claimed user) -> verification. The
@@ -320,6 +325,8 @@ class Capture:
             self._log(request, parsed, admitted)
             return admitted
         user, verdict = admitted.user, admitted.verification
+        if verdict.covered is not None:
+            parsed = signed_part(parsed, verdict.covered)
         config = self.config_of()
         directory = self.directory_of()
         now = request.received_at or self.now()
@@ -406,6 +413,19 @@ class Capture:
         who = parsed.from_.address if parsed is not None else request.evidence.client_ip
         log.info("[%s] %s %s (%s) from %s: %s", request.queue_id, mid, done.outcome.value,
                  request.channel, who, done.reason)
+
+
+def signed_part(parsed: ParsedMessage, covered: frozenset[str]) -> ParsedMessage:
+    """``parsed`` as far as a signature covering the header names ``covered`` vouches for
+    it: an address list the signature does not wholly cover is read as empty. (The sender
+    gate has already required From to be covered.)"""
+    dropped = [name for name in ("to", "cc") if getattr(parsed, name) and name not in covered]
+    if not dropped:
+        return parsed
+    log.info("%s: %s not covered by the signature: not used for linking",
+             parsed.message_id or "-", ", ".join(n.title() for n in dropped))
+    return replace(parsed, to=[] if "to" in dropped else parsed.to,
+                   cc=[] if "cc" in dropped else parsed.cc)
 
 
 def note_repeat(result: RecordResult, arrival: Arrival) -> None:
