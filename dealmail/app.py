@@ -17,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+from crmstore import models as m
 from crmstore.committer import GroupCommitter
 from crmstore.db import Store
-from digest.questions import after_record_hook
+from digest.notices import deal_mismatch_hook
+from digest.questions import after_record_hook, refresh_question
 from digest.scheduler import DigestScheduler
 from linking.capture import Capture, SenderGate
 from linking.record import Directory
@@ -98,6 +100,9 @@ class App:
         # A "which deal?" question is queued in the transaction that stored the email.
         capture.add_hook(after_record_hook(self.get_config, self.get_directory,
                                            self.clock.now))
+        # A +deal naming another customer's deal is obeyed, and the user is told.
+        capture.add_hook(deal_mismatch_hook(self.get_config, self.get_directory,
+                                            self.clock.now))
         return capture
 
     def build_handlers(self, capture: Capture) -> dict[str, Handler]:
@@ -109,7 +114,13 @@ class App:
 
     def build_outbox(self) -> OutboxWorker:
         return OutboxWorker(self.store, self.clock, self.get_config, self.mx_lookup,
-                            self.addr_lookup, self.outbox_ssl_context)
+                            self.addr_lookup, self.outbox_ssl_context,
+                            refresh={"question": self.refresh_question})
+
+    def refresh_question(self, item: m.OutboxItem) -> bytes | None:
+        """A due "which deal?" question is checked again: its threads may have been decided
+        meanwhile (digest.questions.refresh_question)."""
+        return refresh_question(self.config, item, self.clock.now())
 
     def has_space(self) -> bool:
         """Whether the database's file system can take 1.5 of the largest message (checked at

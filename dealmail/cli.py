@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
         ll = lsub.add_parser("list", parents=[_common(2)], help=f"list {name}")
         ll.add_argument("--company", metavar="SLUG")
         ll.add_argument("--json", action="store_true")
+    rp = sub.add_parser("relink", parents=[common],
+                        help="link stored mail to persons the CRM learned about since")
+    rp.add_argument("--company", metavar="SLUG",
+                    help="only this company (default: every company)")
     op = sub.add_parser("outbox", parents=[common],
                         help="list what dealmail sends (questions, digests, relayed mail, DSNs)")
     op.add_argument("action", nargs="?", choices=["list", "retry", "drop"], default="list")
@@ -252,6 +256,8 @@ def _inspect(config: Config, args: argparse.Namespace) -> int:
         for p in result["participants"]:
             print(f"  {p['role']:<4} {p['address']} {p['name']}")
         print(f"reply text: {result['reply_text'][:200]!r}")
+        for defect in result["defects"]:
+            print(f"defect: {defect}")
         if "would_link" in result:
             print(f"would link: {json.dumps(result['would_link'], ensure_ascii=False)}")
     return 0
@@ -331,6 +337,11 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
                               f"{r['organization'] or '-':<20} {r['value'] or '-'} "
                               f"{r['currency']} owner {r['owner'] or '-'}")
             return 0
+        if args.command == "relink":
+            slugs = [args.company] if args.company else [c.slug for c in config.companies]
+            for slug in slugs:
+                company_id(slug)
+            return _relink(config, store, slugs)
         if args.command == "outbox":
             return _outbox(args)
         if args.command == "conversations":
@@ -342,6 +353,30 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
     finally:
         store.close()
     raise _CliError(f"unknown command {args.command}", EXIT_USAGE)
+
+
+def _relink(config: Config, store: Any, slugs: list[str]) -> int:
+    """``dealmail relink``: one transaction per company; questions for emails that now need a
+    deal choice are queued (batched) like any other."""
+    from datetime import UTC, datetime
+
+    from digest.questions import queue_relink_questions
+    from linking.record import Directory
+    from linking.relink import relink_addresses
+
+    now = datetime.now(UTC)
+    for slug in slugs:
+        company = config.company(slug)
+        assert company is not None
+        with store.transaction():
+            directory = Directory(config)
+            report = relink_addresses(config, company, directory.company_ids[slug], None, now,
+                                      actor="dealmail relink")
+            queue_relink_questions(config, directory, company, report.questions, now)
+        print(f"{slug}: {report.emails} email(s) linked ({report.participants} "
+              f"participant(s)), {report.deals} deal link(s), {len(report.questions)} "
+              "question(s) queued")
+    return 0
 
 
 def _outbox(args: argparse.Namespace) -> int:
