@@ -2,11 +2,20 @@
 
 Python runs one thread at a time, and the measured Smart BCC path needs several milliseconds
 of CPU per message, so one process cannot use a second core. The parent binds the inbound
-socket, forks ``listeners.workers`` children that each build their own :class:`App` (their
-own database connection and group committer; SQLite's WAL lets them commit in turn), and
-supervises them: SIGTERM and SIGHUP are passed on, a worker that dies is started again.
-With SQLite only the first worker runs the outbox worker and the submission listener
-(single-process delivery); with PostgreSQL every worker delivers (``SKIP LOCKED`` claims).
+socket and the submission sockets, prepares the table of per-client counters they share
+(``mta/anvil.py``: connection and message limits per client address, failed logins), forks
+``listeners.workers`` children that each build their own :class:`App` (their own database
+connection and group committer; SQLite's WAL lets them commit in turn), and supervises them:
+SIGTERM and SIGHUP are passed on, a worker that dies is started again (and clears its column
+of open connections). Every worker serves inbound mail and submission. With SQLite only the
+first worker runs the outbox worker (single-process delivery: what another worker queues
+leaves at the first one's next poll, ``outbox.poll_seconds``); with PostgreSQL every worker
+delivers (``SKIP LOCKED`` claims).
+
+On SIGTERM the parent closes its copies of the listening sockets at once, so that when the
+workers close theirs (each as its stop begins, ``App.stop``) nothing listens any more: a new
+connection is refused by the kernel instead of waiting in a backlog nobody accepts from and
+being reset at exit.
 """
 
 from __future__ import annotations
@@ -29,13 +38,14 @@ log = logging.getLogger("dealmail.prefork")
 
 
 def _child(config: Config, overrides: tuple[str, ...], base: Path, index: int,
-           sock: socket.socket) -> None:
+           socks: dict[str, socket.socket]) -> None:
     setup_logging(config.server.log_level, config.server.log_file)
     sqlite = config.database.url.startswith("sqlite")
     app = App(config, overrides=overrides, base=base,
               start_outbox_worker=(index == 0 or not sqlite))
-    app.prebound = {"inbound": sock}
-    app.run_submission = index == 0
+    app.prebound = dict(socks)
+    app.worker_index = index
+    app.table_prepared = True
     try:
         asyncio.run(app.serve_forever())
     finally:
@@ -45,15 +55,29 @@ def _child(config: Config, overrides: tuple[str, ...], base: Path, index: int,
 def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
                   prepare: Callable[[App], None]) -> int:
     """Bind, prepare the database once (schema, config mirror, demo data), fork, supervise."""
+    from mta.anvil import ClientTable, table_path
+    from mta.relay.tlscert import submission_context
     from mta.server import bind_listener
 
     setup = App(config, overrides=overrides, base=base)
     setup.open_store()
     prepare(setup)
     setup.store.close()
-    sock = bind_listener(config.listeners.inbound)
-    host, port = sock.getsockname()[:2]
-    log.info("inbound SMTP listening on %s:%s (%d workers)", host, port, config.listeners.workers)
+    ClientTable.prepare(table_path(config.database.url, base), config.listeners.workers)
+    workers = config.listeners.workers
+    socks: dict[str, socket.socket] = {}
+    for name in ("inbound", "submission", "submissions"):
+        listen = getattr(config.listeners, name)
+        if not listen:
+            continue
+        socks[name] = bind_listener(listen)
+        host, port = socks[name].getsockname()[:2]
+        log.info("%s listening on %s:%s (%d workers)",
+                 "inbound SMTP" if name == "inbound" else name, host, port, workers)
+    if "submission" in socks or "submissions" in socks:
+        # A self-signed certificate is made here, once, not by workers racing to write it.
+        submission_context(config.tls.cert_file, config.tls.key_file, config.hostname, base,
+                           setup.clock.now())
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
@@ -65,7 +89,7 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
-                _child(config, overrides, base, index, sock)
+                _child(config, overrides, base, index, socks)
             except BaseException:
                 log.exception("worker %d failed", index)
                 code = 1
@@ -78,6 +102,8 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+            for sock in socks.values():
+                sock.close()  # see the module docstring
         for pid in list(children):
             try:
                 os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -103,7 +129,8 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
                       pid, status)
             time.sleep(1.0)  # a crash loop must not spin (real time: no clock to inject)
             spawn(index)
-    sock.close()
+    for sock in socks.values():
+        sock.close()
     log.info("all workers stopped")
     sys.stdout.flush()
     return 0

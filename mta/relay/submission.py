@@ -8,11 +8,18 @@ and optionally ``listeners.submissions`` with TLS from the first byte (RFC 8314 
   checked with :func:`dealmail.passwords.verify_password` in a worker thread (scrypt, constant
   time; an unknown login costs the same as a wrong password and gets the same ``535 5.7.8``).
   The login is the user's primary address.
-* Failed logins are counted per client IP and per account (:class:`AuthThrottle`, on the
-  injected clock): each failure is answered a little later, and after
-  ``relay.auth_max_failures`` within the window further logins get ``421 4.7.0`` and the
-  connection is closed, for ``relay.auth_lockout_seconds`` (RFC 4954 §4 lets a server limit
-  attempts). Credentials never reach a log line: aiosmtpd logs each command line, so a filter
+* Failed logins (:class:`LoginThrottle`, on the injected clock) are counted per client
+  address and per account from that address, in the table every worker process shares
+  (``mta.anvil``), so that any worker can serve submission: after
+  ``relay.auth_max_failures`` for one account from one address, that account is refused from
+  that address, and after ``relay.auth_client_max_failures`` from one address (any accounts)
+  the address is, each with ``421 4.7.0`` and the connection closed, for
+  ``relay.auth_lockout_seconds`` (RFC 4954 §4 lets a server limit attempts). An account as
+  such is never locked, or anyone could lock a salesperson out of sending from everywhere;
+  it is only slowed: each of its logins waits ``relay.auth_failure_delay`` per failure of the
+  account within the window, up to ``relay.auth_max_delay``, before its password is checked.
+  ``dealmail auth status`` and ``dealmail auth unlock ADDRESS|IP`` show and clear the
+  counters. Credentials never reach a log line: aiosmtpd logs each command line, so a filter
   redacts AUTH lines on its logger.
 * Nothing is relayed without authentication (``530 5.7.0`` at MAIL, RFC 4954 §6). The
   envelope sender and the header From (and Sender and Resent-From, when present) must be
@@ -39,12 +46,12 @@ import binascii
 import functools
 import logging
 import re
+import socket
 import ssl
 from base64 import b64decode
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
@@ -60,12 +67,16 @@ from linking.capture import Capture, CaptureRequest, Commit, Disposition, Outcom
 from linking.parse import MessageRejected, parse_message
 
 from .. import replies
+from ..anvil import KIND_ACCOUNT_CLIENT, KIND_CLIENT, ClientTable, client_key
 from ..replies import Reply
 from ..server import (
+    ClientLimits,
     ConnectionGate,
     DataContext,
     DealmailSMTP,
     Job,
+    SessionLimits,
+    Sessions,
     decide_and_commit,
     evidence_of,
     incident_reply,
@@ -77,7 +88,7 @@ from .delivery import has_bare_cr_or_lf, normalize_line_endings
 from .longlines import LIMIT, fit_line_length
 
 __all__ = [
-    "AuthThrottle",
+    "LoginThrottle",
     "RelayHandler",
     "SubmissionHooks",
     "SubmissionSMTP",
@@ -113,63 +124,37 @@ _SOURCE_ROUTE_RE = re.compile(r"^\s*<\s*@")
 # --------------------------------------------------------------------------- throttling
 
 
-@dataclass
-class AuthThrottle:
-    """Failed-login counters per client IP and per account, on the injected clock.
+class LoginThrottle:
+    """Failed logins of the submission listeners, counted in the table shared by every
+    worker process (see the module docstring). Times come from the injected clock."""
 
-    Lives in the App (one per process); only the event loop thread touches it."""
+    def __init__(self, table: ClientTable, config_of: Callable[[], Config],
+                 now: Callable[[], float]) -> None:
+        self.table = table
+        self.config_of = config_of
+        self.now = now
 
-    now: Callable[[], datetime]
-    max_failures: int = 5
-    window: timedelta = timedelta(minutes=15)
-    lockout: timedelta = timedelta(minutes=15)
-    delay_step: float = 1.0
-    max_keys: int = 100_000
-    _failures: dict[str, list[datetime]] = field(default_factory=dict)
-    _locked: dict[str, datetime] = field(default_factory=dict)
+    def refused(self, ip: str, login: str | None = None) -> bool:
+        """Whether logins from ``ip`` (as ``login``) are refused for now."""
+        return self.table.locked(client_key(ip), login, self.now()) > 0
 
-    @staticmethod
-    def _keys(ip: str, login: str | None) -> list[str]:
-        keys = [f"ip:{ip}"]
-        if login:
-            keys.append(f"account:{login.lower()}")
-        return keys
+    def delay(self, login: str) -> float:
+        """Seconds a login as ``login`` waits before its password is checked."""
+        relay = self.config_of().relay
+        failures = self.table.account_failures(login, self.now())
+        return min(relay.auth_failure_delay * failures, relay.auth_max_delay)
 
-    def locked(self, ip: str, login: str | None = None) -> bool:
-        now = self.now()
-        for key in self._keys(ip, login):
-            until = self._locked.get(key)
-            if until is not None:
-                if until > now:
-                    return True
-                del self._locked[key]
-        return False
-
-    def failure(self, ip: str, login: str | None) -> float:
-        """Count a failure; returns the seconds to wait before answering it."""
-        now = self.now()
-        if len(self._failures) > self.max_keys:
-            self._prune(now)
-        worst = 0
-        for key in self._keys(ip, login):
-            recent = [t for t in self._failures.get(key, []) if now - t < self.window]
-            recent.append(now)
-            self._failures[key] = recent
-            worst = max(worst, len(recent))
-            if len(recent) >= self.max_failures:
-                self._locked[key] = now + self.lockout
-                self._failures.pop(key, None)
-        return min(worst, self.max_failures) * self.delay_step
+    def failure(self, ip: str, login: str) -> None:
+        # Every login string is counted alike, a user's or not: the answers must not tell
+        # an existing account from an unknown one (RFC 4954 §6).
+        relay = self.config_of().relay
+        self.table.login_failure(
+            client_key(ip), login, self.now(), relay.auth_window_seconds,
+            relay.auth_lockout_seconds, {KIND_CLIENT: relay.auth_client_max_failures,
+                                         KIND_ACCOUNT_CLIENT: relay.auth_max_failures})
 
     def success(self, ip: str, login: str) -> None:
-        self._failures.pop(f"account:{login.lower()}", None)
-
-    def _prune(self, now: datetime) -> None:
-        # Bounded memory under a distributed brute force: forget counters outside the window.
-        for key in [k for k, v in self._failures.items() if not v or now - v[-1] >= self.window]:
-            del self._failures[key]
-        for key in [k for k, until in self._locked.items() if until <= now]:
-            del self._locked[key]
+        self.table.login_success(client_key(ip), login, self.now())
 
 
 class _RedactAuth(logging.Filter):
@@ -425,7 +410,7 @@ class SubmissionHooks:
     """aiosmtpd hook object of the submission listeners."""
 
     def __init__(self, config_of: Callable[[], Config], handler: RelayHandler,
-                 throttle: AuthThrottle, committer: GroupCommitter,
+                 throttle: LoginThrottle, committer: GroupCommitter,
                  executor: ThreadPoolExecutor) -> None:
         self.config_of = config_of
         self.handler = handler
@@ -487,7 +472,7 @@ class SubmissionHooks:
         ip = peer_ip(session)
         if not _is_tls(server):
             return AUTH_NEEDS_TLS
-        if self.throttle.locked(ip):
+        if self.throttle.refused(ip):
             log.info("AUTH from %s refused: too many failures", ip)
             await self._refuse_locked(server)
             return None
@@ -501,10 +486,14 @@ class SubmissionHooks:
             # Refused before the password is looked at: the answer says nothing about it.
             log.info("AUTH from %s refused: authorization identity differs from the login", ip)
             return AUTH_AUTHZID
-        if self.throttle.locked(ip, login):
+        if self.throttle.refused(ip, login):
             log.info("AUTH from %s refused: too many failures", ip)
             await self._refuse_locked(server)
             return None
+        delay = self.throttle.delay(login)
+        if delay > 0:
+            # The account had failures (from anywhere): slowed, never locked.
+            await asyncio.sleep(delay)  # a real wait for the client (tests set 0)
         config = self.config_of()
         found = config.find_user(login)
         user = found[1] if found is not None and found[1].address == login else None
@@ -517,14 +506,12 @@ class SubmissionHooks:
             session.auth_data = user.address  # type: ignore[assignment]
             log.info("AUTH ok: %s from %s", user.address, ip)
             return AUTH_OK
-        delay = self.throttle.failure(ip, login)
+        self.throttle.failure(ip, login)
         # The login is logged only when it is a user's address: a password typed into the
         # login field must not end up in the log.
         log.info("AUTH failed from %s for %s", ip,
                  user.address if user is not None else "an unknown login")
-        if delay > 0:
-            await asyncio.sleep(delay)  # slows a guesser down (server side; tests use 0)
-        if self.throttle.locked(ip, login):
+        if self.throttle.refused(ip, login):
             await self._refuse_locked(server)
             return None
         return AUTH_INVALID
@@ -592,8 +579,12 @@ async def start_submission(
     hooks: SubmissionHooks, listen: str, tls_context: ssl.SSLContext, *, implicit: bool,
     hostname: str, data_size_limit: int, command_timeout: float, data_timeout: float,
     max_connections: int, line_length: int = LimitsConfig.line_length,
+    limits: Callable[[], SessionLimits] | None = None, clients: ClientLimits | None = None,
+    sessions: Sessions | None = None, sock: socket.socket | None = None,
 ) -> asyncio.Server:
-    """Listen on ``HOST:PORT``: STARTTLS (``implicit=False``) or TLS from the first byte."""
+    """Listen on ``HOST:PORT`` (or accept on ``sock``, bound by the pre-fork parent): STARTTLS
+    (``implicit=False``) or TLS from the first byte. The other arguments are those of
+    :func:`mta.server.start_listener`."""
     install_auth_redaction()
     host, port = parse_listen(listen)
     gate = ConnectionGate(max_connections)
@@ -602,7 +593,8 @@ async def start_submission(
     def factory() -> SubmissionSMTP:
         protocol = SubmissionSMTP(
             hooks, gate=gate, data_timeout=data_timeout, line_length=line_length,
-            data_size_limit=data_size_limit,
+            limits=limits() if limits is not None else None, clients=clients,
+            sessions=sessions, data_size_limit=data_size_limit,
             enable_SMTPUTF8=True, hostname=hostname, ident="dealmail ESMTP submission",
             timeout=command_timeout, loop=loop, auth_required=True, auth_require_tls=True,
             tls_context=None if implicit else tls_context,
@@ -613,6 +605,9 @@ async def start_submission(
             protocol._auth_require_tls = False
         return protocol
 
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock,
+                                         ssl=tls_context if implicit else None)
     return await loop.create_server(factory, host=host, port=port,
                                      ssl=tls_context if implicit else None)
 
@@ -629,11 +624,8 @@ async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
     context = submission_context(c.tls.cert_file, c.tls.key_file, c.hostname, app.base,
                                  app.clock.now())
     handler = RelayHandler(app.capture, app.clock.now, app.base)
-    throttle = AuthThrottle(
-        app.clock.now, max_failures=c.relay.auth_max_failures,
-        window=timedelta(seconds=c.relay.auth_window_seconds),
-        lockout=timedelta(seconds=c.relay.auth_lockout_seconds),
-        delay_step=c.relay.auth_failure_delay)
+    throttle = LoginThrottle(app.clients_table, app.get_config,
+                             lambda: app.clock.now().timestamp())
     hooks = SubmissionHooks(app.get_config, handler, throttle, app.committer, app.executor)
     for name, listen, implicit in (("submission", c.listeners.submission, False),
                                    ("submissions", c.listeners.submissions, True)):
@@ -643,7 +635,8 @@ async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
             hooks, listen, context, implicit=implicit, hostname=c.hostname,
             data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
             data_timeout=c.listeners.data_timeout, max_connections=c.listeners.max_connections,
-            line_length=c.limits.line_length)
+            line_length=c.limits.line_length, limits=app.session_limits,
+            clients=app.client_limits, sessions=app.sessions, sock=app.prebound.get(name))
         sock = servers[name].sockets[0].getsockname()
         log.info("%s listening on %s:%s (%s)", name, sock[0], sock[1],
                  "implicit TLS" if implicit else "STARTTLS")
