@@ -1,4 +1,4 @@
-"""Command line of the benchmarks: ``python -m bench ingest|scale [--quick] [--json FILE]``."""
+"""Command line of the benchmarks: ``python -m bench ingest|scale|lmtp [--quick] [--json FILE]``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="a config override for the dealmail server (repeatable), e.g. "
         "clients.exempt_networks=[] to count the loopback client in the per-client table")
+    lp = sub.add_parser("lmtp", help="Postfix's queue into dealmail over LMTP vs a bare "
+                        "aiosmtpd LMTP sink")
+    lp.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    lp.add_argument("--json", type=Path, metavar="FILE", help="write all figures here")
     args = p.parse_args(argv)
+    if args.mode == "lmtp":
+        from .lmtp import main as lmtp_main
+
+        return lmtp_main(args.quick, args.json)
     if args.mode == "ingest":
         from .ingest import main as ingest_main
 

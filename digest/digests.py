@@ -60,6 +60,8 @@ LABELS: dict[str, dict[str, str]] = {
         "status_none": "no deal",
         "reason_unknown": "unknown correspondent",
         "reason_internal": "internal only",
+        "reason_unattributed": "could not tell who wrote the forwarded email (shown only as "
+                               "“{name}”); reply with their address",
         "channel": "via",
         "from": "from",
         "to": "to",
@@ -76,6 +78,8 @@ LABELS: dict[str, dict[str, str]] = {
         "envelope": "envelope sender",
         "level": "verification",
         "refused_how": "If this was not you, tell your admin; nobody can see these messages.",
+        "release_how": "If a quarantined one was yours, release it: send its line (e.g. "
+                       "\"{example}\") to {ask}.",
         "footer": "Sent by dealmail. Ask for any deal's history: mail {ask} with \"deal ID\" "
                   "or \"help\".",
     },
@@ -97,6 +101,8 @@ LABELS: dict[str, dict[str, str]] = {
         "status_none": "案件なし",
         "reason_unknown": "不明な相手",
         "reason_internal": "社内のみ",
+        "reason_unattributed": "転送されたメールの差出人を特定できませんでした（表示名「{name}」"
+                               "のみ）。差出人のアドレスを返信でお知らせください",
         "channel": "経路",
         "from": "差出人",
         "to": "宛先",
@@ -112,7 +118,9 @@ LABELS: dict[str, dict[str, str]] = {
         "client": "クライアント",
         "envelope": "エンベロープ送信者",
         "level": "検証",
-        "refused_how": "心当たりがない場合は管理者に連絡してください。"
+        "refused_how": "心当たりがない場合は管理者に連絡してください。",
+        "release_how": "隔離されたメールがご自身のものなら、その行 (例: \"{example}\") を "
+                       "{ask} 宛てに送ると解除されます。"
                        "これらのメッセージは誰も閲覧できません。",
         "footer": "dealmail より送信。案件の履歴は {ask} に「案件 ID」または「help」と"
                   "送ってください。",
@@ -276,11 +284,24 @@ def describe_emails(user_row: m.User, rows: list[m.Email], is_internal: Any,
             "deal": {"id": deal.id, "title": deal.title} if deal else None,
             "person": ({"id": pid, "name": persons[pid].name} if pid in persons else None),
             "reason": ("" if pid is not None
+                       else "unattributed" if _unattributed(r)
                        else "unknown" if external else "internal"),
+            "unattributed": _unattributed(r),
             "snippet_lines": [ln for ln in (r.snippet or "").splitlines() if ln.strip()][:3],
             "thread_id": r.thread_id,
         })
     return out
+
+
+def _unattributed(email: m.Email) -> str:
+    """The display name of a forwarded email's sender that matched no person (Outlook shows
+    only a name for address-book contacts), else ""."""
+    if not email.forward_json:
+        return ""
+    try:
+        return str(json.loads(email.forward_json).get("unattributed") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _group(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
@@ -379,7 +400,8 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
               .order_by(m.Sighting.received_at, m.Sighting.id)):
         refused.append({"kind": "quarantined", "received": local_time(s.received_at, tz),
                         "client_ip": s.client_ip, "envelope_from": s.envelope_from,
-                        "level": s.verification, "subject": None})
+                        "level": s.verification, "subject": None,
+                        "release": f"release E{s.email_id}"})
     for a in (m.AuditEntry.select()
               .where((m.AuditEntry.action == "replay") & (m.AuditEntry.actor == user.address)
                      & (m.AuditEntry.at >= lo) & (m.AuditEntry.at < hi))
@@ -391,7 +413,7 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
         refused.append({"kind": "replayed", "received": local_time(a.at, tz),
                         "client_ip": str(detail.get("client_ip", "")),
                         "envelope_from": str(detail.get("envelope_from", "")),
-                        "level": "", "subject": subject})
+                        "level": "", "subject": subject, "release": ""})
 
     # Persons created automatically in the period from mail this user may see (a person
     # made from a colleague's private mail would reveal that correspondence).

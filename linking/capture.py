@@ -32,12 +32,15 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from peewee import fn
+
 from crmstore import models as m
 from dealmail.addresses import AddressError, parse_strict_mailbox
 from dealmail.config import Company, Config, User
 
 from .originals import originals_for, plain_original
 from .parse import NESTED_TOO_DEEPLY, MessageRejected, ParsedMessage, parse_message
+from .quarantine import release_quarantined
 from .record import Arrival, Directory, Original, RecordResult, record_email
 
 __all__ = [
@@ -336,7 +339,10 @@ class Capture:
             log.info("[%s] %s envelope sender <%s> is not an address of %s", qid,
                      parsed.message_id or "-", evidence.envelope_from, user.address)
         if request.channel == "bcc":
-            channel, originals, _chains = originals_for(parsed, user, config, now)
+            company_id = directory.company_ids[request.company.slug]
+            channel, originals, _chains = originals_for(
+                parsed, user, config, now,
+                name_lookup=lambda name: person_address_by_name(company_id, name))
         else:
             channel, originals = request.channel, [plain_original(parsed, now)]
         if channel in _AUTOMATIC_CHANNELS and not self._has_customer(
@@ -352,7 +358,9 @@ class Capture:
                 if original.original_raw and original.forward is not None:
                     original.forward["dkim"] = self.signature_check(
                         original.original_raw, original.from_.address.rpartition("@")[2])
-        sighting_evidence = dict(verdict.evidence)
+        # The source's own facts (XFORWARD attributes, mailbox and UID) are kept with the
+        # verdict's, which win on a clash.
+        sighting_evidence = {**evidence.details, **verdict.evidence}
         if verdict.header:
             # RFC 8601 §5: our verdict is the topmost header of this user's stored copy. It
             # is kept with the sighting (each copy is verified on its own) and prepended when
@@ -365,9 +373,11 @@ class Capture:
             client_ip=evidence.client_ip, verification=verdict.level,
             evidence=sighting_evidence, deal_id=request.deal_id,
             quarantined=admitted.quarantined)
-        log.info("[%s] %s accepted from %s (%s, %s)%s", qid, parsed.message_id or "-",
-                 user.address, verdict.level, channel,
-                 " into quarantine" if admitted.quarantined else "")
+        # A quarantined copy is not "accepted" in the admin's sense: it is held, unseen.
+        log.info("[%s] %s %s from %s (%s, %s)%s", qid, parsed.message_id or "-",
+                 "quarantined" if admitted.quarantined else "accepted", user.address,
+                 verdict.level, channel,
+                 f": {verdict.reason}" if admitted.quarantined else "")
         raw = request.raw
 
         def commit() -> Disposition:
@@ -388,7 +398,9 @@ class Capture:
             result = record_email(config, directory, original, raw, arrival)
             if result.duplicate:
                 note_repeat(result, arrival)
-            else:
+            elif not arrival.quarantined:
+                # A quarantined copy reaches nobody (no question, no notice) until it is
+                # released (Capture.release runs the hooks then).
                 for hook in self._hooks:
                     hook(result, arrival.user, arrival.company)
             results.append(result)
@@ -399,6 +411,20 @@ class Capture:
                      " (repeat, no-op)" if result.duplicate else "",
                      "; ".join(result.decisions) or "no decision")
         return results
+
+    def release(self, email_id: int, actor: str, user_address: str | None = None,
+                ) -> RecordResult | None:
+        """Release a quarantined copy (``linking.quarantine``) and run the hooks for it, inside
+        the caller's transaction. None when there is no such quarantined copy."""
+        released = release_quarantined(self.config_of(), email_id, self.now(), actor,
+                                       user_address)
+        if released is None:
+            return None
+        for hook in self._hooks:
+            hook(released.result, released.user, released.company)
+        log.info("email #%s released from quarantine for %s by %s", email_id,
+                 released.user.address, actor)
+        return released.result
 
     def _has_customer(self, request: CaptureRequest, parsed: ParsedMessage,
                       directory: Directory) -> bool:
@@ -426,6 +452,23 @@ def signed_part(parsed: ParsedMessage, covered: frozenset[str]) -> ParsedMessage
              parsed.message_id or "-", ", ".join(n.title() for n in dropped))
     return replace(parsed, to=[] if "to" in dropped else parsed.to,
                    cc=[] if "cc" in dropped else parsed.cc)
+
+
+def person_address_by_name(company_id: int, name: str) -> str | None:
+    """The first address of the one person of the company whose name is exactly ``name``
+    (compared case-insensitively, spaces collapsed); None when there is none or several."""
+    # str.lower, not casefold: the comparison must agree with the database's LOWER().
+    wanted = " ".join(name.split()).lower()
+    if not wanted:
+        return None
+    rows = list(m.Person.select(m.Person.id)
+                .where((m.Person.company == company_id)
+                       & (fn.LOWER(m.Person.name) == wanted)).limit(2))
+    if len(rows) != 1:
+        return None
+    first = (m.PersonAddress.select(m.PersonAddress.address)
+             .where(m.PersonAddress.person == rows[0].id).order_by(m.PersonAddress.id).first())
+    return str(first.address) if first is not None else None
 
 
 def note_repeat(result: RecordResult, arrival: Arrival) -> None:

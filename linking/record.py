@@ -240,6 +240,12 @@ def record_email(
             continue
         person_of[box.address] = lookup.person(box, config.policy.create_unknown_persons, now,
                                                decisions, created)
+    if original.forward and original.forward.get("unattributed"):
+        decisions.append(f"could not tell who wrote the forwarded email (shown only as "
+                         f"{original.forward['unattributed']!r}): stored as the forwarder's")
+    elif original.forward and original.forward.get("sender_by_name"):
+        decisions.append(f"forwarded email's sender {original.forward['sender_by_name']!r} "
+                         f"matched by name to {original.from_.address}")
     persons = sorted({p for p in person_of.values() if p is not None})
     external = {a for a in person_of if not directory.is_internal(company, a)}
     relinked = RelinkReport()
@@ -344,6 +350,10 @@ def record_email(
             decisions.append(f"deal #{deal_id} {open_deals[0][1]!r}: the person's only "
                              "open deal")
             hot.set_thread_deal(thread_id, deal_id)
+        elif len(open_deals) > 1 and arrival.quarantined:
+            # Nobody may be asked about a copy nobody may see: the question waits for its
+            # release (linking/quarantine.py).
+            decisions.append("needs a deal choice once released from quarantine")
         elif len(open_deals) > 1:
             needs_choice = True
             decisions.append("needs choice among " + ", ".join(

@@ -17,6 +17,7 @@ import logging
 import re
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,13 +25,14 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
-from crmstore.committer import GroupCommitter
+from crmstore.committer import CommitterStopped, GroupCommitter
 from dealmail.config import Config, LimitsConfig, ListenersConfig
 from linking.capture import Evidence
 from linking.parse import NESTED_TOO_DEEPLY
 
 from . import replies
 from .anvil import ClientTable, client_key
+from .metrics import Metrics, outcome_of_reply
 from .replies import Reply
 from .routing import Route, RoutingTable
 
@@ -127,12 +129,12 @@ class ClientLimits:
         """The key ``ip`` is counted by, or None when it is exempt."""
         if self.table is None:
             return None
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None  # not an IP client (a UNIX socket: the local MTA)
         exempt = self.config_of().clients.exempt_networks
         if exempt:
-            try:
-                addr = ipaddress.ip_address(ip)
-            except ValueError:
-                return client_key(ip)
             if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
                 addr = addr.ipv4_mapped
             if any(addr in net for net in exempt):
@@ -582,8 +584,8 @@ class DealmailSMTP(SMTP):
         if too_long or too_much:
             del buf
             self._set_post_data_state()
-            await self.push(self._too_long_reply() if too_long and not too_much
-                            else str(replies.too_big()))
+            await self.push_data_reply(self._too_long_reply() if too_long and not too_much
+                                       else str(replies.too_big()))
             return
         content = bytes(buf)
         del buf
@@ -592,7 +594,13 @@ class DealmailSMTP(SMTP):
         self.envelope.longest_line = longest - 2  # type: ignore[attr-defined]
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+        await self.push_data_reply("250 OK" if status is MISSING else status)
+
+    async def push_data_reply(self, status: str | list[str]) -> None:
+        """The reply to the end of DATA: one line in SMTP. The LMTP listener (mta/lmtp.py)
+        sends one per accepted recipient instead (RFC 2033 §4.2)."""
+        for line in [status] if isinstance(status, str) else status:
+            await self.push(line)
 
 
 class InboundHooks:
@@ -606,8 +614,10 @@ class InboundHooks:
         executor: ThreadPoolExecutor,
         max_recipients: Callable[[], int],
         has_space: Callable[[], bool] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.has_space = has_space
+        self.metrics = metrics
         self._routing = routing
         self.handlers = handlers
         self.committer = committer
@@ -677,20 +687,28 @@ class InboundHooks:
         )
         handler = self.handlers[routes[0].kind]
         return await decide_and_commit(self.executor, self.committer,
-                                       functools.partial(handler.check, ctx), ctx)
+                                       functools.partial(handler.check, ctx), ctx,
+                                       metrics=self.metrics)
 
     async def handle_exception(self, error: Exception) -> str:
         return incident_reply(error)
 
 
 async def decide_and_commit(executor: ThreadPoolExecutor, committer: GroupCommitter,
-                            check: Callable[[], Reply | Job], ctx: DataContext) -> str:
+                            check: Callable[[], Reply | Job], ctx: DataContext, *,
+                            metrics: Metrics | None = None, listener: str = "inbound") -> str:
     """The DATA reply of a listener: the handler's check in a worker thread, then its job in
     the committer; the reply is sent only once that commit returned. Any fault of ours is a
     451 4.3.0 with our id, never a 5xx nor the exception text (RFC 5321 §4.2.5)."""
+    started = time.perf_counter()
     try:
         decided = await asyncio.get_running_loop().run_in_executor(executor, check)
         reply = decided if isinstance(decided, Reply) else await committer.submit_async(decided)
+    except CommitterStopped:
+        # The stop drains the sessions before it stops the committer (dealmail/app.py), so
+        # this is only a guard: a temporary answer, and no traceback for an expected state.
+        log.warning("[%s] not stored: the server is stopping", ctx.queue_id)
+        reply = Reply(451, "4.3.2", "Service shutting down, try again later", outcome="error")
     except RecursionError:
         # A structure too deep for a recursive walk that linking.parse.check_structure did
         # not foresee: permanent, so 554 (a 451 would be retried for days).
@@ -698,7 +716,11 @@ async def decide_and_commit(executor: ThreadPoolExecutor, committer: GroupCommit
         reply = replies.bad_content(NESTED_TOO_DEEPLY)
     except Exception:
         log.exception("[%s] fault while handling DATA from %s", ctx.queue_id, ctx.peer_ip)
-        reply = replies.temp_failure(ctx.queue_id)
+        fault = replies.temp_failure(ctx.queue_id)
+        reply = Reply(fault.code, fault.status, fault.text, outcome="error")
+    if metrics is not None:
+        metrics.message(listener, outcome_of_reply(reply.code, reply.outcome),
+                        time.perf_counter() - started)
     return str(reply)
 
 
@@ -732,7 +754,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 async def start_listener(
-    hooks: Any, listen: str, *, hostname: str, data_size_limit: int, command_timeout: float,
+    hooks: Any, listen: str, *, hostname: str, data_size_limit: int | Callable[[], int],
+    command_timeout: float,
     data_timeout: float, max_connections: int, sock: socket.socket | None = None,
     line_length: int = LimitsConfig.line_length,
     limits: Callable[[], SessionLimits] | None = None, clients: ClientLimits | None = None,
@@ -752,11 +775,14 @@ async def start_listener(
     make = protocol or DealmailSMTP
 
     def factory() -> DealmailSMTP:
+        # A callable limit is read per connection: a reloaded limits.message_size applies
+        # to the next session (SIZE in its EHLO and the DATA cut-off agree).
         return make(
             hooks, gate=gate, data_timeout=data_timeout, line_length=line_length,
             limits=limits() if limits is not None else None, clients=clients,
             sessions=sessions,
-            data_size_limit=data_size_limit, enable_SMTPUTF8=True, hostname=hostname,
+            data_size_limit=data_size_limit() if callable(data_size_limit) else data_size_limit,
+            enable_SMTPUTF8=True, hostname=hostname,
             ident="dealmail ESMTP", timeout=command_timeout, loop=loop, **smtp_kwargs,
         )
 

@@ -68,6 +68,7 @@ from linking.parse import MessageRejected, parse_message
 
 from .. import replies
 from ..anvil import KIND_ACCOUNT_CLIENT, KIND_CLIENT, ClientTable, client_key
+from ..metrics import Metrics
 from ..replies import Reply
 from ..server import (
     ClientLimits,
@@ -409,6 +410,9 @@ class SubmissionSMTP(DealmailSMTP):
 class SubmissionHooks:
     """aiosmtpd hook object of the submission listeners."""
 
+    #: Set by the application when it counts messages (``mta.metrics``).
+    metrics: Metrics | None = None
+
     def __init__(self, config_of: Callable[[], Config], handler: RelayHandler,
                  throttle: LoginThrottle, committer: GroupCommitter,
                  executor: ThreadPoolExecutor) -> None:
@@ -569,7 +573,9 @@ class SubmissionHooks:
                    "longest_line": getattr(envelope, "longest_line", None)},
         )
         check = functools.partial(self.handler.check, ctx, list(envelope.rcpt_tos))
-        return await decide_and_commit(self.executor, self.committer, check, ctx)
+        return await decide_and_commit(self.executor, self.committer, check, ctx,
+                                       metrics=self.metrics,
+                                       listener="submission")
 
     async def handle_exception(self, error: Exception) -> str:
         return incident_reply(error)
@@ -577,8 +583,8 @@ class SubmissionHooks:
 
 async def start_submission(
     hooks: SubmissionHooks, listen: str, tls_context: ssl.SSLContext, *, implicit: bool,
-    hostname: str, data_size_limit: int, command_timeout: float, data_timeout: float,
-    max_connections: int, line_length: int = LimitsConfig.line_length,
+    hostname: str, data_size_limit: int | Callable[[], int], command_timeout: float,
+    data_timeout: float, max_connections: int, line_length: int = LimitsConfig.line_length,
     limits: Callable[[], SessionLimits] | None = None, clients: ClientLimits | None = None,
     sessions: Sessions | None = None, sock: socket.socket | None = None,
 ) -> asyncio.Server:
@@ -594,7 +600,8 @@ async def start_submission(
         protocol = SubmissionSMTP(
             hooks, gate=gate, data_timeout=data_timeout, line_length=line_length,
             limits=limits() if limits is not None else None, clients=clients,
-            sessions=sessions, data_size_limit=data_size_limit,
+            sessions=sessions,
+            data_size_limit=data_size_limit() if callable(data_size_limit) else data_size_limit,
             enable_SMTPUTF8=True, hostname=hostname, ident="dealmail ESMTP submission",
             timeout=command_timeout, loop=loop, auth_required=True, auth_require_tls=True,
             tls_context=None if implicit else tls_context,
@@ -623,17 +630,20 @@ async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
         return servers
     context = submission_context(c.tls.cert_file, c.tls.key_file, c.hostname, app.base,
                                  app.clock.now())
+    app.tls_context = context  # App.reload loads renewed certificate files into it
     handler = RelayHandler(app.capture, app.clock.now, app.base)
     throttle = LoginThrottle(app.clients_table, app.get_config,
                              lambda: app.clock.now().timestamp())
     hooks = SubmissionHooks(app.get_config, handler, throttle, app.committer, app.executor)
+    hooks.metrics = app.metrics
     for name, listen, implicit in (("submission", c.listeners.submission, False),
                                    ("submissions", c.listeners.submissions, True)):
         if not listen:
             continue
         servers[name] = await start_submission(
             hooks, listen, context, implicit=implicit, hostname=c.hostname,
-            data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
+            data_size_limit=lambda: app.config.limits.message_size,
+            command_timeout=c.listeners.command_timeout,
             data_timeout=c.listeners.data_timeout, max_connections=c.listeners.max_connections,
             line_length=c.limits.line_length, limits=app.session_limits,
             clients=app.client_limits, sessions=app.sessions, sock=app.prebound.get(name))

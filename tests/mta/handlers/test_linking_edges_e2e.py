@@ -30,6 +30,7 @@ from test_smart_bcc_e2e import BCC, convs, deal_id, send
 
 from crmstore import models as m
 from dealmail import cli
+from digest.digests import compose_digest, render_digest
 from digest.questions import batch_rows
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -198,3 +199,38 @@ def test_relink_to_a_person_with_several_deals_asks_which(server_factory: Any,
     assert question.subject == "Which deal? From home"
     [thread] = convs("alice@example.com", person="ann@customer.test")["threads"]
     assert thread["needs_choice"] and thread["deal"] is None
+
+
+def _outlook_forward(sender_line: str, subject: str) -> Any:
+    body = ("FYI, see below.\n\n"
+            "________________________________\n"
+            f"From: {sender_line}\n"
+            "Sent: Thursday, November 26, 2026 9:14 AM\n"
+            "To: Alice Admin\n"
+            f"Subject: {subject}\n\n"
+            "Can we start the pilot in January?\n\nBest,\nCarl\n")
+    fwd = message(subject=f"FW: {subject}", body=body)
+    del fwd["To"]  # a forward to the Smart BCC address: To left empty, the address in Bcc
+    return fwd
+
+
+def test_name_only_outlook_forward_is_matched_by_name(server: Any) -> None:
+    send(server.port, _outlook_forward("Carl Other", "Pilot timing"))
+    [thread] = convs("alice@example.com", person="carl@other.test")["threads"]
+    assert thread["subject"] == "Pilot timing" and thread["deal"]["title"] == "Pilot"
+    [email] = thread["emails"]
+    assert email["channel"] == "forward"
+    assert any("matched by name" in d for d in email["decisions"])
+
+
+def test_name_only_forward_of_a_stranger_is_said_in_the_digest(server: Any) -> None:
+    send(server.port, _outlook_forward("Zed Nobody", "Quick question"))
+    email = m.Email.get(m.Email.subject == "Quick question")
+    assert json.loads(email.forward_json)["unattributed"] == "Zed Nobody"
+    now = server.app.clock.now()
+    digest = compose_digest(server.app.config, "alice@example.com",
+                            now - timedelta(days=1), now + timedelta(minutes=1), now)
+    _subject, text, _html = render_digest(digest)
+    assert "could not tell who wrote the forwarded email (shown only as “Zed Nobody”)" in (
+        " ".join(text.split()))
+    assert "internal only" not in text
