@@ -396,6 +396,8 @@ RESTART_ONLY: tuple[tuple[str, str], ...] = (
     ("listeners", "max_connections"), ("listeners", "command_timeout"),
     ("listeners", "data_timeout"), ("listeners", "lmtp"), ("lmtp", "max_connections"),
     ("lmtp", "socket_mode"), ("server", "hostname"), ("server", "status_file"),
+    # Sizes each session's stream reader when the listener is built (mta/server.py).
+    ("limits", "line_length"),
 )
 
 
