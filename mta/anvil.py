@@ -139,6 +139,7 @@ class ClientTable:
         self._slot_size = slot_size
         self._conn = struct.Struct(f"<{workers}H")
         self._warned_full = 0.0
+        self.closed = False
 
     # ------------------------------------------------------------------ opening
 
@@ -191,11 +192,14 @@ class ClientTable:
         return cls(path, fd, mapped, workers, slots, slot_size)
 
     def close(self) -> None:
+        self.closed = True
         self._map.close()
         os.close(self._fd)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        if self.closed:
+            raise ValueError(f"client table {self.path} is closed")
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             yield

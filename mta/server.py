@@ -148,7 +148,7 @@ class ClientLimits:
         try:
             refused = self.table.connect(key, self.worker, self.now(), c.rate_window,
                                          c.max_connections, c.connection_rate)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: the table was closed (a stop)
             log.exception("client table unusable: %s served without limits", key)
             return None
         if refused is None:
@@ -166,6 +166,8 @@ class ClientLimits:
         assert self.table is not None
         try:
             self.table.disconnect(key, self.worker, self.now())
+        except ValueError:
+            pass  # the table was closed: the process is stopping, nothing is counted any more
         except OSError:
             log.exception("client table unusable: %s not counted out", key)
 
@@ -178,7 +180,7 @@ class ClientLimits:
         try:
             if self.table.message(key, self.now(), c.rate_window, c.message_rate):
                 return None
-        except OSError:
+        except (OSError, ValueError):  # ValueError: the table was closed (a stop)
             log.exception("client table unusable: %s served without limits", key)
             return None
         log.info("refused MAIL from %s: more than %d messages in %g s", key, c.message_rate,
