@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +126,52 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--person", metavar="ADDRESS", help="a person, by one of its addresses")
     target.add_argument("--deal", type=int, metavar="ID", help="a deal, by its id")
     cp.add_argument("--json", action="store_true", help="print JSON")
-    ap = sub.add_parser("auth", parents=[common],
-                        help="failed logins of the submission listeners: list or clear")
-    ap.add_argument("action", choices=["status", "unlock"],
-                    help="status: counters and locks; unlock: clear them")
-    ap.add_argument("target", nargs="?", metavar="ADDRESS|IP",
-                    help="unlock: an account (every address it failed from) or a client "
-                    "address (every account that failed from it)")
-    ap.add_argument("--json", action="store_true", help="print JSON")
+    authp = sub.add_parser("auth", parents=[common],
+                           help="failed logins of the submission listeners: list or clear")
+    authp.add_argument("action", choices=["status", "unlock"],
+                       help="status: counters and locks; unlock: clear them")
+    authp.add_argument("target", nargs="?", metavar="ADDRESS|IP",
+                       help="unlock: an account (every address it failed from) or a client "
+                       "address (every account that failed from it)")
+    authp.add_argument("--json", action="store_true", help="print JSON")
+    ep = sub.add_parser("emails", parents=[common],
+                        help="a user's own tracked emails: list, show, sharing, deal, "
+                        "persons, forget, ignore")
+    esub = ep.add_subparsers(dest="action", required=True)
+    actions: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+            ("list", "the user's latest own emails with their handles", ()),
+            ("show", "one email the user may see", ("handle",)),
+            ("private", "make the user's copy private", ("handles",)),
+            ("share", "share the user's copy with colleagues", ("handles",)),
+            ("deal", "put the email's thread on a deal (number or title)", ("handle", "deal")),
+            ("unlink", "put the email's thread on no deal", ("handles",)),
+            ("person", "link a person (address or name) to the email", ("handle", "person")),
+            ("forget", "remove the user's copy (the email too when nobody else has it)",
+             ("handles",)),
+            ("ignore", "never track this address or @domain for the user", ("pattern",)),
+            ("track", "undo ignore", ("pattern",)),
+            ("ignored", "the addresses and domains the user does not track", ()))
+    for action, helptext, extra in actions:
+        ap = esub.add_parser(action, parents=[_common(2)], help=helptext)
+        ap.add_argument("--as", dest="as_user", required=True, metavar="USER_ADDRESS",
+                        help="act as this user, on their own copies only")
+        ap.add_argument("--json", action="store_true", help="print JSON")
+        if "handle" in extra:
+            ap.add_argument("handle", metavar="E123", help="the email's handle")
+        if "handles" in extra:
+            ap.add_argument("handles", nargs="+", metavar="E123", help="the emails' handles")
+        if action in ("deal", "person"):
+            ap.add_argument("target", nargs="+", metavar=action.upper(),
+                            help="the deal's number or title" if action == "deal"
+                            else "the person's address or name")
+        if "pattern" in extra:
+            ap.add_argument("pattern", metavar="ADDRESS_OR_@DOMAIN",
+                            help="a correspondent's address, or @ and a domain")
+        if action in ("private", "share"):
+            ap.add_argument("--thread", action="store_true",
+                            help="every copy of the user's in the thread, and later ones")
+        if action == "list":
+            ap.add_argument("--limit", type=int, default=50, help="at most this many")
     dp = sub.add_parser("digest", parents=[common],
                         help="compose a user's digest now (since their last one) and queue it")
     dp.add_argument("--user", required=True, metavar="ADDRESS", help="the user's address")
@@ -277,7 +315,7 @@ def serve(config: Config, fallback: bool, overrides: tuple[str, ...]) -> int:
 def load_demo_if_empty(app: Any) -> None:
     """First start with ``server.demo_data`` set: load its CSVs into the empty database."""
     from crmstore import models as m
-    from crmstore.importer import import_csv
+    from crmstore.importing import import_csv
 
     config = app.config
     if not config.server.demo_data or not config.companies:
@@ -520,16 +558,19 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
 
     try:
         if args.command == "import":
-            from crmstore.importer import CsvImportError, import_csv
+            from crmstore.importing import CsvImportError, import_csv
 
             company_id(args.company)
             try:
                 company = config.company(args.company)
                 assert company is not None
+                relinked: list[Any] = []
                 report = import_csv(store, args.company, args.kind, args.file, args.encoding,
                                     progress=_progress_bar(not args.quiet, "rows"),
                                     freemail_domains=config.policy.freemail_domains,
-                                    internal_domains=company.internal_domains)
+                                    internal_domains=company.internal_domains,
+                                    after_write=_relink_after_import(config, company,
+                                                                     relinked))
             except CsvImportError as exc:
                 for problem in exc.problems:
                     print(problem, file=sys.stderr)
@@ -539,6 +580,9 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
                 raise _CliError(f"{args.file}: {exc.strerror}", EXIT_DATA) from exc
             print(f"{args.kind}: {report.rows} rows; {report.created} created, "
                   f"{report.updated} updated, {report.unchanged} unchanged")
+            for done in (d for d in relinked if d.emails):
+                print(f"earlier mail: {done.emails} email(s) linked to the imported persons, "
+                      f"{done.deals} deal link(s), {len(done.questions)} question(s) queued")
             return 0
         if args.command in ("persons", "deals"):
             cid = company_id(args.company)
@@ -572,11 +616,37 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
             return _status(config, store, args)
         if args.command == "quarantine":
             return _quarantine(config, store, args, company_id)
+        if args.command == "emails":
+            return _emails(config, store, args)
     except queries.NotFound as exc:
         raise _CliError(str(exc), EXIT_NOTFOUND) from exc
     finally:
         store.close()
     raise _CliError(f"unknown command {args.command}", EXIT_USAGE)
+
+
+def _relink_after_import(config: Config, company: Any,
+                         out: list[Any]) -> Callable[[int, Any], None]:
+    """Inside the import's transaction: earlier mail that carries an address the import added
+    is linked to its person now (linking/relink.py), and the questions that needs are
+    queued."""
+
+    def after_write(company_id: int, report: Any) -> None:
+        from datetime import UTC, datetime
+
+        from digest.questions import queue_relink_questions
+        from linking.record import Directory
+        from linking.relink import relink_addresses
+
+        if not report.new_addresses:
+            return
+        now = datetime.now(UTC)
+        done = relink_addresses(config, company, company_id, report.new_addresses, now,
+                                actor="dealmail import")
+        queue_relink_questions(config, Directory(config), company, done.questions, now)
+        out.append(done)
+
+    return after_write
 
 
 def _relink(config: Config, store: Any, slugs: list[str], quiet: bool = False) -> int:
@@ -649,13 +719,81 @@ def _conversations(config: Config, store: Any, args: argparse.Namespace) -> int:
                     else ("needs a deal choice" if t["needs_choice"] else "no deal"))
         print(f"\n  thread #{t['id']}: {t['subject']}  [{deal_txt}]")
         for e in t["emails"]:
-            print(f"    {e['date']}  {e['from']['address']:<28} {e['subject']}  "
-                  f"({e['channel']}, {e['owner']}, {e['visibility']})")
+            print(f"    {e['handle'] or '-':<7} {e['date']}  {e['from']['address']:<28} "
+                  f"{e['subject']}  ({e['channel']}, {e['owner']}, {e['visibility']})")
             if e["snippet"]:
                 print(f"        {e['snippet'][:100]}")
-    if result["hidden"]:
-        print(f"\n  ({result['hidden']} email(s) you may not see are not shown)")
     return 0
+
+
+def _handle_number(text: str) -> int:
+    from crmstore.handles import parse_handle
+
+    number = parse_handle(text)
+    if number is None:
+        raise _CliError(f"{text!r} is not an email handle (E123)", EXIT_USAGE)
+    return number
+
+
+def _emails(config: Config, store: Any, args: argparse.Namespace) -> int:
+    """``dealmail emails ACTION --as USER``: the commands users send by email, for scripts.
+    The same checks apply: only the user's own copies, and the same audit entries."""
+    from datetime import UTC, datetime
+
+    from crmstore import inbox
+    from digest.commands import Command, actor_for, result_line, run_one
+
+    now = datetime.now(UTC)
+    try:
+        actor = actor_for(config, args.as_user, now, "cli")
+    except LookupError as exc:
+        raise _CliError(str(exc), EXIT_NOTFOUND) from exc
+    action = args.action
+    if action in ("list", "show", "ignored"):
+        if action == "list":
+            listed: Any = inbox.list_own(actor.user, args.limit)
+        elif action == "ignored":
+            listed = sorted(inbox.ignored_patterns(actor.user.id))
+        else:
+            listed = inbox.describe(actor.user, _handle_number(args.handle))
+            if listed is None:
+                raise _CliError(f"{args.handle}: unknown, or not an email you may see",
+                                EXIT_NOTFOUND)
+        if args.json:
+            print(json.dumps(listed, ensure_ascii=False, indent=2))
+        elif action == "list":
+            for e in listed:
+                deal = f"deal #{e['deal']['id']} {e['deal']['title']}" if e["deal"] else "-"
+                print(f"{e['handle']:<7} {e['date']}  {e['visibility']:<8} {e['subject']}  "
+                      f"[{deal}]")
+        elif action == "ignored":
+            print("\n".join(listed) if listed else "(nobody is ignored)")
+        else:
+            for key, value in listed.items():
+                print(f"{key}: {json.dumps(value, ensure_ascii=False)}")
+        return 0
+    if action in ("ignore", "track"):
+        command = Command(action, target=args.pattern)
+    elif action in ("deal", "person"):
+        command = Command(action, (_handle_number(args.handle),),
+                          target=" ".join(args.target))
+    else:
+        command = Command(action, tuple(_handle_number(h) for h in args.handles),
+                          thread=bool(getattr(args, "thread", False)))
+    with store.transaction():
+        results = run_one(config, actor, command)
+        if any(r.values.get("deleted") for r in results):
+            store.scrub_after_commit()
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], ensure_ascii=False, indent=2,
+                         default=str))
+    else:
+        for r in results:
+            print(f"{r.status}: {result_line(r, 'en')}")
+    refused = [r for r in results if not r.ok]
+    if any(r.reason == "unknown" for r in refused):
+        return EXIT_NOTFOUND
+    return EXIT_DATA if refused else 0
 
 
 def _digest(config: Config, store: Any, args: argparse.Namespace) -> int:
@@ -781,7 +919,8 @@ def _quarantine(config: Config, store: Any, args: argparse.Namespace, company_id
             print(json.dumps(items, ensure_ascii=False, indent=2))
             return 0
         for q in items:
-            print(f"E{q['id']:<6} {q['received']}  claimed {q['claimed_user']}  from "
+            # "#": the email's id, not a user's handle (E<number> in the company).
+            print(f"#{q['id']:<6} {q['received']}  claimed {q['claimed_user']}  from "
                   f"{q['client_ip'] or '-'} <{q['envelope_from']}>  {q['verification']}  "
                   f"{q['size']} bytes  {q['subject'][:50]}")
         if not items:
