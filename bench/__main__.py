@@ -17,6 +17,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sp.add_argument("--json", type=Path, metavar="FILE", help="write all figures here")
         sp.add_argument("--workers", type=int, default=2,
                         help="dealmail worker processes (listeners.workers; default 2)")
+    sub.choices["ingest"].add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="a config override for the dealmail server (repeatable), e.g. "
+        "clients.exempt_networks=[] to count the loopback client in the per-client table")
     lp = sub.add_parser("lmtp", help="Postfix's queue into dealmail over LMTP vs a bare "
                         "aiosmtpd LMTP sink")
     lp.add_argument("--quick", action="store_true", help="a short run (under a minute)")
@@ -29,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "ingest":
         from .ingest import main as ingest_main
 
-        return ingest_main(args.quick, args.json, args.workers)
+        return ingest_main(args.quick, args.json, args.workers, tuple(args.set))
     from .scale import main as scale_main
 
     return scale_main(args.quick, args.json)

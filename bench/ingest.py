@@ -319,10 +319,12 @@ def seed_database(db_path: Path, plan: Plan) -> tuple[Seeded, float]:
     return seeded, time.monotonic() - start
 
 
-def run_ingest(quick: bool, log: Callable[[str], None], workers: int = 2) -> dict[str, Any]:
+def run_ingest(quick: bool, log: Callable[[str], None], workers: int = 2,
+               overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     plan = plan_for(quick)
     results: dict[str, Any] = {"mode": "quick" if quick else "full", "repeats": plan.repeats,
-                               "cpus": os.cpu_count(), "dealmail_workers": workers}
+                               "cpus": os.cpu_count(), "dealmail_workers": workers,
+                               "dealmail_overrides": list(overrides)}
     with tempfile.TemporaryDirectory(prefix="dealmail-bench-") as tmp:
         db_path = Path(tmp) / "bench.db"
         seeded, took = seed_database(db_path, plan)
@@ -333,7 +335,7 @@ def run_ingest(quick: bool, log: Callable[[str], None], workers: int = 2) -> dic
         addresses = seeded.addresses()
         servers: dict[str, dict[str, Any]] = {}
         per_server: dict[str, dict[str, Any]] = {}
-        for server in (BaselineServer(), DealmailServer(db_path, workers=workers)):
+        for server in (BaselineServer(), DealmailServer(db_path, *overrides, workers=workers)):
             with server:
                 server.start()
                 idle = server.rss_kib()
@@ -361,7 +363,8 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"dealmail ingest benchmark ({results['mode']}, median of {results['repeats']}, "
              f"{results['cpus']} CPUs, dealmail with {results['dealmail_workers']} worker(s), "
              f"seed {results['seed']['persons']} persons / "
-             f"{results['seed']['organizations']} orgs / {results['seed']['deals']} deals)",
+             f"{results['seed']['organizations']} orgs / {results['seed']['deals']} deals"
+             + "".join(f"; --set {o}" for o in results.get("dealmail_overrides", [])) + ")",
              head, "-" * len(head)]
     for name, sc in results["scenarios"].items():
         for server in ("baseline", "dealmail"):
@@ -382,11 +385,12 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(quick: bool, json_path: Path | None, workers: int = 2) -> int:
+def main(quick: bool, json_path: Path | None, workers: int = 2,
+         overrides: tuple[str, ...] = ()) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    results = run_ingest(quick, log, workers)
+    results = run_ingest(quick, log, workers, overrides)
     print(format_table(results), flush=True)
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=2))

@@ -140,6 +140,7 @@ class GroupCommitter:
             self._resolve(failed)
             self._reconnect()
             return
+        log.debug("committed a batch of %d job(s)", len(batch))
         if self.after_commit is not None:
             self.after_commit()
         self._resolve(results)

@@ -29,6 +29,7 @@ from digest.questions import after_record_hook, refresh_question
 from digest.scheduler import DigestScheduler
 from linking.capture import Capture, SenderGate
 from linking.record import Directory
+from mta.anvil import ClientTable, table_path
 from mta.handlers.ask import AskHandler
 from mta.handlers.choice import ChoiceHandler
 from mta.handlers.smart_bcc import SmartBccHandler
@@ -37,7 +38,14 @@ from mta.relay.mx import AddrLookup, MxLookup
 from mta.relay.worker import OutboxWorker
 from mta.routing import RoutingTable
 from mta.senderauth import DnsQuery, DnsTxt, SenderVerifier, dnspython_txt
-from mta.server import Handler, InboundHooks, start_listener
+from mta.server import (
+    ClientLimits,
+    Handler,
+    InboundHooks,
+    SessionLimits,
+    Sessions,
+    start_listener,
+)
 from mta.verification import crypto_verifier
 
 from .clock import Clock, SystemClock, json_time
@@ -68,9 +76,16 @@ class App:
         # Tests drive the worker with run_once() and an injected clock instead.
         self.start_outbox_worker = start_outbox_worker
         self.outbox: OutboxWorker | None = None
-        # Set by the pre-fork parent (dealmail serve with listeners.workers > 1).
+        # Set by the pre-fork parent (dealmail serve with listeners.workers > 1): the
+        # listening sockets it bound, this worker's index, and that it prepared the table of
+        # per-client counters (mta/anvil.py) every worker shares.
         self.prebound: dict[str, socket.socket] = {}
         self.run_submission = True
+        self.table_prepared = False
+        self.clients_table: ClientTable | None = None
+        self.client_limits: ClientLimits | None = None
+        # Every live SMTP session, so that a stop lets each finish its message.
+        self.sessions = Sessions()
         self.inbound_hooks: InboundHooks | None = None
         self.digests: DigestScheduler | None = None
         self.config = config
@@ -287,6 +302,7 @@ class App:
         self.capture = self.build_capture()
         self.handlers = self.build_handlers(self.capture)
         self.routing = RoutingTable(self.config, self.handlers)
+        self.open_client_table()
         hooks = InboundHooks(
             lambda: self.routing, self.handlers, self.committer, self.executor,
             lambda: self.config.limits.max_recipients, has_space=self.has_space,
@@ -303,22 +319,26 @@ class App:
                     command_timeout=c.listeners.command_timeout,
                     data_timeout=c.listeners.data_timeout,
                     max_connections=c.listeners.max_connections,
+                    line_length=c.limits.line_length, limits=self.session_limits,
+                    clients=self.client_limits, sessions=self.sessions,
                 )
             except OSError as exc:
                 raise StartupError(f"listeners.inbound: cannot listen on {c.listeners.inbound}: "
                                    f"{bind_reason(exc)}") from exc
             log.info("inbound SMTP listening on %s", self.address("inbound"))
-        # Authenticated relay (submission with STARTTLS, optional implicit TLS).
+        # Authenticated relay (submission with STARTTLS, optional implicit TLS); every
+        # worker serves it, their failed-login counters being in the shared table.
         from mta.relay.submission import start_submission_listeners
 
-        if self.run_submission:  # with several workers, the first one serves submission
+        if self.run_submission:
             try:
                 self.servers.update(await start_submission_listeners(self))
             except OSError as exc:
                 raise StartupError(f"listeners.submission: cannot listen on "
                                    f"{c.listeners.submission or c.listeners.submissions}: "
                                    f"{bind_reason(exc)}") from exc
-        if c.listeners.lmtp and self.run_submission:  # and LMTP behind the company's MTA
+        # LMTP behind the company's MTA: bound by the first worker only (not pre-bound).
+        if c.listeners.lmtp and self.run_submission and not self.worker_index:
             try:
                 await self.start_lmtp()
             except OSError as exc:
@@ -351,8 +371,28 @@ class App:
             data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
             data_timeout=c.listeners.data_timeout, max_connections=c.lmtp.max_connections,
             xforward_allowed=lambda peer: self.config.lmtp.xforward_allowed(peer),
-            socket_mode=c.lmtp.socket_mode)
+            socket_mode=c.lmtp.socket_mode, line_length=c.limits.line_length,
+            limits=self.session_limits, clients=self.client_limits, sessions=self.sessions)
         log.info("LMTP listening on %s", self.address("lmtp"))
+
+    def open_client_table(self) -> None:
+        """Map the table of per-client counters every worker shares (mta/anvil.py); a single
+        process prepares it itself, a pre-fork worker clears its own column (the worker it
+        replaces may have died with connections counted)."""
+        path = table_path(self.config.database.url, self.base)
+        if not self.table_prepared:
+            ClientTable.prepare(path, workers=1)
+        self.clients_table = ClientTable.open(path)
+        worker = self.worker_index or 0
+        if self.table_prepared:
+            self.clients_table.clear_worker(worker)
+        self.client_limits = ClientLimits(self.clients_table, worker,
+                                          self.get_config,
+                                          lambda: self.clock.now().timestamp())
+
+    def session_limits(self) -> SessionLimits:
+        """The limits of a new SMTP session, from the config of the moment (SIGHUP)."""
+        return SessionLimits.of(self.config.listeners)
 
     def address(self, name: str) -> str:
         sock = self.servers[name].sockets[0]
@@ -365,22 +405,34 @@ class App:
         return int(self.servers[name].sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
-        """Graceful stop: refuse new connections, let transactions in flight finish."""
+        """Graceful stop (SIGTERM), bounded by ``listeners.stop_timeout``: the listeners stop
+        accepting; a session waiting for a command is told ``421 4.3.2`` at once, one
+        receiving or answering a message finishes it and gets its real answer first
+        (``mta.server.Sessions.drain``); the outbox lets the delivery in flight finish and
+        sends nothing more (``OutboxWorker.stop``). Only then does the committer stop, so no
+        message is ever answered "committer stopped"."""
+        within = self.config.listeners.stop_timeout
+        self.sessions.stopping = True
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
         for server in self.servers.values():
             server.close()
+        stopping = [self.sessions.drain(within)]
+        if self.outbox is not None:
+            stopping.append(self.outbox.stop(within))
+        if self.digests is not None:
+            stopping.append(self.digests.stop())
+        await asyncio.gather(*stopping)
         for server in self.servers.values():
             await server.wait_closed()
         if self.committer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.committer.stop)
-        if self.digests is not None:
-            await self.digests.stop()
-        if self.outbox is not None:
-            await self.outbox.stop()
         self.executor.shutdown(wait=True)
         self.store.close()
+        if self.clients_table is not None:
+            self.clients_table.close()
+            self.clients_table = None
         self.write_status("stopped")
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, _LastError)]:

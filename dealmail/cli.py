@@ -126,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--person", metavar="ADDRESS", help="a person, by one of its addresses")
     target.add_argument("--deal", type=int, metavar="ID", help="a deal, by its id")
     cp.add_argument("--json", action="store_true", help="print JSON")
+    authp = sub.add_parser("auth", parents=[common],
+                           help="failed logins of the submission listeners: list or clear")
+    authp.add_argument("action", choices=["status", "unlock"],
+                       help="status: counters and locks; unlock: clear them")
+    authp.add_argument("target", nargs="?", metavar="ADDRESS|IP",
+                       help="unlock: an account (every address it failed from) or a client "
+                       "address (every account that failed from it)")
+    authp.add_argument("--json", action="store_true", help="print JSON")
     ep = sub.add_parser("emails", parents=[common],
                         help="a user's own tracked emails: list, show, sharing, deal, "
                         "persons, forget, ignore")
@@ -246,6 +254,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return _set_password(config, args.address)
     if command == "inspect":
         return _inspect(config, args)
+    if command == "auth":
+        return _auth(config, args)
     if command == "postfix-config":
         return _postfix_config(config, args)
     try:
@@ -417,6 +427,84 @@ def _inspect(config: Config, args: argparse.Namespace) -> int:
         if "would_link" in result:
             print(f"would link: {json.dumps(result['would_link'], ensure_ascii=False)}")
     return 0
+
+
+def _auth(config: Config, args: argparse.Namespace) -> int:
+    """``dealmail auth status|unlock``: the failed-login counters every worker shares
+    (mta/anvil.py), read and cleared while the server runs."""
+    import ipaddress
+    import time
+
+    from dealmail.addresses import AddressError, normalize_address
+    from mta.anvil import (
+        KIND_ACCOUNT,
+        KIND_ACCOUNT_CLIENT,
+        ClientTable,
+        client_key,
+        table_path,
+    )
+
+    path = table_path(config.database.url, Path.cwd())
+    if not path.exists():
+        print(f"dealmail: no counters at {path} (the server has not run here)",
+              file=sys.stderr)
+        return EXIT_NOTFOUND if args.action == "unlock" else 0
+    table = ClientTable.open(path)
+    try:
+        if args.action == "unlock":
+            if not args.target:
+                print("dealmail: auth unlock needs an account address or a client IP",
+                      file=sys.stderr)
+                return EXIT_USAGE
+            try:
+                ipaddress.ip_address(args.target.strip("[]"))
+            except ValueError:
+                try:
+                    account = normalize_address(args.target)
+                except AddressError:
+                    account = args.target.strip().lower()
+                cleared = table.unlock(account=account)
+                what = f"account {account}"
+            else:
+                client = client_key(args.target)
+                cleared = table.unlock(client=client)
+                what = f"client address {client}"
+            print(f"{what}: {cleared} counter(s) cleared")
+            return 0
+        now = time.time()
+        delay = config.relay.auth_failure_delay
+        rows = []
+        for c in sorted(table.login_entries(now), key=lambda c: (c.kind, c.label)):
+            kind = {KIND_ACCOUNT: "account", KIND_ACCOUNT_CLIENT: "account from client"}.get(
+                c.kind, "client")
+            failures = c.fail_count if c.fail_until > now else 0
+            rows.append({
+                "kind": kind, "who": c.label, "failures": failures,
+                "window_ends": _iso(c.fail_until) if failures else None,
+                "locked_until": _iso(c.locked_until) if c.locked_until > now else None,
+                "login_delay_seconds": min(delay * failures, config.relay.auth_max_delay)
+                if c.kind == KIND_ACCOUNT else None,
+            })
+    finally:
+        table.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no failed logins within the window, nothing locked")
+    for r in rows:
+        state = (f"refused until {r['locked_until']}" if r["locked_until"]
+                 else f"logins wait {r['login_delay_seconds']:g} s"
+                 if r["login_delay_seconds"] else "")
+        print(f"{r['kind']:<20} {r['who']:<45} {r['failures']:>4} failure(s)  {state}")
+    return 0
+
+
+def _iso(when: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
 
 
 def _progress_bar(enabled: bool, unit: str) -> Any:

@@ -22,6 +22,7 @@ from dealmail.addresses import AddressError, normalize_address, normalize_domain
 
 __all__ = [
     "DEFAULT_FREEMAIL",
+    "ClientsConfig",
     "Company",
     "Config",
     "ConfigError",
@@ -136,8 +137,35 @@ class ListenersConfig:
     workers: int = 1
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    #: Commands a session may send without completing a transaction (accepted RCPTs not
+    #: counted), like Postfix's smtpd_junk_command_limit; NOOP, RSET, HELP, VRFY and EXPN
+    #: never move the idle deadline, so they cannot keep a session alive.
+    max_commands: int = 100
+    #: Seconds a session may last in all; 421 4.4.2 then (never while its message is
+    #: being answered).
+    session_lifetime: float = 1800.0
+    #: Bytes per second a client must send during DATA, measured over each
+    #: data_rate_window seconds (Postfix's smtpd_min_data_rate); slower: 421 4.4.2.
+    min_data_rate: int = 500
+    data_rate_window: float = 30.0
+    #: Seconds a stop (SIGTERM) waits for messages being received and deliveries in flight
+    #: before it closes what is left with 421 4.3.2.
+    stop_timeout: float = 60.0
+
     #: HOST:PORT of the Prometheus metrics endpoint (``/metrics``); empty: none.
     metrics: str = ""
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    """``[clients]``: limits per client address (an IPv6 client: its /64), shared by every
+    worker process (mta/anvil.py), like Postfix's anvil."""
+
+    max_connections: int = 20
+    connection_rate: int = 60
+    message_rate: int = 300
+    rate_window: float = 60.0
+    exempt_networks: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -175,6 +203,15 @@ class LimitsConfig:
 
     message_size: int = 25 * 1024 * 1024
     max_recipients: int = 100
+    #: Longest line of a message accepted in DATA, in bytes without the CRLF. RFC 5322 §2.1.1
+    #: says 998, but real mail (single-line base64, generated HTML) breaks it and Postfix
+    #: accepts it; the relay re-encodes such parts before sending them on.
+    line_length: int = 65536
+    #: MIME structure caps, checked on the raw bytes before any recursive parse: nesting of
+    #: multipart and message/* entities, parts in all, header fields in one header block.
+    mime_depth: int = 50
+    mime_parts: int = 1000
+    header_fields: int = 1000
 
 
 @dataclass(frozen=True)
@@ -208,6 +245,11 @@ class RelayConfig:
     auth_window_seconds: float = 900.0
     auth_lockout_seconds: float = 900.0
     auth_failure_delay: float = 1.0
+    #: Failed logins from one client address, whatever the accounts, before that address is
+    #: refused (credential stuffing); per account and address it is auth_max_failures.
+    auth_client_max_failures: int = 20
+    #: Cap of the delay an account with recent failures puts before each of its logins.
+    auth_max_delay: float = 10.0
     dkim: tuple[tuple[str, str, str], ...] = ()  # (domain, selector, key file)
 
 
@@ -242,6 +284,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     listeners: ListenersConfig = field(default_factory=ListenersConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
     lmtp: LmtpConfig = field(default_factory=LmtpConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
@@ -353,6 +396,8 @@ RESTART_ONLY: tuple[tuple[str, str], ...] = (
     ("listeners", "max_connections"), ("listeners", "command_timeout"),
     ("listeners", "data_timeout"), ("listeners", "lmtp"), ("lmtp", "max_connections"),
     ("lmtp", "socket_mode"), ("server", "hostname"), ("server", "status_file"),
+    # Sizes each session's stream reader when the listener is built (mta/server.py).
+    ("limits", "line_length"),
 )
 
 
@@ -471,8 +516,14 @@ _DATABASE_KEYS = {"url": str}
 _LISTENER_KEYS = {"inbound": str, "submission": str, "submissions": str, "lmtp": str,
                   "max_connections": int,
                   "workers": int, "command_timeout": (int, float),
-                  "data_timeout": (int, float), "metrics": str}
-_LIMIT_KEYS = {"message_size": int, "max_recipients": int}
+                  "data_timeout": (int, float), "max_commands": int,
+                  "session_lifetime": (int, float), "min_data_rate": int,
+                  "data_rate_window": (int, float), "stop_timeout": (int, float),
+                  "metrics": str}
+_CLIENT_KEYS = {"max_connections": int, "connection_rate": int, "message_rate": int,
+                "rate_window": (int, float), "exempt_networks": list}
+_LIMIT_KEYS = {"message_size": int, "max_recipients": int, "line_length": int,
+               "mime_depth": int, "mime_parts": int, "header_fields": int}
 _LMTP_KEYS = {"xforward_hosts": list, "max_connections": int, "socket_mode": str,
               "capture_sent": bool, "capture_received": bool, "transport_name": str}
 _OUTBOX_KEYS = {"smarthost": str, "smarthost_tls": str, "smarthost_username": str,
@@ -670,7 +721,8 @@ def _validate_lmtp(p: _Problems, lmtp: dict[str, Any], sec: dict[str, Any]) -> N
 _TLS_KEYS = {"cert_file": str, "key_file": str}
 _RELAY_KEYS = {"bare_newlines": str, "auth_max_failures": int,
                "auth_window_seconds": (int, float), "auth_lockout_seconds": (int, float),
-               "auth_failure_delay": (int, float), "dkim": list}
+               "auth_failure_delay": (int, float), "auth_client_max_failures": int,
+               "auth_max_delay": (int, float), "dkim": list}
 _DKIM_KEYS = {"domain": str, "selector": str, "key_file": str}
 
 
@@ -685,18 +737,21 @@ def _validate_relay(p: _Problems, tls: dict[str, Any], relay: dict[str, Any],
     if policy not in ("normalize", "reject"):
         p.add("relay.bare_newlines", "must be normalize or reject")
     relay_sec["bare_newlines"] = policy
-    if relay.get("auth_max_failures", 5) < 1:
-        p.add("relay.auth_max_failures", "must be at least 1")
+    for key in ("auth_max_failures", "auth_client_max_failures"):
+        if relay.get(key, 5) < 1:
+            p.add(f"relay.{key}", "must be at least 1")
     for key in ("auth_window_seconds", "auth_lockout_seconds"):
         if relay.get(key, 1) <= 0:
             p.add(f"relay.{key}", "must be positive (seconds)")
-    if relay.get("auth_failure_delay", 0) < 0:
-        p.add("relay.auth_failure_delay", "must not be negative (seconds)")
+    for key in ("auth_failure_delay", "auth_max_delay"):
+        if relay.get(key, 0) < 0:
+            p.add(f"relay.{key}", "must not be negative (seconds)")
     for key in ("auth_max_failures", "auth_window_seconds", "auth_lockout_seconds",
-                "auth_failure_delay"):
+                "auth_failure_delay", "auth_client_max_failures", "auth_max_delay"):
         if key in relay:
-            relay_sec[key] = (relay[key] if key == "auth_max_failures"
-                                      else float(relay[key]))
+            relay_sec[key] = (relay[key] if key in ("auth_max_failures",
+                                                    "auth_client_max_failures")
+                              else float(relay[key]))
     keys: list[tuple[str, str, str]] = []
     for i, raw in enumerate(relay.get("dkim", [])):
         entry = _check_table(p, f"relay.dkim[{i}]", raw, _DKIM_KEYS)
@@ -712,12 +767,31 @@ def _validate_relay(p: _Problems, tls: dict[str, Any], relay: dict[str, Any],
     relay_sec["dkim"] = tuple(keys)
 
 
+def _validate_clients(p: _Problems, clients: dict[str, Any], sec: dict[str, Any]) -> None:
+    for key in ("max_connections", "connection_rate", "message_rate"):
+        if key in clients:
+            if clients[key] < 0:
+                p.add(f"clients.{key}", "must not be negative (0 turns the limit off)")
+            sec[key] = clients[key]
+    if "rate_window" in clients:
+        if clients["rate_window"] <= 0:
+            p.add("clients.rate_window", "must be positive (seconds)")
+        sec["rate_window"] = float(clients["rate_window"])
+    nets = []
+    for i, value in enumerate(clients.get("exempt_networks", [])):
+        try:
+            nets.append(ipaddress.ip_network(str(value), strict=False))
+        except ValueError:
+            p.add(f"clients.exempt_networks[{i}]", f"{value!r} is not a CIDR network")
+    sec["exempt_networks"] = tuple(nets)
+
+
 def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     p = _Problems(path, text)
     top_schema = {"server": dict, "database": dict, "listeners": dict, "lmtp": dict,
                   "limits": dict,
                   "outbox": dict, "tls": dict, "relay": dict,
-                  "policy": dict, "companies": list}
+                  "policy": dict, "companies": list, "clients": dict}
     top = _check_table(p, "", data, top_schema)
     server = _check_table(p, "server", top.get("server", {}), _SERVER_KEYS)
     database = _check_table(p, "database", top.get("database", {}), _DATABASE_KEYS)
@@ -728,7 +802,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     # One dict of validated values per section, turned into its frozen dataclass at the end.
     sec: dict[str, dict[str, Any]] = {name: {} for name in (
         "server", "database", "listeners", "lmtp", "limits", "outbox", "tls", "relay",
-        "policy")}
+        "policy", "clients")}
     srv, lst, pol = sec["server"], sec["listeners"], sec["policy"]
     _validate_outbox(p, outbox, sec["outbox"])
     _validate_relay(p, _check_table(p, "tls", top.get("tls", {}), _TLS_KEYS),
@@ -787,11 +861,22 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
             if listeners[key] < 1:
                 p.add(f"listeners.{key}", "must be at least 1")
             lst[key] = listeners[key]
-    for key in ("command_timeout", "data_timeout"):
+    if listeners.get("workers", 1) > 64:
+        p.add("listeners.workers", "must be at most 64")
+    for key in ("command_timeout", "data_timeout", "session_lifetime", "data_rate_window",
+                "stop_timeout"):
         if key in listeners:
             if listeners[key] <= 0:
                 p.add(f"listeners.{key}", "must be positive (seconds)")
             lst[key] = float(listeners[key])
+    for key in ("max_commands", "min_data_rate"):
+        if key in listeners:
+            if listeners[key] < (1 if key == "max_commands" else 0):
+                p.add(f"listeners.{key}", "must be at least 1" if key == "max_commands"
+                      else "must not be negative (0 turns the rule off)")
+            lst[key] = listeners[key]
+    _validate_clients(p, _check_table(p, "clients", top.get("clients", {}), _CLIENT_KEYS),
+                      sec["clients"])
     if "message_size" in limits:
         if limits["message_size"] < 1024:
             p.add("limits.message_size", "must be at least 1024 bytes")
@@ -800,6 +885,14 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         if limits["max_recipients"] < 1:
             p.add("limits.max_recipients", "must be at least 1")
         sec["limits"]["max_recipients"] = limits["max_recipients"]
+    # (lowest, highest): the MIME depth stays well below Python's recursion limit, which the
+    # standard library's parser and generator use one or more frames per level of.
+    for key, low, high in (("line_length", 998, 16 * 1024 * 1024), ("mime_depth", 1, 100),
+                           ("mime_parts", 1, 1_000_000), ("header_fields", 10, 1_000_000)):
+        if key in limits:
+            if not low <= limits[key] <= high:
+                p.add(f"limits.{key}", f"must be between {low} and {high}")
+            sec["limits"][key] = limits[key]
 
     nets = []
     for i, value in enumerate(policy.get("trusted_networks", [])):
@@ -976,4 +1069,5 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         limits=LimitsConfig(**sec["limits"]),
         outbox=OutboxConfig(**sec["outbox"]), tls=TlsConfig(**sec["tls"]),
         relay=RelayConfig(**sec["relay"]), policy=PolicyConfig(**pol),
+        clients=ClientsConfig(**sec["clients"]),
         companies=tuple(companies), user_index=user_index)

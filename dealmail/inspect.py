@@ -15,7 +15,13 @@ from zoneinfo import ZoneInfo
 from crmstore import models as m
 from linking.forwards import find_forwards
 from linking.originals import is_forward_candidate, originals_for
-from linking.parse import ParsedMessage, normalize_subject, parse_message
+from linking.parse import (
+    NESTED_TOO_DEEPLY,
+    MessageRejected,
+    ParsedMessage,
+    normalize_subject,
+    parse_message,
+)
 from linking.replytext import extract_reply_from_message
 from linking.threads import thread_index_key
 
@@ -35,7 +41,18 @@ def _kind(parsed: ParsedMessage, config: Config, forwarded: bool) -> str:
 
 def inspect_message(raw: bytes, config: Config, company_slug: str | None = None,
                     with_db: bool = False) -> dict[str, Any]:
-    parsed = parse_message(raw)
+    """How dealmail reads ``raw``; raises :class:`MessageRejected` with the reason the
+    listener would give for a message it refuses (554 5.6.0)."""
+    parsed = parse_message(raw, config.limits)
+    try:
+        return _inspect(parsed, config, company_slug, with_db)
+    except RecursionError as exc:
+        # check_structure caps the nesting first; this is the last guard, never a traceback.
+        raise MessageRejected(NESTED_TOO_DEEPLY) from exc
+
+
+def _inspect(parsed: ParsedMessage, config: Config, company_slug: str | None,
+             with_db: bool) -> dict[str, Any]:
     found = config.find_user(parsed.from_.address)
     user = found[1] if found else None
     tz = ZoneInfo(user.timezone) if user else UTC

@@ -2,14 +2,23 @@
 
 Python runs one thread at a time, and the measured Smart BCC path needs several milliseconds
 of CPU per message, so one process cannot use a second core. The parent binds the inbound
-socket, forks ``listeners.workers`` children that each build their own :class:`App` (their
-own database connection and group committer; SQLite's WAL lets them commit in turn), and
-supervises them: SIGTERM and SIGHUP are passed on (the parent reopens its own log file on
-HUP), a worker that dies is started again, a worker that cannot start (a listener cannot
-bind) stops them all with a non-zero exit. With SQLite only the first worker runs the outbox
-worker and the submission listener (single-process delivery); with PostgreSQL every worker
-delivers (``SKIP LOCKED`` claims). The parent writes the status file (its pid, the workers'
-pids) and serves the metrics endpoint, summing the workers' counters.
+socket and the submission sockets, prepares the table of per-client counters the workers share
+(``mta/anvil.py``: connection and message limits per client address, failed logins), forks
+``listeners.workers`` children that each build their own :class:`App` (their own database
+connection and group committer; SQLite's WAL lets them commit in turn), and supervises them:
+SIGTERM and SIGHUP are passed on (the parent reopens its own log file on HUP), a worker that
+dies is started again (and clears its column of open connections), a worker that cannot start
+(a listener cannot bind) stops them all with a non-zero exit. Every worker serves inbound mail
+and submission. With SQLite only the first worker runs the outbox worker (single-process
+delivery: what another worker queues leaves at the first one's next poll,
+``outbox.poll_seconds``); with PostgreSQL every worker delivers (``SKIP LOCKED`` claims). The
+parent writes the status file (its pid, the workers' pids) and serves the metrics endpoint,
+summing the workers' counters.
+
+On SIGTERM the parent closes its copies of the listening sockets at once, so that when the
+workers close theirs (each as its stop begins, ``App.stop``) nothing listens any more: a new
+connection is refused by the kernel instead of waiting in a backlog nobody accepts from and
+being reset at exit.
 """
 
 from __future__ import annotations
@@ -39,14 +48,14 @@ CANNOT_START = 71
 
 
 def _child(config: Config, overrides: tuple[str, ...], base: Path, index: int,
-           sock: socket.socket) -> None:
+           socks: dict[str, socket.socket]) -> None:
     setup_logging(config.server.log_level, config.server.log_file, config.server.log_format)
     sqlite = config.database.url.startswith("sqlite")
     app = App(config, overrides=overrides, base=base,
               start_outbox_worker=(index == 0 or not sqlite))
-    app.prebound = {"inbound": sock}
-    app.run_submission = index == 0
+    app.prebound = dict(socks)
     app.worker_index = index
+    app.table_prepared = True
     try:
         asyncio.run(app.serve_forever())
     finally:
@@ -56,24 +65,40 @@ def _child(config: Config, overrides: tuple[str, ...], base: Path, index: int,
 def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
                   prepare: Callable[[App], None]) -> int:
     """Bind, prepare the database once (schema, config mirror, demo data), fork, supervise."""
+    from mta.anvil import ClientTable, table_path
+    from mta.relay.tlscert import submission_context
     from mta.server import bind_listener
 
     setup = App(config, overrides=overrides, base=base)
     setup.open_store()
     prepare(setup)
     setup.store.close()
-    try:
-        sock = bind_listener(config.listeners.inbound)
-    except OSError as exc:
-        raise StartupError(f"listeners.inbound: cannot listen on {config.listeners.inbound}: "
-                           f"{bind_reason(exc)}") from exc
-    host, port = sock.getsockname()[:2]
-    log.info("inbound SMTP listening on %s:%s (%d workers)", host, port, config.listeners.workers)
+    ClientTable.prepare(table_path(config.database.url, base), config.listeners.workers)
+    socks: dict[str, socket.socket] = {}
+    bound: dict[str, str] = {}
+    for name in ("inbound", "submission", "submissions"):
+        listen = getattr(config.listeners, name)
+        if not listen:
+            continue
+        try:
+            socks[name] = bind_listener(listen)
+        except OSError as exc:
+            raise StartupError(f"listeners.{name}: cannot listen on {listen}: "
+                               f"{bind_reason(exc)}") from exc
+        host, port = socks[name].getsockname()[:2]
+        bound[name] = f"{host}:{port}"
+        log.info("%s listening on %s:%s (%d workers)",
+                 "inbound SMTP" if name == "inbound" else name, host, port,
+                 config.listeners.workers)
+    if "submission" in socks or "submissions" in socks:
+        # A self-signed certificate is made here, once, not by workers racing to write it.
+        submission_context(config.tls.cert_file, config.tls.key_file, config.hostname, base,
+                           setup.clock.now())
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
     exit_code = 0
     metrics = _serve_metrics(config, setup)
-    status_file = _StatusFile(config, base, f"{host}:{port}", metrics)
+    status_file = _StatusFile(config, base, bound, metrics)
 
     def spawn(index: int) -> None:
         pid = os.fork()
@@ -83,7 +108,7 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
-                _child(config, overrides, base, index, sock)
+                _child(config, overrides, base, index, socks)
             except StartupError as exc:
                 log.error("worker %d cannot start: %s", index, exc)
                 code = CANNOT_START
@@ -100,6 +125,8 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+            for sock in socks.values():
+                sock.close()  # see the module docstring
         if signum == signal.SIGHUP:
             reopen_logs()  # the workers reload (and reopen) themselves
         for pid in list(children):
@@ -134,7 +161,8 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
                       pid, status)
             time.sleep(1.0)  # a crash loop must not spin (real time: no clock to inject)
             spawn(index)
-    sock.close()
+    for sock in socks.values():
+        sock.close()
     if metrics is not None:
         metrics.shutdown()
         metrics.server_close()
@@ -166,15 +194,11 @@ def _serve_metrics(config: Config, setup: App) -> Any:
 class _StatusFile:
     """The parent's status file: what ``dealmail status`` shows about the running server."""
 
-    def __init__(self, config: Config, base: Path, inbound: str, metrics: Any) -> None:
+    def __init__(self, config: Config, base: Path, bound: dict[str, str], metrics: Any) -> None:
         name = config.server.status_file
         self.path = (Path(name) if Path(name).is_absolute() else base / name) if name else None
         self.config = config
-        self.listeners = {"inbound": inbound}
-        if config.listeners.submission:
-            self.listeners["submission"] = config.listeners.submission
-        if config.listeners.submissions:
-            self.listeners["submissions"] = config.listeners.submissions
+        self.listeners = dict(bound)
         if metrics is not None:
             self.listeners["metrics"] = "{}:{}".format(*metrics.server_address[:2])
         self.started = json_time(datetime.now(UTC))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -41,7 +41,7 @@ from dealmail.addresses import AddressError, parse_strict_mailbox
 from dealmail.config import Company, Config, User
 
 from .originals import originals_for, plain_original
-from .parse import MessageRejected, ParsedMessage, parse_message
+from .parse import NESTED_TOO_DEEPLY, MessageRejected, ParsedMessage, parse_message
 from .quarantine import release_quarantined
 from .record import Arrival, Directory, Original, RecordResult, record_email
 
@@ -174,6 +174,11 @@ class Verification:
     temp_error: bool = False
     evidence: dict[str, Any] = field(default_factory=dict)
     header: str | None = None  # our Authentication-Results line for the stored copy
+    #: When the level rests on a signature of the headers (DKIM, ARC): the header names it
+    #: wholly covers. Linking reads no other address header, so a header a replay could have
+    #: added never makes a participant or a person (it stays in the stored raw message).
+    #: None: no such restriction (trusted network, upstream A-R, login, mailbox).
+    covered: frozenset[str] | None = None
 
 
 # (raw bytes, parsed header block, evidence, company, claimed user) -> verification. The
@@ -292,7 +297,7 @@ class Capture:
         """The parsed header block, or the final answer when the message must go no further
         (unreadable: refused; automatic: accepted and ignored, RFC 3834 §2)."""
         try:
-            parsed = parse_message(raw)
+            parsed = parse_message(raw, self.config_of().limits)
         except MessageRejected as exc:
             return Disposition(Outcome.REFUSED_CONTENT, exc.reason, "5.6.0")
         if parsed.is_auto:
@@ -303,6 +308,17 @@ class Capture:
                 parsed: ParsedMessage | None = None) -> Disposition | Commit:
         """Read, gate and choose the originals (worker thread, no writes). Returns the final
         answer, or the commit to run inside the store's transaction."""
+        try:
+            return self._prepare(request, parsed)
+        except RecursionError:
+            # linking.parse.check_structure caps the nesting before any recursive walk; this
+            # is the last guard: a permanent refusal, never a 451 that is retried for days.
+            done = Disposition(Outcome.REFUSED_CONTENT, NESTED_TOO_DEEPLY, "5.6.0")
+            self._log(request, parsed, done)
+            return done
+
+    def _prepare(self, request: CaptureRequest,
+                 parsed: ParsedMessage | None) -> Disposition | Commit:
         qid = request.queue_id
         if parsed is None:
             read = self.read(request.raw)
@@ -315,6 +331,8 @@ class Capture:
             self._log(request, parsed, admitted)
             return admitted
         user, verdict = admitted.user, admitted.verification
+        if verdict.covered is not None:
+            parsed = signed_part(parsed, verdict.covered)
         config = self.config_of()
         directory = self.directory_of()
         now = request.received_at or self.now()
@@ -432,6 +450,19 @@ class Capture:
         who = parsed.from_.address if parsed is not None else request.evidence.client_ip
         log.info("[%s] %s %s (%s) from %s: %s", request.queue_id, mid, done.outcome.value,
                  request.channel, who, done.reason)
+
+
+def signed_part(parsed: ParsedMessage, covered: frozenset[str]) -> ParsedMessage:
+    """``parsed`` as far as a signature covering the header names ``covered`` vouches for
+    it: an address list the signature does not wholly cover is read as empty. (The sender
+    gate has already required From to be covered.)"""
+    dropped = [name for name in ("to", "cc") if getattr(parsed, name) and name not in covered]
+    if not dropped:
+        return parsed
+    log.info("%s: %s not covered by the signature: not used for linking",
+             parsed.message_id or "-", ", ".join(n.title() for n in dropped))
+    return replace(parsed, to=[] if "to" in dropped else parsed.to,
+                   cc=[] if "cc" in dropped else parsed.cc)
 
 
 def person_address_by_name(company_id: int, name: str) -> str | None:

@@ -59,7 +59,7 @@ from dealmail.addresses import (
 )
 from linking.fwddates import parse_forward_date
 from linking.htmltext import html_to_text
-from linking.parse import part_text
+from linking.parse import MessageRejected, check_structure, part_text
 
 __all__ = [
     "ForwardedMessage",
@@ -1191,16 +1191,19 @@ def _filename(part: Message) -> str:
 
 
 def _leaves(msg: Message) -> list[Message]:
-    """Parts of ``msg`` without descending into attached messages."""
+    """Parts of ``msg`` without descending into attached messages; iterative, so no
+    nesting depth can exhaust the recursion limit (linking.parse.check_structure caps it
+    before parsing; an attached .eml is checked here)."""
     out: list[Message] = []
-    if msg.is_multipart() and msg.get_content_maintype() != "message":
-        payload = msg.get_payload()
-        if isinstance(payload, list):
-            for sub in payload:
-                if isinstance(sub, Message):
-                    out.extend(_leaves(sub))
-        return out
-    out.append(msg)
+    stack = [msg]
+    while stack:
+        part = stack.pop()
+        if part.is_multipart() and part.get_content_maintype() != "message":
+            payload = part.get_payload()
+            if isinstance(payload, list):
+                stack.extend(sub for sub in reversed(payload) if isinstance(sub, Message))
+            continue
+        out.append(part)
     return out
 
 
@@ -1274,6 +1277,16 @@ def _attached_chains(
     return [[head, *chain] for chain in inner]
 
 
+def _parsable(data: bytes) -> bool:
+    """Whether an attached .eml is within the structure caps (it was base64 inside the
+    message, so the check of the whole message could not see its structure)."""
+    try:
+        check_structure(data)
+    except MessageRejected:
+        return False
+    return True
+
+
 def _find(msg: Message, default_tz: tzinfo, level: int) -> list[list[ForwardedMessage]]:
     chains: list[list[ForwardedMessage]] = []
     text = _message_text(msg)
@@ -1299,7 +1312,7 @@ def _find(msg: Message, default_tz: tzinfo, level: int) -> list[list[ForwardedMe
                 chains.extend(_attached_chains(sub, raw, "rfc822", note, default_tz, level))
         elif name.endswith(".eml"):
             data = part.get_payload(decode=True)
-            if isinstance(data, bytes) and data.strip():
+            if isinstance(data, bytes) and data.strip() and _parsable(data):
                 sub = BytesParser(policy=policy.default).parsebytes(data)
                 chains.extend(
                     _attached_chains(sub, data, "eml-attachment", note, default_tz, level)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
@@ -29,11 +30,16 @@ from dealmail.addresses import (
     parse_address_list,
     parse_strict_mailbox,
 )
+from dealmail.config import LimitsConfig
 
 __all__ = [
+    "NESTED_TOO_DEEPLY",
+    "Entity",
     "MessageRejected",
     "ParsedMessage",
+    "check_structure",
     "decode_text_part",
+    "mime_entities",
     "normalize_subject",
     "parse_message",
 ]
@@ -98,6 +104,11 @@ def _eight_bit_defects(headers: Message) -> list[str]:
             out.append(f"{name} header has 8-bit bytes that are not UTF-8 (RFC 6532): "
                        "read as Windows-1252")
     return out
+
+
+#: The reason given when a recursive walk still hit Python's recursion limit (the last guard
+#: behind :func:`check_structure`).
+NESTED_TOO_DEEPLY = "MIME structure nested too deeply"
 
 
 class MessageRejected(Exception):
@@ -235,12 +246,184 @@ def _split_header_block(raw: bytes) -> int:
     return min(ends) if ends else len(raw)
 
 
-def parse_message(raw: bytes) -> ParsedMessage:
+# ---------------------------------------------------------------------------- structure
+
+# The standard library parser's rules (email/feedparser.py): a header line, and the line ends
+# it splits on (CRLF, bare CR, bare LF alike).
+_HEADER_LINE_RE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
+_DEFAULT_LIMITS = LimitsConfig()
+
+
+def _line_end(raw: bytes, start: int) -> tuple[int, int]:
+    """(end of the line's content, start of the next line) for the line at ``start``."""
+    cr = raw.find(b"\r", start)
+    lf = raw.find(b"\n", start)
+    if cr == -1 and lf == -1:
+        return len(raw), len(raw)
+    if lf == -1 or (cr != -1 and cr < lf):
+        return cr, cr + (2 if raw[cr + 1:cr + 2] == b"\n" else 1)
+    return lf, lf + 1
+
+
+def _entity_headers(raw: bytes, pos: int, default_type: str,
+                    limits: LimitsConfig) -> tuple[str, str | None, int]:
+    """Read the header block of one entity at ``pos`` as the standard library parser does
+    (it ends at an empty line or at the first line that is not a header line): its content
+    type, its boundary, and where its body starts. Counts the fields against the cap."""
+    fields = 0
+    ctype_lines: list[bytes] = []
+    in_ctype = False
+    end = len(raw)
+    while pos < end:
+        line_end, nxt = _line_end(raw, pos)
+        line = raw[pos:line_end]
+        if not line:
+            pos = nxt  # the separator line belongs to the header block
+            break
+        if _HEADER_LINE_RE.match(line) is None:
+            break  # the body starts without a separator (a defect the parser tolerates)
+        if line[:1] in (b" ", b"\t"):
+            if in_ctype:
+                ctype_lines.append(line)
+        else:
+            fields += 1
+            if fields > limits.header_fields:
+                raise MessageRejected(
+                    f"more than {limits.header_fields} header fields in one header block")
+            in_ctype = line[:13].lower() == b"content-type:" and not ctype_lines
+            if in_ctype:
+                ctype_lines.append(line[13:])
+        pos = nxt
+    if not ctype_lines:
+        return default_type, None, pos
+    value = b" ".join(x.strip() for x in ctype_lines).decode("ascii", "surrogateescape")
+    # As Message.get_content_type does; the boundary (RFC 2231 forms and all) from the
+    # email package itself, and only for a multipart (a Message costs ~15 µs).
+    ctype = value.split(";", 1)[0].strip().lower()
+    if ctype.count("/") != 1:
+        return default_type, None, pos
+    if not ctype.startswith("multipart/"):
+        return ctype, None, pos
+    probe = Message()
+    probe["Content-Type"] = value
+    return ctype, probe.get_boundary(), pos
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One MIME entity found by :func:`mime_entities`, as offsets into the raw message."""
+
+    header_start: int
+    body_start: int
+    #: Where a leaf's body ends (before the line end of the delimiter that follows it);
+    #: None for a container (multipart, message/*), whose body is its entities.
+    body_end: int | None
+    content_type: str
+
+
+def mime_entities(raw: bytes, limits: LimitsConfig | None = None) -> Iterator[Entity]:
+    """The MIME entities of ``raw`` in order, read from the raw bytes as the standard
+    library parser reads them (header blocks ending at an empty or non-header line;
+    delimiter lines after any line end, RFC 2046 §5.1.1; multipart/digest parts default to
+    message/rfc822), with no recursion and no payload decoded. Raises
+    :class:`MessageRejected` past the caps of ``limits`` (see :func:`check_structure`)."""
+    limits = limits or _DEFAULT_LIMITS
+    open_parts: list[tuple[bytes, int, bool]] = []  # (delimiter, depth of its parts, digest)
+    parts = 0
+    pos = 0
+    depth = 0
+    default_type = "text/plain"
+    end = len(raw)
+    # Positions of the next "\n--" and "\r--" (-2: not searched yet; -1: none left). A
+    # delimiter at the very start of the data has no line end before it: the top-level
+    # entity's header block comes first, so none can be there.
+    next_lf = next_cr = -2
+    while True:
+        # One entity and the chain of message/* entities inside it.
+        while True:
+            parts += 1
+            if parts > limits.mime_parts:
+                raise MessageRejected(f"more than {limits.mime_parts} MIME parts")
+            if depth > limits.mime_depth:
+                raise MessageRejected(
+                    f"MIME structure nested deeper than {limits.mime_depth} levels")
+            header_start = pos
+            ctype, boundary, pos = _entity_headers(raw, pos, default_type, limits)
+            default_type = "text/plain"
+            if ctype.startswith("message/"):
+                # Its body is a whole message (for delivery-status, blocks of header
+                # fields the parser reads as messages): another header block follows.
+                yield Entity(header_start, pos, None, ctype)
+                depth += 1
+                continue
+            if ctype.startswith("multipart/") and boundary:
+                yield Entity(header_start, pos, None, ctype)
+                open_parts.append((b"--" + boundary.encode("ascii", "surrogateescape"),
+                                   depth + 1, ctype == "multipart/digest"))
+                leaf = None
+            else:
+                leaf = (header_start, pos, ctype)
+            break
+        # The next delimiter line of an open multipart (an outer one closes inner ones).
+        found = False
+        while open_parts and pos < end:
+            # The next line starting with "--" after any line end, from cached searches (a
+            # search per candidate would make a long message quadratic).
+            if next_lf != -1 and next_lf < pos - 1:
+                next_lf = raw.find(b"\n--", pos - 1)
+            if next_cr != -1 and next_cr < pos - 1:
+                next_cr = raw.find(b"\r--", pos - 1)
+            hits = [i for i in (next_lf, next_cr) if i != -1]
+            if not hits:
+                pos = end
+                break
+            start = min(hits) + 1
+            line_end, nxt = _line_end(raw, start)
+            line = raw[start:line_end].rstrip(b" \t")
+            for index in range(len(open_parts) - 1, -1, -1):
+                delimiter, part_depth, digest = open_parts[index]
+                if line == delimiter or line == delimiter + b"--":
+                    if leaf is not None:
+                        # RFC 2046 §5.1.1: the line end before a delimiter belongs to it.
+                        cut = start - (2 if raw[start - 2:start] == b"\r\n" else 1)
+                        yield Entity(leaf[0], leaf[1], max(cut, leaf[1]), leaf[2])
+                        leaf = None
+                    if line == delimiter:
+                        del open_parts[index + 1:]
+                        depth = part_depth
+                        default_type = "message/rfc822" if digest else "text/plain"
+                        found = True
+                    else:
+                        del open_parts[index:]
+                    break
+            pos = nxt
+            if found:
+                break
+        if not found:
+            if leaf is not None:
+                yield Entity(leaf[0], leaf[1], end, leaf[2])
+            return
+
+
+def check_structure(raw: bytes, limits: LimitsConfig | None = None) -> None:
+    """Refuse a message whose MIME structure is beyond the caps of ``limits`` (``[limits]``:
+    nesting depth of multipart and message/* entities, number of parts, header fields per
+    header block), reading only the raw bytes (:func:`mime_entities`). Run before anything
+    parses the whole message: the standard library's parser and generator recurse once or
+    more per level (depth 300 exhausts Python's recursion limit), and a permanent condition
+    must get a permanent answer, 554 5.6.0, not a RecursionError's 451."""
+    for _entity in mime_entities(raw, limits):
+        pass
+
+
+def parse_message(raw: bytes, limits: LimitsConfig | None = None) -> ParsedMessage:
     """Parse the header block; raises :class:`MessageRejected` with a precise reason when the
-    message has no single readable From or its identity headers are ambiguous."""
+    message has no single readable From, its identity headers are ambiguous, or its
+    structure is beyond the caps of ``limits`` (:func:`check_structure`)."""
     header_end = _split_header_block(raw)
     if header_end > _MAX_HEADER_BYTES:
         raise MessageRejected(f"header block larger than {_MAX_HEADER_BYTES} bytes")
+    check_structure(raw, limits)
     block = raw[:header_end]
     if b"\x00" in block:
         raise MessageRejected("NUL byte in the header block")

@@ -50,7 +50,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from crmstore.committer import GroupCommitter
-from dealmail.config import Company, Config, User
+from dealmail.config import Company, Config, LimitsConfig, User
 from linking.capture import Capture, CaptureRequest, Disposition, Evidence, Outcome, Trust
 from linking.parse import ParsedMessage
 
@@ -58,10 +58,13 @@ from . import replies
 from .replies import Reply
 from .routing import MTA_ONLY_KINDS, Route, RoutingTable, mailbox_key
 from .server import (
+    ClientLimits,
     ConnectionGate,
     DataContext,
     DealmailSMTP,
     Handler,
+    SessionLimits,
+    Sessions,
     incident_reply,
     new_queue_id,
     parse_listen,
@@ -476,14 +479,21 @@ async def start_lmtp(
     hooks: LmtpHooks, listen: str, *, hostname: str, data_size_limit: int,
     command_timeout: float, data_timeout: float, max_connections: int,
     xforward_allowed: Callable[[str], bool], socket_mode: int = 0o660,
+    line_length: int = LimitsConfig.line_length,
+    limits: Callable[[], SessionLimits] | None = None, clients: ClientLimits | None = None,
+    sessions: Sessions | None = None,
 ) -> asyncio.Server:
-    """Listen on ``HOST:PORT`` (port 0 picks a free one) or ``unix:PATH``."""
+    """Listen on ``HOST:PORT`` (port 0 picks a free one) or ``unix:PATH``. ``line_length``,
+    ``limits``, ``clients`` and ``sessions`` as for :func:`mta.server.start_listener` (a
+    client on a UNIX socket is never counted per address)."""
     gate = ConnectionGate(max_connections)
     loop = asyncio.get_running_loop()
 
     def factory() -> DealmailLMTP:
         return DealmailLMTP(
             hooks, gate=gate, data_timeout=data_timeout, xforward_allowed=xforward_allowed,
+            line_length=line_length, limits=limits() if limits is not None else None,
+            clients=clients, sessions=sessions,
             data_size_limit=data_size_limit, enable_SMTPUTF8=True, hostname=hostname,
             ident="dealmail LMTP", timeout=command_timeout, loop=loop)
 

@@ -13,6 +13,13 @@ Levels, strongest first (``LEVELS`` lists them weakest first so that an index co
     canonical body), RSA key of at least ``PolicyConfig.min_rsa_bits`` (1024 by default, which
     is also dkimpy's floor; 512/768 are always refused) or ed25519. EVERY DKIM-Signature is
     checked, not only the first (``dkim.verify()`` only checks the first: docs/reliability.md 0.5).
+    A signature proves only the headers its ``h=`` lists: each of :data:`COVERED_HEADERS`
+    (From, To, Cc, Subject, Date, Message-ID, what linking reads) must not be present more
+    times than ``h=`` lists it (RFC 6376 §5.4.2, §8.15: an instance beyond those signed, or a
+    header added where none was signed, is not covered). Otherwise anyone who once received a
+    signed mail of a user could add a ``Cc:`` and replay it to make dealmail file it with, and
+    create, a person of their choosing; such a message falls to the next level that applies.
+    The header names a verdict's evidence covers are in :attr:`Verdict.covered`.
 ``upstream``
     Our trusted border MTA already did the work: its Authentication-Results (RFC 8601) says
     ``dmarc=pass header.from=<our From domain>`` or an aligned ``dkim=pass header.d=``. Only
@@ -25,10 +32,12 @@ Levels, strongest first (``LEVELS`` lists them weakest first so that an index co
 ``arc``
     An ARC chain (RFC 8617) with ``cv=pass`` whose seals were ALL made by configured trusted
     sealers, and whose ``i=1`` ARC-Authentication-Results shows an aligned ``dkim=pass`` or a
-    ``dmarc=pass`` for the From domain. Requiring every seal to be trusted (not only the latest)
-    is deliberate: ARC only requires the latest AMS to validate, so an untrusted intermediate
-    hop could rewrite the message or forge the i=1 set while a trusted last hop still seals
-    ``cv=pass`` (RFC 8617 §9.1: ARC conveys, it does not vouch).
+    ``dmarc=pass`` for the From domain, and whose latest ARC-Message-Signature covers
+    :data:`COVERED_HEADERS` as ``strong`` requires of a DKIM signature. Requiring every seal
+    to be trusted (not only the latest) is deliberate: ARC only requires the latest AMS to
+    validate, so an untrusted intermediate hop could rewrite the message or forge the i=1
+    set while a trusted last hop still seals ``cv=pass`` (RFC 8617 §9.1: ARC conveys, it
+    does not vouch).
 ``trusted-network``
     The SMTP client IP is inside ``PolicyConfig.trusted_networks``.
 ``spf``
@@ -103,6 +112,7 @@ if TYPE_CHECKING:
     import dns.resolver
 
 __all__ = [
+    "COVERED_HEADERS",
     "LEVELS",
     "MULTI_PART_SUFFIXES",
     "SINGLETON_HEADERS",
@@ -113,6 +123,7 @@ __all__ = [
     "SignatureResult",
     "Verdict",
     "aligned",
+    "coverage",
     "dnspython_query",
     "dnspython_txt",
     "organizational_domain",
@@ -148,6 +159,10 @@ SINGLETON_HEADERS: tuple[str, ...] = (
     "in-reply-to",
     "references",
 )
+
+#: Headers a signature must cover for the message to be believed on its strength: who sends
+#: it, to whom (linking makes persons of To and Cc), and what identifies it.
+COVERED_HEADERS: tuple[str, ...] = ("from", "to", "cc", "subject", "date", "message-id")
 
 #: Second-level registry suffixes known to be multi-part (see module docstring limitation).
 MULTI_PART_SUFFIXES: frozenset[str] = frozenset(
@@ -187,6 +202,12 @@ class SignatureResult:
     body_hash: str = ""  # the bh= value (whitespace removed)
     algorithm: str = ""
     temp_error: bool = False
+    #: The h= list as signed (lower case, in order; a name listed more often than present
+    #: is over-signed, RFC 6376 §8.15).
+    signed_headers: list[str] = field(default_factory=list)
+    #: Header names of the message that the signature does not wholly cover: present more
+    #: times than h= lists them (an instance may have been added after signing).
+    uncovered: list[str] = field(default_factory=list)
 
     @property
     def qualifies_strong(self) -> bool:
@@ -202,6 +223,11 @@ class Verdict:
     temp_error: bool = False
     signatures: list[SignatureResult] = field(default_factory=list)
     evidence: dict[str, Any] = field(default_factory=dict)
+    #: For a level proven by a signature (``strong``: DKIM; ``arc``: the latest
+    #: ARC-Message-Signature), the header names of the message that signature wholly covers;
+    #: linking must not read any other (linking.capture). None: the level does not rest on a
+    #: signature of the headers (trusted network, upstream A-R, SPF, none).
+    covered: frozenset[str] | None = None
 
     def at_least(self, minimum: str) -> bool:
         """True when this verdict's level is ``minimum`` or stronger (see :data:`LEVELS`)."""
@@ -294,6 +320,26 @@ def singleton_violations(raw: bytes) -> list[str]:
 
 def _header_values(headers: Iterable[tuple[str, bytes]], name: str) -> list[bytes]:
     return [v for n, v in headers if n == name]
+
+
+def _counts(headers: Iterable[tuple[str, bytes]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name, _ in headers:
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def coverage(signed: Iterable[str], counts: dict[str, int]) -> tuple[frozenset[str], list[str]]:
+    """(header names of the message wholly covered by an ``h=`` list, the names of
+    :data:`COVERED_HEADERS` that are not). A verifier signs the last instances of a name,
+    as many as h= lists it (RFC 6376 §5.4.2): a name present more often than listed has an
+    unsigned instance, which may have been added by anyone since (§8.15)."""
+    listed: dict[str, int] = {}
+    for name in signed:
+        listed[name] = listed.get(name, 0) + 1
+    covered = frozenset(n for n, present in counts.items() if present <= listed.get(n, 0))
+    missing = [n for n in COVERED_HEADERS if counts.get(n, 0) > listed.get(n, 0)]
+    return covered | frozenset(n for n in listed if n not in counts), missing
 
 
 # --------------------------------------------------------------------------- DNS adapters
@@ -481,6 +527,12 @@ def _check_times(sig: dict[bytes, bytes], now: float) -> None:
             raise dkim.ValidationError("x= value is less than t= value")
 
 
+def _arc_instance(value: bytes) -> int:
+    tags = _sig_tags(value) or {}
+    raw = tags.get(b"i", b"")
+    return int(raw) if raw.isdigit() else 0
+
+
 def _sig_tags(value: bytes) -> dict[bytes, bytes] | None:
     try:
         tags: dict[bytes, bytes] = parse_tag_value(value)
@@ -608,9 +660,11 @@ class SenderVerifier:
 
         strong = next((s for s in signatures if s.qualifies_strong), None)
         if strong is not None:
+            covered, _ = coverage(strong.signed_headers, _counts(headers))
+            evidence["covered_headers"] = sorted(covered)
             return Verdict("strong",
                            f"verified by aligned DKIM signature d={strong.domain}",
-                           signatures=signatures, evidence=evidence)
+                           signatures=signatures, evidence=evidence, covered=covered)
         if dkim_temp:
             temp_missed.append("dkim")
 
@@ -628,7 +682,9 @@ class SenderVerifier:
 
         arc_reason, arc_temp = self._check_arc(raw, from_domain, evidence)
         if arc_reason is not None:
-            return self._done("arc", arc_reason, temp_missed, signatures, evidence)
+            done = self._done("arc", arc_reason, temp_missed, signatures, evidence)
+            done.covered = frozenset(evidence["arc"]["covered_headers"])
+            return done
         if arc_temp:
             temp_missed.append("arc")
 
@@ -747,10 +803,12 @@ class SenderVerifier:
             evidence["dkim_error"] = str(exc)
             return [], False
         sig_values = [v for n, v in verifier.headers if n.lower() == b"dkim-signature"]
+        counts = _counts(_split_headers(raw))
         results: list[SignatureResult] = []
         any_temp = False
         for idx, value in enumerate(sig_values):
-            res = self._check_one(verifier, idx, value, from_domain, dnsfunc, temp_log)
+            res = self._check_one(verifier, idx, value, from_domain, dnsfunc, temp_log,
+                                  counts)
             any_temp = any_temp or res.temp_error
             results.append(res)
         if temp_log:
@@ -758,12 +816,14 @@ class SenderVerifier:
         return results, any_temp
 
     def _check_one(self, verifier: Any, idx: int, value: bytes, from_domain: str,
-                   dnsfunc: Callable[..., bytes | None], temp_log: list[str]) -> SignatureResult:
+                   dnsfunc: Callable[..., bytes | None], temp_log: list[str],
+                   counts: dict[str, int]) -> SignatureResult:
         tags = _sig_tags(value) or {}
         domain = _ascii(tags.get(b"d", b"")).lower()
         selector = _ascii(tags.get(b"s", b""))
         b_value = _clean_b64(tags.get(b"b", b""))
         h_list = [x.strip().lower() for x in _ascii(tags.get(b"h", b"")).split(":")]
+        _, uncovered = coverage(h_list, counts)
         l_raw = tags.get(b"l")
         limit = int(l_raw) if l_raw is not None and l_raw.isdigit() else None
         res = SignatureResult(
@@ -772,7 +832,8 @@ class SenderVerifier:
             covers_from="from" in h_list, body_length_limit=limit, key_bits=None,
             b_hash=hashlib.sha256(b_value).hexdigest() if b_value else "",
             reason="", body_hash=_ascii(_clean_b64(tags.get(b"bh", b""))),
-            algorithm=_ascii(tags.get(b"a", b"")),
+            algorithm=_ascii(tags.get(b"a", b"")), signed_headers=h_list,
+            uncovered=uncovered,
         )
         if not tags:
             res.reason = "unparseable DKIM-Signature"
@@ -812,6 +873,9 @@ class SenderVerifier:
             return "policy: DKIM signature not aligned with From"
         if not res.covers_from:
             return "policy: h= does not cover From"
+        if res.uncovered:
+            return ("policy: h= does not cover every " + ", ".join(res.uncovered)
+                    + " header (present more times than signed, RFC 6376 section 8.15)")
         if res.body_length_limit is not None:
             try:
                 policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
@@ -930,6 +994,18 @@ class SenderVerifier:
         if passed is None:
             ev["ignored"] = "i=1 ARC-Authentication-Results has no aligned pass"
             return None, False
+        # What the last (trusted) hop signed: a header added after it is no one's word.
+        headers = _split_headers(raw)
+        latest = max(((_arc_instance(v), v) for n, v in headers
+                      if n == "arc-message-signature"), default=(0, b""))[1]
+        tags = _sig_tags(latest) or {}
+        signed = [x.strip().lower() for x in _ascii(tags.get(b"h", b"")).split(":")]
+        covered, missing = coverage(signed, _counts(headers))
+        if missing:
+            ev["ignored"] = ("latest ARC-Message-Signature does not cover every "
+                             + ", ".join(missing) + " header (RFC 6376 section 8.15)")
+            return None, False
+        ev["covered_headers"] = sorted(covered)
         return f"ARC chain sealed by {seals[0]}: {passed}", False
 
     def _check_spf(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None,

@@ -76,6 +76,7 @@ def crypto_verifier(
             temp_error=verdict.temp_error and not accepted,
             evidence=evidence,
             header=f"Authentication-Results: {header}",
+            covered=verdict.covered,
         )
 
     return verify

@@ -171,9 +171,14 @@ def pg_url() -> Iterator[str]:
     admin.autocommit = True
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
     try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        yield url
     finally:
+        from mta.anvil import table_path
+
+        # The per-client table of a server on this database (under ROOT/var: base=ROOT).
+        table_path(url, ROOT).unlink(missing_ok=True)
         with admin.cursor() as cur:
             cur.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",

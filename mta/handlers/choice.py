@@ -86,8 +86,9 @@ class ChoiceHandler:
         except Exception as exc:  # a malformed body: the sender's fault, told precisely
             log.info("[%s] %s unreadable body: %s", qid, mid, exc)
             return replies.bad_content("the reply's text could not be read")
-        log.info("[%s] %s answer from %s (%s): %r", qid, mid, user.address,
-                 admitted.verification.level, text[:80])
+        # The length, not the text: no message content in a log (dealmail/logs.py).
+        log.info("[%s] %s answer from %s (%s), %d characters", qid, mid, user.address,
+                 admitted.verification.level, len(text))
 
         def job() -> Reply:
             apply_answer(config, directory, company, user, token, text, parsed.message_id,

@@ -8,11 +8,18 @@ and optionally ``listeners.submissions`` with TLS from the first byte (RFC 8314 
   checked with :func:`dealmail.passwords.verify_password` in a worker thread (scrypt, constant
   time; an unknown login costs the same as a wrong password and gets the same ``535 5.7.8``).
   The login is the user's primary address.
-* Failed logins are counted per client IP and per account (:class:`AuthThrottle`, on the
-  injected clock): each failure is answered a little later, and after
-  ``relay.auth_max_failures`` within the window further logins get ``421 4.7.0`` and the
-  connection is closed, for ``relay.auth_lockout_seconds`` (RFC 4954 §4 lets a server limit
-  attempts). Credentials never reach a log line: aiosmtpd logs each command line, so a filter
+* Failed logins (:class:`LoginThrottle`, on the injected clock) are counted per client
+  address and per account from that address, in the table every worker process shares
+  (``mta.anvil``), so that any worker can serve submission: after
+  ``relay.auth_max_failures`` for one account from one address, that account is refused from
+  that address, and after ``relay.auth_client_max_failures`` from one address (any accounts)
+  the address is, each with ``421 4.7.0`` and the connection closed, for
+  ``relay.auth_lockout_seconds`` (RFC 4954 §4 lets a server limit attempts). An account as
+  such is never locked, or anyone could lock a salesperson out of sending from everywhere;
+  it is only slowed: each of its logins waits ``relay.auth_failure_delay`` per failure of the
+  account within the window, up to ``relay.auth_max_delay``, before its password is checked.
+  ``dealmail auth status`` and ``dealmail auth unlock ADDRESS|IP`` show and clear the
+  counters. Credentials never reach a log line: aiosmtpd logs each command line, so a filter
   redacts AUTH lines on its logger.
 * Nothing is relayed without authentication (``530 5.7.0`` at MAIL, RFC 4954 §6). The
   envelope sender and the header From (and Sender and Resent-From, when present) must be
@@ -39,12 +46,12 @@ import binascii
 import functools
 import logging
 import re
+import socket
 import ssl
 from base64 import b64decode
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
@@ -54,19 +61,23 @@ from aiosmtpd.smtp import MISSING, Envelope, Session
 from crmstore.committer import GroupCommitter
 from crmstore.outbox import enqueue
 from dealmail.addresses import AddressError, domain_of, normalize_address
-from dealmail.config import Config, User
+from dealmail.config import Config, LimitsConfig, User
 from dealmail.passwords import verify_password
 from linking.capture import Capture, CaptureRequest, Commit, Disposition, Outcome, Trust
 from linking.parse import MessageRejected, parse_message
 
 from .. import replies
+from ..anvil import KIND_ACCOUNT_CLIENT, KIND_CLIENT, ClientTable, client_key
 from ..metrics import Metrics
 from ..replies import Reply
 from ..server import (
+    ClientLimits,
     ConnectionGate,
     DataContext,
     DealmailSMTP,
     Job,
+    SessionLimits,
+    Sessions,
     decide_and_commit,
     evidence_of,
     incident_reply,
@@ -75,9 +86,10 @@ from ..server import (
     peer_ip,
 )
 from .delivery import has_bare_cr_or_lf, normalize_line_endings
+from .longlines import LIMIT, fit_line_length
 
 __all__ = [
-    "AuthThrottle",
+    "LoginThrottle",
     "RelayHandler",
     "SubmissionHooks",
     "SubmissionSMTP",
@@ -98,72 +110,52 @@ AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 AUTH_LOCKED = "421 4.7.0 Too many failed logins; try again later"
 AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+# RFC 4616 §2: an authorization identity other than the login asks to act as someone else
+# (proxy authorization), which no user may do.
+AUTH_AUTHZID = "535 5.7.8 Authorization identity must be empty or the login itself"
+SOURCE_ROUTE_REFUSED = ("553 5.1.3 Source routes are not accepted; send to the plain "
+                        "address (RFC 5321 section 4.1.1.3)")
 
 _BCC_RE = re.compile(rb"^bcc[ \t]*:", re.IGNORECASE)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _AUTH_LINE_RE = re.compile(r"auth\b|auth_|base64|challenge", re.IGNORECASE)
+_SOURCE_ROUTE_RE = re.compile(r"^\s*<\s*@")
 
 
 # --------------------------------------------------------------------------- throttling
 
 
-@dataclass
-class AuthThrottle:
-    """Failed-login counters per client IP and per account, on the injected clock.
+class LoginThrottle:
+    """Failed logins of the submission listeners, counted in the table shared by every
+    worker process (see the module docstring). Times come from the injected clock."""
 
-    Lives in the App (one per process); only the event loop thread touches it."""
+    def __init__(self, table: ClientTable, config_of: Callable[[], Config],
+                 now: Callable[[], float]) -> None:
+        self.table = table
+        self.config_of = config_of
+        self.now = now
 
-    now: Callable[[], datetime]
-    max_failures: int = 5
-    window: timedelta = timedelta(minutes=15)
-    lockout: timedelta = timedelta(minutes=15)
-    delay_step: float = 1.0
-    max_keys: int = 100_000
-    _failures: dict[str, list[datetime]] = field(default_factory=dict)
-    _locked: dict[str, datetime] = field(default_factory=dict)
+    def refused(self, ip: str, login: str | None = None) -> bool:
+        """Whether logins from ``ip`` (as ``login``) are refused for now."""
+        return self.table.locked(client_key(ip), login, self.now()) > 0
 
-    @staticmethod
-    def _keys(ip: str, login: str | None) -> list[str]:
-        keys = [f"ip:{ip}"]
-        if login:
-            keys.append(f"account:{login.lower()}")
-        return keys
+    def delay(self, login: str) -> float:
+        """Seconds a login as ``login`` waits before its password is checked."""
+        relay = self.config_of().relay
+        failures = self.table.account_failures(login, self.now())
+        return min(relay.auth_failure_delay * failures, relay.auth_max_delay)
 
-    def locked(self, ip: str, login: str | None = None) -> bool:
-        now = self.now()
-        for key in self._keys(ip, login):
-            until = self._locked.get(key)
-            if until is not None:
-                if until > now:
-                    return True
-                del self._locked[key]
-        return False
-
-    def failure(self, ip: str, login: str | None) -> float:
-        """Count a failure; returns the seconds to wait before answering it."""
-        now = self.now()
-        if len(self._failures) > self.max_keys:
-            self._prune(now)
-        worst = 0
-        for key in self._keys(ip, login):
-            recent = [t for t in self._failures.get(key, []) if now - t < self.window]
-            recent.append(now)
-            self._failures[key] = recent
-            worst = max(worst, len(recent))
-            if len(recent) >= self.max_failures:
-                self._locked[key] = now + self.lockout
-                self._failures.pop(key, None)
-        return min(worst, self.max_failures) * self.delay_step
+    def failure(self, ip: str, login: str) -> None:
+        # Every login string is counted alike, a user's or not: the answers must not tell
+        # an existing account from an unknown one (RFC 4954 §6).
+        relay = self.config_of().relay
+        self.table.login_failure(
+            client_key(ip), login, self.now(), relay.auth_window_seconds,
+            relay.auth_lockout_seconds, {KIND_CLIENT: relay.auth_client_max_failures,
+                                         KIND_ACCOUNT_CLIENT: relay.auth_max_failures})
 
     def success(self, ip: str, login: str) -> None:
-        self._failures.pop(f"account:{login.lower()}", None)
-
-    def _prune(self, now: datetime) -> None:
-        # Bounded memory under a distributed brute force: forget counters outside the window.
-        for key in [k for k, v in self._failures.items() if not v or now - v[-1] >= self.window]:
-            del self._failures[key]
-        for key in [k for k, until in self._locked.items() if until <= now]:
-            del self._locked[key]
+        self.table.login_success(client_key(ip), login, self.now())
 
 
 class _RedactAuth(logging.Filter):
@@ -255,9 +247,15 @@ def dkim_sign(raw: bytes, domain: str, selector: str, key_pem: bytes) -> bytes:
     return bytes(header) + raw
 
 
-def outgoing_copy(raw: bytes, received: bytes, dkim_key: tuple[str, str, bytes] | None) -> bytes:
-    """The delivered copy: no Bcc, our Received line on top, DKIM-signed when a key is set."""
+def outgoing_copy(raw: bytes, received: bytes, dkim_key: tuple[str, str, bytes] | None,
+                  *, longest_line: int | None = None) -> bytes:
+    """The delivered copy: no Bcc, our Received line on top, no line longer than 998 octets
+    (a part with longer ones re-encoded, ``mta.relay.longlines``), then DKIM-signed when a
+    key is set, so that the signature covers what leaves. ``longest_line`` is what the DATA
+    reader measured; without it the message is scanned."""
     out = received + strip_bcc(raw)
+    if longest_line is None or longest_line > LIMIT:
+        out = fit_line_length(out)
     if dkim_key is not None:
         domain, selector, pem = dkim_key
         out = dkim_sign(out, domain, selector, pem)
@@ -316,7 +314,7 @@ class RelayHandler:
         now = self.now()
         raw = complete_headers(raw, config.hostname, now)
         try:
-            parsed = parse_message(raw)
+            parsed = parse_message(raw, config.limits)
         except MessageRejected as exc:
             log.info("[%s] refused from %s: %s", qid, user.address, exc.reason)
             return replies.bad_content(exc.reason)
@@ -337,7 +335,8 @@ class RelayHandler:
         received = received_line(ctx.helo, ctx.peer_ip, config.hostname, qid, user.address,
                                  recipients, now)
         outgoing = outgoing_copy(raw, received,
-                                 self._dkim_key(config, domain_of(parsed.from_.address)))
+                                 self._dkim_key(config, domain_of(parsed.from_.address)),
+                                 longest_line=ctx.extra.get("longest_line"))
         mid = parsed.message_id or "-"
         company_id = self.capture.directory_of().company_ids.get(company.slug)
 
@@ -360,6 +359,15 @@ class RelayHandler:
 # --------------------------------------------------------------------------- SMTP side
 
 
+def _login_form(value: bytes) -> str:
+    """A login or authorization identity as compared: a normalised address if it is one."""
+    text = value.decode("utf-8", "replace").strip()
+    try:
+        return normalize_address(text)
+    except AddressError:
+        return text.lower()
+
+
 def _is_tls(server: Any) -> bool:
     transport = server.transport
     return server._tls_protocol is not None or (
@@ -368,6 +376,27 @@ def _is_tls(server: Any) -> bool:
 
 class SubmissionSMTP(DealmailSMTP):
     """The protocol of the submission listeners."""
+
+    _source_route = False
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # RFC 5321 §4.1.1.3 and appendix C: a server SHOULD ignore a source route
+        # (<@a.test,@b.test:x@y>), and aiosmtpd drops it silently. A mail client never sends
+        # one, and the next hop of a relay might honour it: refused (docs/reliability.md
+        # A.31), with aiosmtpd's own order of checks (530/503 first).
+        if _SOURCE_ROUTE_RE.match(arg or ""):
+            self._source_route = True
+            return None, None
+        return super()._getaddr(arg)
+
+    async def push(self, status: Any) -> None:
+        if (self._source_route and isinstance(status, str)
+                and status.startswith("553 5.1.3 Error: malformed address")):
+            self._source_route = False
+            log.info("source-routed path refused from %s",
+                     peer_ip(self.session) if self.session is not None else "?")
+            status = SOURCE_ROUTE_REFUSED
+        await super().push(status)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         # RFC 3207 §4.2: STARTTLS once; aiosmtpd would start a second handshake on the TLS
@@ -385,7 +414,7 @@ class SubmissionHooks:
     metrics: Metrics | None = None
 
     def __init__(self, config_of: Callable[[], Config], handler: RelayHandler,
-                 throttle: AuthThrottle, committer: GroupCommitter,
+                 throttle: LoginThrottle, committer: GroupCommitter,
                  executor: ThreadPoolExecutor) -> None:
         self.config_of = config_of
         self.handler = handler
@@ -407,8 +436,10 @@ class SubmissionHooks:
         if transport is not None:
             transport.close()
 
-    async def _credentials(self, server: Any, args: list[str]) -> tuple[bytes, bytes] | None:
-        """(login, password) from AUTH PLAIN or LOGIN; None after a protocol error reply."""
+    async def _credentials(self, server: Any,
+                           args: list[str]) -> tuple[bytes, bytes, bytes] | None:
+        """(authorization identity, login, password) from AUTH PLAIN or LOGIN (which has no
+        authorization identity: empty); None after a protocol error reply."""
         mechanism = args[0].upper()
         try:
             if mechanism == "PLAIN":
@@ -422,7 +453,7 @@ class SubmissionHooks:
                 if len(parts) != 3:
                     await server.push("501 5.5.2 Cannot split the PLAIN response")
                     return None
-                return parts[1], parts[2]  # RFC 4616 §2: authzid NUL authcid NUL passwd
+                return parts[0], parts[1], parts[2]  # RFC 4616 §2: authzid NUL authcid NUL pw
             if mechanism == "LOGIN":
                 if len(args) == 1:
                     login = await server.challenge_auth("Username:")
@@ -433,7 +464,7 @@ class SubmissionHooks:
                 password = await server.challenge_auth("Password:")
                 if password is MISSING:
                     return None
-                return login, password
+                return b"", login, password
         except (binascii.Error, ValueError):
             await server.push("501 5.5.2 Cannot decode base64")
             return None
@@ -445,24 +476,28 @@ class SubmissionHooks:
         ip = peer_ip(session)
         if not _is_tls(server):
             return AUTH_NEEDS_TLS
-        if self.throttle.locked(ip):
+        if self.throttle.refused(ip):
             log.info("AUTH from %s refused: too many failures", ip)
             await self._refuse_locked(server)
             return None
         creds = await self._credentials(server, args)
         if creds is None:
             return None
-        login_bytes, password_bytes = creds
-        login = login_bytes.decode("utf-8", "replace").strip()
+        authzid_bytes, login_bytes, password_bytes = creds
+        login = _login_form(login_bytes)
         password = password_bytes.decode("utf-8", "replace")
-        try:
-            login = normalize_address(login)
-        except AddressError:
-            login = login.lower()
-        if self.throttle.locked(ip, login):
+        if authzid_bytes and _login_form(authzid_bytes) != login:
+            # Refused before the password is looked at: the answer says nothing about it.
+            log.info("AUTH from %s refused: authorization identity differs from the login", ip)
+            return AUTH_AUTHZID
+        if self.throttle.refused(ip, login):
             log.info("AUTH from %s refused: too many failures", ip)
             await self._refuse_locked(server)
             return None
+        delay = self.throttle.delay(login)
+        if delay > 0:
+            # The account had failures (from anywhere): slowed, never locked.
+            await asyncio.sleep(delay)  # a real wait for the client (tests set 0)
         config = self.config_of()
         found = config.find_user(login)
         user = found[1] if found is not None and found[1].address == login else None
@@ -475,14 +510,12 @@ class SubmissionHooks:
             session.auth_data = user.address  # type: ignore[assignment]
             log.info("AUTH ok: %s from %s", user.address, ip)
             return AUTH_OK
-        delay = self.throttle.failure(ip, login)
+        self.throttle.failure(ip, login)
         # The login is logged only when it is a user's address: a password typed into the
         # login field must not end up in the log.
         log.info("AUTH failed from %s for %s", ip,
                  user.address if user is not None else "an unknown login")
-        if delay > 0:
-            await asyncio.sleep(delay)  # slows a guesser down (server side; tests use 0)
-        if self.throttle.locked(ip, login):
+        if self.throttle.refused(ip, login):
             await self._refuse_locked(server)
             return None
         return AUTH_INVALID
@@ -536,7 +569,8 @@ class SubmissionHooks:
             queue_id=queue_id, authenticated_as=session.auth_data
             if isinstance(session.auth_data, str) else None,
             smtp_utf8="SMTPUTF8" in [o.upper() for o in envelope.mail_options],
-            extra={"tls": _is_tls(server)},
+            extra={"tls": _is_tls(server),
+                   "longest_line": getattr(envelope, "longest_line", None)},
         )
         check = functools.partial(self.handler.check, ctx, list(envelope.rcpt_tos))
         return await decide_and_commit(self.executor, self.committer, check, ctx,
@@ -550,10 +584,13 @@ class SubmissionHooks:
 async def start_submission(
     hooks: SubmissionHooks, listen: str, tls_context: ssl.SSLContext, *, implicit: bool,
     hostname: str, data_size_limit: int | Callable[[], int], command_timeout: float,
-    data_timeout: float,
-    max_connections: int,
+    data_timeout: float, max_connections: int, line_length: int = LimitsConfig.line_length,
+    limits: Callable[[], SessionLimits] | None = None, clients: ClientLimits | None = None,
+    sessions: Sessions | None = None, sock: socket.socket | None = None,
 ) -> asyncio.Server:
-    """Listen on ``HOST:PORT``: STARTTLS (``implicit=False``) or TLS from the first byte."""
+    """Listen on ``HOST:PORT`` (or accept on ``sock``, bound by the pre-fork parent): STARTTLS
+    (``implicit=False``) or TLS from the first byte. The other arguments are those of
+    :func:`mta.server.start_listener`."""
     install_auth_redaction()
     host, port = parse_listen(listen)
     gate = ConnectionGate(max_connections)
@@ -561,7 +598,9 @@ async def start_submission(
 
     def factory() -> SubmissionSMTP:
         protocol = SubmissionSMTP(
-            hooks, gate=gate, data_timeout=data_timeout,
+            hooks, gate=gate, data_timeout=data_timeout, line_length=line_length,
+            limits=limits() if limits is not None else None, clients=clients,
+            sessions=sessions,
             data_size_limit=data_size_limit() if callable(data_size_limit) else data_size_limit,
             enable_SMTPUTF8=True, hostname=hostname, ident="dealmail ESMTP submission",
             timeout=command_timeout, loop=loop, auth_required=True, auth_require_tls=True,
@@ -573,6 +612,9 @@ async def start_submission(
             protocol._auth_require_tls = False
         return protocol
 
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock,
+                                         ssl=tls_context if implicit else None)
     return await loop.create_server(factory, host=host, port=port,
                                      ssl=tls_context if implicit else None)
 
@@ -590,11 +632,8 @@ async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
                                  app.clock.now())
     app.tls_context = context  # App.reload loads renewed certificate files into it
     handler = RelayHandler(app.capture, app.clock.now, app.base)
-    throttle = AuthThrottle(
-        app.clock.now, max_failures=c.relay.auth_max_failures,
-        window=timedelta(seconds=c.relay.auth_window_seconds),
-        lockout=timedelta(seconds=c.relay.auth_lockout_seconds),
-        delay_step=c.relay.auth_failure_delay)
+    throttle = LoginThrottle(app.clients_table, app.get_config,
+                             lambda: app.clock.now().timestamp())
     hooks = SubmissionHooks(app.get_config, handler, throttle, app.committer, app.executor)
     hooks.metrics = app.metrics
     for name, listen, implicit in (("submission", c.listeners.submission, False),
@@ -605,7 +644,9 @@ async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
             hooks, listen, context, implicit=implicit, hostname=c.hostname,
             data_size_limit=lambda: app.config.limits.message_size,
             command_timeout=c.listeners.command_timeout,
-            data_timeout=c.listeners.data_timeout, max_connections=c.listeners.max_connections)
+            data_timeout=c.listeners.data_timeout, max_connections=c.listeners.max_connections,
+            line_length=c.limits.line_length, limits=app.session_limits,
+            clients=app.client_limits, sessions=app.sessions, sock=app.prebound.get(name))
         sock = servers[name].sockets[0].getsockname()
         log.info("%s listening on %s:%s (%s)", name, sock[0], sock[1],
                  "implicit TLS" if implicit else "STARTTLS")

@@ -41,6 +41,7 @@ from dealmail.schedules import RetrySchedule, parse_schedule
 
 from .delivery import DeliveryResult, NextHop, Outcome, RecipientResult, deliver
 from .dsn import build_dsn
+from .longlines import fit_line_length
 from .mx import AddrLookup, MxLookup, RouteError, resolve_routes
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ class OutboxWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._current: m.OutboxItem | None = None  # the delivery in flight
 
     @property
     def schedule(self) -> RetrySchedule:
@@ -167,16 +169,36 @@ class OutboxWorker:
     # ----------------------------------------------------------------- delivering
 
     async def run_once(self) -> int:
-        """Deliver every due item once; returns how many items were attempted."""
+        """Deliver every due item once; returns how many items were attempted. Once a stop
+        began, the items claimed and not yet started are handed back untouched."""
         loop = asyncio.get_running_loop()
         items = await loop.run_in_executor(None, self.claim)
-        for item in items:
+        for done, item in enumerate(items):
+            if self._stopping:
+                await loop.run_in_executor(None, self.release, items[done:])
+                return done
             if item.kind in self.refresh and not await loop.run_in_executor(
                     None, self._refreshed, item):
                 continue
-            result = await self._attempt(item)
+            self._current = item
+            try:
+                result = await self._attempt(item)
+            finally:
+                self._current = None
+            # Recorded even when a stop began meanwhile: the outcome of a delivery that
+            # happened must be kept, or the next start would send it again.
             await loop.run_in_executor(None, self.record, item, result)
         return len(items)
+
+    def release(self, items: list[m.OutboxItem]) -> None:
+        """Give back claimed items not attempted (a stop): due again at once, the attempt
+        counted at claim time taken back, nothing sent."""
+        if not items:
+            return
+        with self.store.transaction():
+            (m.OutboxItem.update(lease_until=None, attempts=m.OutboxItem.attempts - 1)
+             .where(m.OutboxItem.id.in_([i.id for i in items])).execute())
+        log.info("outbox: %d claimed item(s) handed back for the next start", len(items))
 
     def _refreshed(self, item: m.OutboxItem) -> bool:
         """Let the composer check the item once more before it leaves (one transaction):
@@ -202,7 +224,11 @@ class OutboxWorker:
             code = 550 if exc.permanent else 451
             return DeliveryResult([RecipientResult(r, outcome, code, f"{exc.status} {exc}")
                                    for r in recipients], transcript_error=str(exc))
-        return await deliver(bytes(item.message), item.mail_from, recipients, routes,
+        # What dealmail composes (a DSN quoting a header, say) can carry a line longer
+        # than RFC 5322 allows; a relayed copy was fitted before it was signed and comes
+        # back unchanged.
+        message = fit_line_length(bytes(item.message))
+        return await deliver(message, item.mail_from, recipients, routes,
                              self.config_of().hostname, timeout=self.timeout)
 
     def record(self, item: m.OutboxItem, result: DeliveryResult) -> None:
@@ -300,10 +326,25 @@ class OutboxWorker:
             except TimeoutError:
                 pass
 
-    async def stop(self) -> None:
+    async def stop(self, within: float | None = None) -> None:
+        """Stop after the delivery in flight, waiting at most ``within`` seconds for it.
+        Past that it is cancelled: its lease stays, so it is retried once the lease expires
+        (at-least-once, docs/reliability.md D.6.3: the next hop may have taken it)."""
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
+        if self._task is None:
+            return
+        done, _ = await asyncio.wait({self._task}, timeout=within)
+        if done:
+            return
+        current = self._current
+        log.warning("outbox: delivery of #%s not finished within %s s of the stop: cut; it "
+                    "is retried when its lease expires", current.id if current else "?",
+                    within)
+        self._task.cancel()
+        try:
             await self._task
+        except asyncio.CancelledError:
+            pass
 
 

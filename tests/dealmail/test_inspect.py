@@ -61,3 +61,23 @@ def test_inspect_refused_message(tmp_path: Path, capsys: pytest.CaptureFixture[s
     eml.write_bytes(b"From: a@x.test\r\nFrom: b@y.test\r\n\r\nhi\r\n")
     assert main(["inspect", str(eml), "--config", "conf/dealmail.example.toml"]) != 0
     assert "more than one From" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["multipart", "rfc822"])
+def test_inspect_deep_nesting_reports_the_reason(tmp_path: Path, kind: str) -> None:
+    """The listener's reason (554 5.6.0) and a non-zero exit, never a traceback."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from support.mail import nested_multipart, nested_rfc822
+
+    eml = tmp_path / "deep.eml"
+    eml.write_bytes((nested_multipart if kind == "multipart" else nested_rfc822)(5000))
+    done = subprocess.run([sys.executable, "-m", "dealmail.cli", "inspect", str(eml),
+                           "--config", str(ROOT / "conf" / "dealmail.example.toml")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 65
+    assert "would be refused (554 5.6.0): MIME structure nested deeper than 50 levels" in (
+        done.stderr)
+    assert "Traceback" not in done.stderr + done.stdout

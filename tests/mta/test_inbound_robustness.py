@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, corpus_dir
+from support.mail import long_line_corpus
 
 from crmstore import models as m
 from crmstore.db import Store
@@ -207,3 +208,74 @@ def test_sigkill_during_load_loses_no_acknowledged_message(tmp_path: Path) -> No
     assert len(acked) > 50
     assert missing == []
     assert all(n == 1 for n in stored.values())
+
+
+# --------------------------------------------------------------------------- structure
+
+
+@pytest.mark.parametrize("kind", ["multipart", "rfc822"])
+def test_deep_nesting_is_a_permanent_refusal(server: Any, kind: str) -> None:
+    """Depth 5,000 is 554 5.6.0 with the reason (a 451 would be retried for days), and the
+    session goes on."""
+    from support.mail import nested_multipart, nested_rfc822
+
+    raw = (nested_multipart if kind == "multipart" else nested_rfc822)(5000)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            s.sendmail("alice@example.com", [BCC], raw)
+        assert refused.value.smtp_code == 554
+        assert refused.value.smtp_error.startswith(
+            b"5.6.0 Message refused: MIME structure nested deeper than 50 levels")
+        s.rset()
+        s.sendmail("alice@example.com", [BCC], b"From: alice@example.com\r\nTo: carl@other.test"
+                   b"\r\nSubject: after\r\n\r\nstill serving\r\n")
+
+
+def test_recursion_past_the_structure_check_is_still_554(server: Any, monkeypatch: Any) -> None:
+    """The last guard: were the raw-bytes check to miss a structure, the RecursionError of a
+    recursive walk still becomes a permanent 554, never a 451 nor a traceback to the client."""
+    from support.mail import nested_rfc822
+
+    import linking.parse
+
+    monkeypatch.setattr(linking.parse, "check_structure", lambda raw, limits=None: None)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            s.sendmail("alice@example.com", [BCC], nested_rfc822(3000))
+        assert refused.value.smtp_code == 554
+        assert b"nested too deeply" in refused.value.smtp_error
+
+
+# --------------------------------------------------------------------------- long lines
+
+
+def test_long_lines_are_accepted_and_stored_as_received(server: Any) -> None:
+    """Single-line HTML and base64 (marketing tools, some webmail) break RFC 5322's 998
+    octets; Postfix accepts them and so do we, storing the bytes as received. A line beyond
+    [limits] line_length is refused after the upload, and the session goes on."""
+    html = b"<html><body>" + b"<p>Offer for Ann</p>" * 250 + b"</body></html>"
+    assert len(html) > 5000
+    raw = (b"From: Alice <alice@example.com>\r\nTo: Carl <carl@other.test>\r\n"
+           b"Subject: one-line html\r\nMessage-ID: <long-html@example.com>\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+           + html + b"\r\n")
+    sent, too_long = [raw], [raw.replace(html, b"x" * 70_000)]
+    for i, path in enumerate(long_line_corpus()):
+        one = re.sub(rb"(?im)^message-id:.*\r\n", b"", _with_user_from(path.read_bytes()))
+        one = f"Message-ID: <long-corpus-{i}@example.com>\r\n".encode() + one
+        # One corpus reply quotes 700 KB on one line: beyond any sane limit.
+        (sent if max(map(len, one.split(b"\n"))) <= 65536 else too_long).append(one)
+    assert len(sent) >= 10 and len(too_long) == 2
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
+        for one in sent:
+            assert s.sendmail("alice@example.com", [BCC], one) == {}
+        for one in too_long:
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                s.sendmail("alice@example.com", [BCC], one)
+            assert refused.value.smtp_code == 554
+            assert b"a line is longer than 65536 characters" in refused.value.smtp_error
+            assert s.noop()[0] == 250
+    stored = m.Email.get(m.Email.message_id == "<long-html@example.com>")
+    assert bytes(stored.raw) == raw
+    assert m.Email.select().where(m.Email.message_id.startswith("<long-corpus-")).count() == (
+        len(sent) - 1)

@@ -191,6 +191,48 @@ def test_h_not_covering_from_is_not_strong() -> None:
     assert v.level == "none" and "h= does not cover From" in v.reason
 
 
+def test_replayed_signature_with_an_added_cc_is_not_strong() -> None:
+    """A signature proves only its h=: a Cc (and a Reply-To) inserted after signing by
+    anyone who received the signed mail must not make the message strong (RFC 6376 §8.15)."""
+    raw = sign(message(), "example.com", RSA2048)  # h=from:to:subject:date:message-id
+    assert run(raw).level == "strong"
+    replay = raw.replace(b"Subject: Quote", b"Cc: Victim <victim@evil.test>\r\n"
+                         b"Reply-To: victim@evil.test\r\nSubject: Quote")
+    v = run(replay)
+    assert v.signatures[0].valid  # the cryptography alone still passes
+    assert v.signatures[0].uncovered == ["cc"]
+    assert v.level == "none" and v.covered is None
+    assert "h= does not cover every cc header" in v.reason
+    # It falls to the next level that applies, e.g. a trusted network, like any message.
+    assert run(replay, client_ip="10.1.2.3", trusted_networks=(
+        ipaddress.ip_network("10.0.0.0/8"),)).level == "trusted-network"
+
+
+def test_signature_covering_cc_is_strong_and_says_what_it_covers() -> None:
+    with_cc = message().replace(b"Subject: Quote", b"Cc: Carl <carl@other.test>\r\n"
+                                b"Subject: Quote")
+    headers = [b"from", b"to", b"cc", b"subject", b"date", b"message-id"]
+    v = run(sign(with_cc, "example.com", RSA2048, include_headers=headers))
+    assert v.level == "strong" and v.signatures[0].uncovered == []
+    assert v.covered is not None and {"from", "to", "cc", "subject"} <= v.covered
+    assert "cc" in v.evidence["covered_headers"]
+    # A To not covered (Microsoft 365 signs From, Date, Subject, Message-ID only): not
+    # strong either, since linking reads To.
+    v = run(sign(message(), "example.com", RSA2048,
+                 include_headers=[b"from", b"subject", b"date", b"message-id"]))
+    assert v.level == "none" and v.signatures[0].uncovered == ["to"]
+
+
+def test_over_signed_absent_cc_breaks_when_one_is_added() -> None:
+    """Listing cc in h= while the message has none (over-signing) makes adding one break
+    the signature itself."""
+    headers = [b"from", b"to", b"cc", b"subject", b"date", b"message-id"]
+    raw = sign(message(), "example.com", RSA2048, include_headers=headers)
+    assert run(raw).level == "strong"
+    v = run(raw.replace(b"Subject: Quote", b"Cc: victim@evil.test\r\nSubject: Quote"))
+    assert v.level == "none" and not v.signatures[0].valid
+
+
 def test_512_bit_key_is_refused_1024_accepted_ed25519_works() -> None:
     weak = run(sign(message(), "example.com", RSA512, selector="weak"))
     assert weak.level == "none" and "too small" in weak.signatures[0].reason
@@ -411,6 +453,20 @@ def test_arc_chain_with_untrusted_first_hop_is_ignored() -> None:
     v = run(hop2, trusted_arc_sealers=("gateway.test",))
     assert v.evidence["arc"]["result"] == "pass"
     assert v.level == "none" and "untrusted sealer" in v.evidence["arc"]["ignored"]
+
+
+def test_arc_header_added_after_the_last_seal_is_not_arc() -> None:
+    """The latest ARC-Message-Signature must cover what linking reads, as a DKIM signature
+    must for strong: a Cc added after the trusted hop sealed leaves the chain's cv=pass but
+    is no one's word."""
+    raw = arc_seal(message(extra_headers=AR_GATEWAY), "gateway.test", RSA2048, "gateway.test")
+    v = run(raw, trusted_arc_sealers=("gateway.test",))
+    assert v.level == "arc" and v.covered is not None and "to" in v.covered
+    replay = raw.replace(b"Subject: Quote", b"Cc: victim@evil.test\r\nSubject: Quote")
+    v = run(replay, trusted_arc_sealers=("gateway.test",))
+    assert v.evidence["arc"]["result"] == "pass"
+    assert v.level == "none"
+    assert "does not cover every cc header" in v.evidence["arc"]["ignored"]
 
 
 def test_arc_aar_without_aligned_pass_is_not_arc() -> None:

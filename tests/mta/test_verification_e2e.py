@@ -143,3 +143,47 @@ def test_attached_original_signature_is_recorded(server_factory: Any, dns: Any,
     forward = json.loads(stored.forward_json)
     assert [sig["valid"] for sig in forward["dkim"]] == [True]
     assert forward["dkim"][0]["domain"] == "customer.test"
+
+
+def test_replay_with_an_added_cc_creates_nobody(server: Any, key: Any) -> None:
+    """Anyone who received alice's signed mail once re-sends it with a Cc and a Reply-To
+    inserted: the signature covers neither, so it is not alice's at level strong (refused
+    from an untrusted network), and no person is made of the added address."""
+    raw = sign(to_customer(message(message_id="<replayed@example.com>")), "example.com", key)
+    replay = raw.replace(b"Subject: Quote", b"Cc: Victim <victim@evil.test>\r\n"
+                         b"Reply-To: victim@evil.test\r\nSubject: Quote")
+    code, text = refused(server.port, replay, mail_from="attacker@evil.test")
+    assert code == 550 and "h= does not cover every cc header" in text
+    assert m.Email.select().count() == 0
+    assert m.PersonAddress.select().where(
+        m.PersonAddress.address == "victim@evil.test").count() == 0
+    send(server.port, raw)  # the message as signed is still alice's
+    assert m.Sighting.get().verification == "strong"
+
+
+def test_linking_reads_only_the_headers_the_signature_covers(server: Any,
+                                                             monkeypatch: Any) -> None:
+    """When a level rests on a signature (DKIM, ARC), linking ignores an address header it
+    does not wholly cover: no participant, no person; the stored raw message keeps it."""
+    from linking.capture import Verification
+
+    gate = server.app.capture.gate
+    real = gate.verifier
+
+    def covered_without_cc(*args: Any) -> Verification:
+        verdict = real(*args)
+        verdict.level, verdict.accepted = "strong", True
+        verdict.covered = frozenset({"from", "to", "subject", "date", "message-id"})
+        return verdict
+
+    monkeypatch.setattr(gate, "verifier", covered_without_cc)
+    raw = to_customer(message(message_id="<cover@example.com>")).replace(
+        b"Subject: Quote", b"Cc: Victim <victim@evil.test>\r\nSubject: Quote")
+    send(server.port, raw)
+    email = m.Email.get(m.Email.message_id == "<cover@example.com>")
+    assert b"Cc: Victim <victim@evil.test>" in bytes(email.raw)
+    assert [p.address for p in email.participants] == ["alice@example.com",
+                                                       "carl@other.test"]
+    assert email.cc_json == "[]"
+    assert m.PersonAddress.select().where(
+        m.PersonAddress.address == "victim@evil.test").count() == 0

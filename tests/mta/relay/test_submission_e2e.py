@@ -334,37 +334,72 @@ def test_second_starttls_and_injected_commands(relay: Relay) -> None:
     tls.close()
 
 
-def test_brute_force_is_slowed_then_refused_per_ip_and_account(
-        relay_factory: Any, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+def test_login_throttling_cannot_be_turned_against_a_user(
+        relay_factory: Any, clock: FakeClock, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str], restore_logging: None) -> None:
+    """Failed logins count per client address and per account from that address: wrong
+    passwords for bob from one address lock bob out of that address only; his right
+    password works from another, and a colleague behind the same (NAT) address is not
+    affected. Too many failures from one address, whatever the accounts, lock the address.
+    An unknown login is answered exactly like a wrong password. `dealmail auth status`
+    shows it all and `dealmail auth unlock` clears it."""
+    from datetime import UTC, datetime
+
+    from dealmail.cli import main
+
     caplog.set_level(logging.DEBUG)
-    relay = relay_factory("relay.auth_max_failures=3", "relay.auth_lockout_seconds=600")
-    # Per IP: three failures from 127.0.0.2, the third answered 421 4.7.0 and closed.
+    clock.set(datetime.now(UTC))  # `dealmail auth` reads the table with the real time
+    relay = relay_factory("relay.auth_max_failures=3", "relay.auth_client_max_failures=6",
+                          "relay.auth_lockout_seconds=600")
+    # Three wrong passwords for bob from 127.0.0.2: the third answered 421 4.7.0, closed.
     with relay.client("127.0.0.2") as s:
-        assert auth_plain(s, "alice@example.com", "guess")[0] == 535
-        assert auth_plain(s, "nobody@example.com", "guess")[0] == 535
+        assert auth_plain(s, "bob@example.com", "guess")[0] == 535
+        assert auth_plain(s, "bob@example.com", "guess")[0] == 535
         assert auth_plain(s, "bob@example.com", "guess") == (
             421, b"4.7.0 Too many failed logins; try again later")
         with pytest.raises(smtplib.SMTPServerDisconnected):
-            s.noop()  # the connection was closed after the 421
-    # The right password from that IP is refused too, for a while.
+            s.noop()
+    # Bob's right password from that address is refused for a while...
     with relay.client("127.0.0.2") as s:
-        code, text = s.docmd("AUTH", "PLAIN " + base64.b64encode(
-            f"\0bob@example.com\0{BOB_PW}".encode()).decode())
-        assert (code, text) == (421, b"4.7.0 Too many failed logins; try again later")
-    # Another IP is not affected.
+        assert auth_plain(s, "bob@example.com", BOB_PW)[0] == 421
+    # ...but works from any other address, and alice behind the same address logs in.
     relay.login("bob@example.com", BOB_PW, source="127.0.0.3").quit()
-    # Per account: failures for alice spread over several IPs (one above from 127.0.0.2)
-    # lock alice everywhere.
-    with relay.client("127.0.0.4") as s:
-        assert auth_plain(s, "alice@example.com", "guess")[0] == 535
+    relay.login("alice@example.com", ALICE_PW, source="127.0.0.2").quit()
+    # An unknown login gets the very same answers (no way to tell accounts apart).
     with relay.client("127.0.0.5") as s:
-        assert auth_plain(s, "alice@example.com", "guess")[0] == 421
-    with relay.client("127.0.0.7") as s:
+        answers = [auth_plain(s, "nobody@example.com", "guess") for _ in range(3)]
+    assert answers == [(535, b"5.7.8 Authentication credentials invalid")] * 2 + [
+        (421, b"4.7.0 Too many failed logins; try again later")]
+    # Six failures from one address, over several accounts: the address is locked.
+    with relay.client("127.0.0.4") as s:
+        for login in ("alice@example.com", "bob@example.com", "carol@example.com",
+                      "dave@example.com", "erin@example.com"):
+            assert auth_plain(s, login, "guess")[0] == 535
+        assert auth_plain(s, "frank@example.com", "guess")[0] == 421
+    with relay.client("127.0.0.4") as s:
         assert auth_plain(s, "alice@example.com", ALICE_PW)[0] == 421
-    # After the lockout (injected clock) both work again.
-    clock.advance(timedelta(seconds=601))
-    relay.login("alice@example.com", ALICE_PW, source="127.0.0.7").quit()
+    # The admin's view, and the unlock.
+    config = ["--config", str(relay.app.config.path), *[
+        f"--set={o}" for o in (f"database.url={relay.app.config.database.url}",)]]
+    capsys.readouterr()
+    assert main(["auth", "status", "--json", *config]) == 0
+    status = json.loads(capsys.readouterr().out)
+    locked = {e["who"] for e in status if e["locked_until"]}
+    assert {"bob@example.com from 127.0.0.2", "127.0.0.4",
+            "nobody@example.com from 127.0.0.5"} <= locked
+    assert {e["who"]: e["failures"] for e in status if e["kind"] == "account"}[
+        "bob@example.com"] == 4
+    assert main(["auth", "unlock", "bob@example.com", *config]) == 0
+    assert "cleared" in capsys.readouterr().out
     relay.login("bob@example.com", BOB_PW, source="127.0.0.2").quit()
+    assert main(["auth", "unlock", "127.0.0.4", *config]) == 0
+    relay.login("alice@example.com", ALICE_PW, source="127.0.0.4").quit()
+    # Locks end by themselves after the lockout (injected clock).
+    with relay.client("127.0.0.5") as s:
+        assert auth_plain(s, "nobody@example.com", "guess")[0] == 421
+    clock.advance(timedelta(seconds=601))
+    with relay.client("127.0.0.5") as s:
+        assert auth_plain(s, "nobody@example.com", "guess")[0] == 535
     # Passwords never reach a log line, not even base64-encoded, at DEBUG.
     text = caplog.text
     for secret in (ALICE_PW, BOB_PW, "guess"):
@@ -398,6 +433,55 @@ def test_sending_as_a_colleague_is_refused(relay: Relay) -> None:
         s.sendmail("alice.personal@mail.test", ["ann@customer.test"],
                    msg(frm="Alice <alice.personal@mail.test>").as_bytes(policy=SMTP_POLICY))
     assert len(items("relay")) == 1
+
+
+def test_resent_from_and_sender_are_checked_like_from(relay: Relay) -> None:
+    """RFC 5322 §3.6.6: Resent-From and Resent-Sender name who sends a resent message, so
+    they must be the user's own addresses, like From and Sender (553 5.7.1)."""
+    with relay.login("bob@example.com", BOB_PW) as s:
+        for header in ({"Resent_From": "Alice <alice@example.com>"},
+                       {"Resent_Sender": "alice@example.com"},
+                       {"Sender": "alice@example.com"}):
+            with pytest.raises(smtplib.SMTPDataError) as info:
+                s.sendmail("bob@example.com", ["ann@customer.test"],
+                           msg(frm="Bob <bob@example.com>", **header).as_bytes(
+                               policy=SMTP_POLICY))
+            assert info.value.smtp_code == 553, header
+            assert info.value.smtp_error.startswith(
+                b"5.7.1 Sender address rejected: <alice@example.com> not owned by user "
+                b"bob@example.com"), header
+        s.sendmail("bob@example.com", ["ann@customer.test"],
+                   msg(frm="Bob <bob@example.com>", Resent_From="bob@example.com").as_bytes(
+                       policy=SMTP_POLICY))
+    assert len(items("relay")) == 1
+
+
+def test_source_routes_are_refused(relay: Relay) -> None:
+    with relay.login() as s:
+        code, text = s.docmd("MAIL", "FROM:<@relay.test:alice@example.com>")
+        assert code == 553 and text.startswith(b"5.1.3 Source routes are not accepted")
+        assert s.docmd("MAIL", "FROM:<alice@example.com>")[0] == 250
+        for route in ("<@a.test,@b.test:x@y.test>", "< @a.test:ann@customer.test>"):
+            code, text = s.docmd("RCPT", f"TO:{route}")
+            assert code == 553 and text.startswith(b"5.1.3 Source routes"), route
+        assert s.docmd("RCPT", "TO:<ann@customer.test>")[0] == 250
+    with relay.client() as s:  # unauthenticated: aiosmtpd's order of checks first
+        assert s.docmd("MAIL", "FROM:<@a.test:alice@example.com>")[0] == 530
+
+
+def test_authorization_identity_must_be_the_login(relay: Relay) -> None:
+    """AUTH PLAIN's authzid (RFC 4616 §2) asks to act as someone else: bob\0alice\0pw no
+    longer logs in as alice; an empty one or the login itself is fine."""
+    for authzid in ("bob@example.com", "someone"):
+        with relay.client() as s:
+            blob = base64.b64encode(f"{authzid}\0alice@example.com\0{ALICE_PW}".encode())
+            code, text = s.docmd("AUTH", f"PLAIN {blob.decode()}")
+            assert code == 535 and text.startswith(b"5.7.8 Authorization identity"), authzid
+            assert s.docmd("MAIL", "FROM:<alice@example.com>")[0] == 530
+    for authzid in ("", "Alice@Example.com"):
+        with relay.client() as s:
+            blob = base64.b64encode(f"{authzid}\0alice@example.com\0{ALICE_PW}".encode())
+            assert s.docmd("AUTH", f"PLAIN {blob.decode()}")[0] == 235, authzid
 
 
 OPEN_RELAY_ADDRESSES = [
@@ -526,6 +610,44 @@ def test_dkim_signature_on_the_delivered_form(relay_factory: Any, tmp_path: Path
     assert dkim.verify(data, dnsfunc=dnsfunc)
 
 
+def test_long_lines_are_encoded_before_signing(relay_factory: Any, tmp_path: Path) -> None:
+    """A 5,000-character single-line HTML part is stored as received and leaves
+    quoted-printable (the sink, like a strict MTA, refuses lines over 998 octets: its 500
+    would have become a DSN), under a DKIM signature computed on the encoded form."""
+    dkim = pytest.importorskip("dkim")
+    from email import message_from_bytes
+    from email import policy as email_policy
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "dkim.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    relay = relay_factory(
+        'relay.dkim=[{domain = "example.com", selector = "dm", key_file = "dkim.key"}]')
+    html = "<html><body>" + "<p>Offre pour Ann, caf\u00e9 compris</p>" * 150 + "</body></html>"
+    assert len(html) > 5000
+    message = msg(subject="one-line html")
+    message.set_content(html, subtype="html", cte="8bit")
+    raw = message.as_bytes(policy=SMTP_POLICY)
+    assert max(len(line) for line in raw.split(b"\r\n")) > 5000
+    relay.send(raw, ["ann@customer.test"])
+    assert relay.run_outbox() == 1
+    data = relay.sink.messages[0].data
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    delivered = message_from_bytes(data, policy=email_policy.default)
+    assert delivered["Content-Transfer-Encoding"] == "quoted-printable"
+    assert delivered.get_content().rstrip("\r\n") == html
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    assert dkim.verify(data, dnsfunc=lambda name, timeout=5: record)
+    stored = m.Email.get(m.Email.message_id == message["Message-ID"])
+    assert html.encode() in bytes(stored.raw)  # the stored copy is the one received
+
+
 def test_outbox_cli_lists_relay_items(relay: Relay) -> None:
     relay.send(msg(), ["ann@customer.test"])
     from crmstore.outbox import list_items
@@ -538,24 +660,66 @@ def test_outbox_cli_lists_relay_items(relay: Relay) -> None:
 # --------------------------------------------------------------------------- units
 
 
-def test_throttle_delay_grows_and_the_window_forgets() -> None:
-    from datetime import UTC, datetime
+def test_per_client_limits_apply_to_submission(relay_factory: Any) -> None:
+    """The submission listeners count clients in the same table as the inbound one."""
+    relay = relay_factory("clients.exempt_networks=[]", "clients.max_connections=2")
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10,
+                                     source_address=("127.0.0.2", 0))
+            for port in (relay.sub_port, relay.inbound_port)]
+    assert all(s.recv(1024).startswith(b"220") for s in held)
+    third = socket.create_connection(("127.0.0.1", relay.sub_port), timeout=10,
+                                     source_address=("127.0.0.2", 0))
+    assert third.recv(1024).startswith(b"421 4.7.0 Too many connections from your address")
+    for s in [*held, third]:
+        s.close()
+    relay.login(source="127.0.0.3").quit()
 
-    from mta.relay.submission import AuthThrottle
 
-    clock = FakeClock(datetime(2026, 1, 1, tzinfo=UTC))
-    t = AuthThrottle(clock.now, max_failures=3, window=timedelta(minutes=10),
-                     lockout=timedelta(minutes=5), delay_step=0.5)
-    assert t.failure("192.0.2.1", "a@x.test") == 0.5
-    assert t.failure("192.0.2.1", "b@x.test") == 1.0  # the IP's second failure
-    clock.advance(timedelta(minutes=11))  # both forgotten: outside the window
-    assert t.failure("192.0.2.1", "a@x.test") == 0.5
+def test_account_is_slowed_never_locked(tmp_path: Path) -> None:
+    """The account's own count (from every address) only delays its logins, growing with
+    its failures up to auth_max_delay; locks are per address and per account from an
+    address; a success clears that pair only; windows and locks end on the clock."""
+    from dealmail.config import RelayConfig
+    from mta.anvil import ClientTable
+    from mta.relay.submission import LoginThrottle
+
+    relay_config = RelayConfig(auth_max_failures=3, auth_client_max_failures=4,
+                               auth_window_seconds=600, auth_lockout_seconds=300,
+                               auth_failure_delay=0.5, auth_max_delay=2.0)
+    config = load_config(EXAMPLE, [])
+    config = type(config)(**{**config.__dict__, "relay": relay_config})
+    path = tmp_path / "clients"
+    ClientTable.prepare(path, workers=2)
+    table = ClientTable.open(path)
+    now = [1_000_000.0]
+    t = LoginThrottle(table, lambda: config, lambda: now[0])
+    assert t.delay("a@x.test") == 0
+    for i, ip in enumerate(["192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4",
+                            "192.0.2.5"]):
+        t.failure(ip, "a@x.test")
+        assert t.delay("a@x.test") == min(0.5 * (i + 1), 2.0)
+        assert not t.refused("198.51.100.7", "a@x.test")  # never locked as an account
+    assert t.delay("b@x.test") == 0
     t.failure("192.0.2.1", "a@x.test")
-    assert not t.locked("192.0.2.1")
-    t.failure("192.0.2.9", "a@x.test")  # the account's third
-    assert t.locked("192.0.2.77", "a@x.test") and not t.locked("192.0.2.77", "b@x.test")
-    clock.advance(timedelta(minutes=5, seconds=1))
-    assert not t.locked("192.0.2.77", "a@x.test")
+    t.failure("192.0.2.1", "a@x.test")  # the pair's third
+    assert t.refused("192.0.2.1", "a@x.test") and not t.refused("192.0.2.1", "b@x.test")
+    t.failure("192.0.2.9", "c@x.test")
+    t.success("192.0.2.9", "c@x.test")
+    t.failure("192.0.2.9", "c@x.test")
+    t.failure("192.0.2.9", "c@x.test")
+    assert not t.refused("192.0.2.9", "c@x.test")  # the success started the pair over
+    t.failure("192.0.2.9", "d@x.test")  # the address's fourth
+    assert t.refused("192.0.2.9") and t.refused("192.0.2.9", "e@x.test")
+    now[0] += 301  # the locks are over; the account's window (600 s) is not
+    assert not t.refused("192.0.2.1", "a@x.test") and not t.refused("192.0.2.9")
+    assert t.delay("a@x.test") == 2.0
+    now[0] += 300
+    assert t.delay("a@x.test") == 0
+    # IPv6 clients count by their /64.
+    for host in range(4):
+        t.failure(f"2001:db8:1:2::{host + 1}", f"u{host}@x.test")
+    assert t.refused("2001:db8:1:2:ffff::1") and not t.refused("2001:db8:1:3::1")
+    table.close()
 
 
 def test_strip_bcc_keeps_everything_else() -> None:

@@ -134,6 +134,23 @@ def dsns(sink: SmtpSink) -> list[Any]:
     return [g for g in sink.messages if g.mail_from == ""]
 
 
+
+def test_what_dealmail_composes_is_fitted_at_delivery(outbox: Outbox, store: Store) -> None:
+    """A composed message with a header and a body line over 998 octets (a DSN quoting the
+    headers of a message that had them, say) is fitted when it is sent: the sink, like a
+    strict MTA, would refuse it (its 500 would turn into a DSN about dealmail's own mail)."""
+    refs = " ".join(f"<{i}@example.com>" for i in range(120))
+    raw = (f"From: MAILER-DAEMON@dealmail.test\r\nTo: alice@example.com\r\n"
+           f"Subject: notice\r\nReferences: {refs}\r\n\r\n{'y' * 3000}\r\n").encode()
+    with store.transaction():
+        enqueue(raw, kind="dsn", mail_from="", recipients=["alice@example.com"],
+                now=outbox.clock.now())
+    assert outbox.run() == 1
+    data = outbox.sink.messages[0].data
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    assert b"y" * 70 in data and b"<119@example.com>" in data
+    assert m.OutboxItem.get().state == "sent"
+
 def test_temporary_failure_then_success(outbox: Outbox, clock: FakeClock) -> None:
     [item_id] = outbox.put(["ann@customer.test"])
     outbox.sink.script(data="451 4.3.0 busy, try later")
