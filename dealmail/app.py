@@ -26,6 +26,7 @@ from linking.record import Directory
 from mta.handlers.ask import AskHandler
 from mta.handlers.choice import ChoiceHandler
 from mta.handlers.smart_bcc import SmartBccHandler
+from mta.imapsync.service import SyncService
 from mta.relay.mx import AddrLookup, MxLookup
 from mta.relay.worker import OutboxWorker
 from mta.routing import RoutingTable
@@ -73,6 +74,11 @@ class App:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.handlers: dict[str, Handler] = {}
         self.capture: Capture | None = None
+        # Mailbox sync over IMAP (mta/imapsync); the pre-fork parent runs it in one worker
+        # on SQLite. imap_tick: real seconds between looks at the clock while waiting.
+        self.imap: SyncService | None = None
+        self.start_imap_sync = True
+        self.imap_tick = 1.0
 
     # ------------------------------------------------------------------ set-up
 
@@ -147,6 +153,8 @@ class App:
         self.config = new
         self.directory = Directory(new)
         self.routing = RoutingTable(new, self.routing.enabled)
+        if self.imap is not None and self.start_imap_sync:
+            self.imap.refresh()  # mailboxes added or removed
         log.info("config reloaded from %s", new.path)
         return True
 
@@ -168,6 +176,10 @@ class App:
         self.digests.start(60.0, after_queue=self.after_commit)
         self.capture = self.build_capture()
         self.handlers = self.build_handlers(self.capture)
+        self.imap = SyncService(self.store, self.capture, self.get_config, self.clock, self.base,
+                                tick=self.imap_tick)
+        if self.start_imap_sync:
+            await asyncio.get_running_loop().run_in_executor(None, self.imap.start)
         self.routing = RoutingTable(self.config, self.handlers)
         hooks = InboundHooks(
             lambda: self.routing, self.handlers, self.committer, self.executor,
@@ -203,6 +215,8 @@ class App:
             server.close()
         for server in self.servers.values():
             await server.wait_closed()
+        if self.imap is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.imap.stop)
         if self.committer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.committer.stop)
         if self.digests is not None:

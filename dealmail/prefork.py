@@ -36,6 +36,8 @@ def _child(config: Config, overrides: tuple[str, ...], base: Path, index: int,
               start_outbox_worker=(index == 0 or not sqlite))
     app.prebound = {"inbound": sock}
     app.run_submission = index == 0
+    # Mailbox sync: leases keep each account to one process; on SQLite one worker is enough.
+    app.start_imap_sync = index == 0 or not sqlite
     try:
         asyncio.run(app.serve_forever())
     finally:

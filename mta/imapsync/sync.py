@@ -44,6 +44,8 @@ from typing import Any
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, ProtocolError
+from imapclient.response_parser import parse_fetch_response
+from imapclient.imapclient import seq_to_parenstr_upper
 
 from crmstore import models as m
 from crmstore.db import Store
@@ -116,6 +118,17 @@ class FolderStats:
 class Reconnect(Exception):
     """The connection must be dropped (a reply could not be read); ``suspects`` are the UIDs
     of the chunk, read one by one on the next connection."""
+
+
+def fetch_range(client: IMAPClient, spec: str, items: list[str]) -> dict[int, dict[bytes, Any]]:
+    """``UID FETCH <spec> (<items>)`` for a UID range (imapclient's ``fetch`` takes only
+    lists of UIDs and drops answers it did not ask for by number)."""
+    imap = client._imap
+    tag = imap._command("UID", "FETCH", spec, seq_to_parenstr_upper(items))
+    typ, data = imap._command_complete("FETCH", tag)
+    client._checkok("fetch", typ, data)
+    typ, data = imap._untagged_response(typ, data, "FETCH")
+    return parse_fetch_response(data, client.normalise_times, True)  # type: ignore[no-any-return]
 
 
 def _is_protocol_trouble(exc: BaseException) -> bool:
@@ -289,7 +302,7 @@ class AccountSync:
         return stats
 
     def _max_uid(self, client: IMAPClient) -> int:
-        resp = client.fetch("*", ["UID"])
+        resp = fetch_range(client, "*", ["UID"])
         return max(resp) if resp else 0
 
     def _has_retries(self, folder: str, uidvalidity: int) -> bool:
@@ -325,8 +338,9 @@ class AccountSync:
         blocked = False  # a UID waits for a retry: the checkpoint stays below it
         while lo <= end:
             hi = min(end, lo + width - 1)
-            meta = client.fetch(f"{lo}:{hi}", items)
-            uids = sorted(u for u in meta if lo <= u <= hi)
+            meta = fetch_range(client, f"{lo}:{hi}", items)
+            # Unsolicited FETCH responses (flag changes) carry no size: not ours.
+            uids = sorted(u for u in meta if lo <= u <= hi and b"RFC822.SIZE" in meta[u])
             # Adapt the window to the density of UIDs (gaps after expunges).
             if len(uids) < chunk and width < WINDOW_MAX:
                 width = min(WINDOW_MAX, width * 2)
