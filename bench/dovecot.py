@@ -1,7 +1,7 @@
 """A private, throw-away Dovecot IMAP server on loopback, for the tests and ``bench imap``.
 
 One config file of its own (no ``!include``: the stock ``conf.d`` pulls in PAM and an mbox
-location), a passwd-file of users added on the fly (Dovecot re-reads it when it changes),
+location), one passwd-file per user, added on the fly,
 Maildir mailboxes owned by a numeric uid with no passwd entry (the mail uid must not be 0),
 and TLS from a ``trustme`` CA: implicit TLS on one port, STARTTLS on another. Never started as
 a system service; stopped with ``doveadm stop``.
@@ -41,13 +41,14 @@ auth_mechanisms = plain login
 mail_location = maildir:~/Maildir
 first_valid_uid = {uid}
 mail_max_userip_connections = 100
+auth_failure_delay = 0
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN {root}/users
+  args = scheme=PLAIN {root}/users/%u
 }}
 userdb {{
   driver = passwd-file
-  args = {root}/users
+  args = {root}/users/%u
   default_fields = uid={uid} gid={uid} home={root}/mail/%u
 }}
 namespace inbox {{
@@ -127,8 +128,8 @@ class PrivateDovecot:
         with open(root / "cert.pem", "wb") as f:
             for blob in leaf.cert_chain_pems:
                 f.write(blob.bytes())
-        (root / "users").write_text("")
-        (root / "users").chmod(0o644)
+        (root / "users").mkdir(exist_ok=True)
+        (root / "users").chmod(0o755)
         self.tls_port, self.plain_port = free_port(), free_port()
         self.conf.write_text(CONFIG.format(root=root, tag=self.tag, uid=MAIL_UID,
                                            plain_port=self.plain_port,
@@ -154,8 +155,11 @@ class PrivateDovecot:
         """A new user (``name@x.test``); returns the login."""
         login = name or f"user{next(self._counter)}-{os.getpid()}@x.test"
         self.users[login] = password
-        with open(self.root / "users", "a") as f:
-            f.write(f"{login}:{{PLAIN}}{password}::::::\n")
+        # One passwd-file per user: Dovecot looks at a changed passwd-file at most once a
+        # second, so users added to one shared file within a second were not found.
+        users = self.root / "users" / login
+        users.write_text(f"{login}:{{PLAIN}}{password}::::::\n")
+        users.chmod(0o644)
         return login
 
     def maildir(self, login: str, folder: str = "") -> Path:

@@ -177,3 +177,7 @@ def pg_url() -> Iterator[str]:
                 (name,))
             cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
+
+
+# The session's private Dovecot and an App factory for the mailbox sync tests.
+from support.dovecot import app_factory, dovecot  # noqa: E402, F401

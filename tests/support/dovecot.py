@@ -1,0 +1,121 @@
+"""The private Dovecot of the test session (``bench/dovecot.py`` runs it) and helpers to fill
+mailboxes and configure dealmail to sync them.
+
+A missing ``dovecot`` binary fails the tests loudly (``scripts/test`` installs the Debian
+package ``dovecot-imapd``): an IMAP sync that was never run against a real server is not
+tested.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from imapclient import IMAPClient
+
+from bench.dovecot import DovecotMissing, PrivateDovecot
+from dealmail.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "conf" / "dealmail.example.toml"
+BOB_BLOCK = '[[companies.users]]\naddress = "bob@example.com"'
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[PrivateDovecot]:
+    try:
+        server = PrivateDovecot()
+    except DovecotMissing as exc:
+        pytest.fail(f"{exc}: scripts/test installs it; IMAP sync tests never skip")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def imap_login(dovecot: PrivateDovecot, login: str) -> IMAPClient:
+    """A second, independent client (another mail program of the user)."""
+    ctx = ssl.create_default_context(cafile=str(dovecot.ca_file))
+    client = IMAPClient(dovecot.host, dovecot.tls_port, ssl_context=ctx, timeout=30)
+    client.login(login, dovecot.users[login])
+    return client
+
+
+def mail(i: int, *, sender: str = "carl@other.test", to: str = "alice@example.com",
+         subject: str | None = None, body: str = "Hello", size: int = 0,
+         message_id: str | None = None) -> bytes:
+    text = body + ("\r\n" + "x" * 76) * (size // 78)
+    return (f"From: Sender <{sender}>\r\nTo: <{to}>\r\n"
+            f"Subject: {subject or f'message {i}'}\r\n"
+            f"Date: {format_datetime(datetime(2026, 11, 20, 9, 0, tzinfo=UTC))}\r\n"
+            f"Message-ID: {message_id or make_msgid(f'm{i}', 'sender.test')}\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+            f"{text}\r\n").encode()
+
+
+def mailbox_block(dovecot: PrivateDovecot, login: str, password_file: Path, **extra: object
+                  ) -> str:
+    lines = ["[[companies.users.mailboxes]]", 'provider = "imap"',
+             f'host = "{dovecot.host}"', f"port = {dovecot.tls_port}",
+             'tls = "implicit"', f'ca_file = "{dovecot.ca_file}"', f'username = "{login}"',
+             f'password_file = "{password_file}"', "since_days = 0"]
+    for key, value in extra.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, int):
+            lines.append(f"{key} = {value}")
+        elif isinstance(value, list):
+            lines.append(f"{key} = [{', '.join(repr(v).replace(chr(39), chr(34)) for v in value)}]")
+        else:
+            lines.append(f'{key} = "{value}"')
+    return "\n".join(lines) + "\n\n"
+
+
+def sync_config(tmp_path: Path, dovecot: PrivateDovecot, login: str, *overrides: str,
+                password: str | None = None, alice_extra: str = "", **extra: object
+                ) -> Config:
+    """The example config with ``login``'s Dovecot mailbox on alice, a fresh database."""
+    secret = tmp_path / f"{login}.secret"
+    secret.write_text((password or dovecot.users[login]) + "\n")
+    text = EXAMPLE.read_text(encoding="utf-8")
+    block = mailbox_block(dovecot, login, secret, **extra) + alice_extra
+    text = text.replace(BOB_BLOCK, block + BOB_BLOCK)
+    path = tmp_path / "dealmail.toml"
+    path.write_text(text, encoding="utf-8")
+    return load_config(path, [
+        f"database.url=sqlite:///{tmp_path}/dealmail.db",
+        "listeners.inbound=127.0.0.1:0",
+        "listeners.submission=",
+        f"server.demo_data={ROOT / 'conf' / 'demo'}",
+        *overrides,
+    ])
+
+
+@pytest.fixture
+def app_factory(tmp_path: Path, clock: Any, dns: Any) -> Iterator[Any]:
+    """Start an App (no outbox worker) whose mailbox sync the test drives, or starts with
+    ``sync=True`` (``tick``: real seconds between the threads' looks at the clock)."""
+    from conftest import RunningApp
+    from dealmail.app import App
+
+    started: list[Any] = []
+
+    def start(config: Config, *, sync: bool = False, tick: float = 0.05) -> Any:
+        app = App(config, clock=clock, base=ROOT, dns_txt=dns.lookup_txt,
+                  dns_query=dns.lookup, start_outbox_worker=False)
+        app.start_imap_sync = sync
+        app.imap_tick = tick
+        running = RunningApp(app)
+        running.start()
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
