@@ -78,9 +78,10 @@ def mailbox_block(dovecot: PrivateDovecot, login: str, password_file: Path, **ex
 
 
 def sync_config(tmp_path: Path, dovecot: PrivateDovecot, login: str, *overrides: str,
-                password: str | None = None, alice_extra: str = "", **extra: object
-                ) -> Config:
-    """The example config with ``login``'s Dovecot mailbox on alice, a fresh database."""
+                password: str | None = None, alice_extra: str = "",
+                relay_password: str | None = None, **extra: object) -> Config:
+    """The example config with ``login``'s Dovecot mailbox on alice, a fresh database
+    (``relay_password``: alice's submission password)."""
     secret = tmp_path / f"{login}.secret"
     secret.write_text((password or dovecot.users[login]) + "\n")
     text = EXAMPLE.read_text(encoding="utf-8")
@@ -88,6 +89,10 @@ def sync_config(tmp_path: Path, dovecot: PrivateDovecot, login: str, *overrides:
     text = text.replace(BOB_BLOCK, block + BOB_BLOCK)
     path = tmp_path / "dealmail.toml"
     path.write_text(text, encoding="utf-8")
+    if relay_password:
+        from dealmail.passwords import hash_password, set_password_in_file
+
+        set_password_in_file(path, "alice@example.com", hash_password(relay_password))
     return load_config(path, [
         f"database.url=sqlite:///{tmp_path}/dealmail.db",
         "listeners.inbound=127.0.0.1:0",
@@ -107,7 +112,7 @@ def app_factory(tmp_path: Path, clock: Any, dns: Any) -> Iterator[Any]:
     started: list[Any] = []
 
     def start(config: Config, *, sync: bool = False, tick: float = 0.05) -> Any:
-        app = App(config, clock=clock, base=ROOT, dns_txt=dns.lookup_txt,
+        app = App(config, clock=clock, base=tmp_path, dns_txt=dns.lookup_txt,
                   dns_query=dns.lookup, start_outbox_worker=False)
         app.start_imap_sync = sync
         app.imap_tick = tick
@@ -119,3 +124,31 @@ def app_factory(tmp_path: Path, clock: Any, dns: Any) -> Iterator[Any]:
     yield start
     for running in started:
         running.stop()
+
+
+def one_pass(running: Any) -> Any:
+    """One catch-up of alice's first mailbox, as the service's thread runs it."""
+    from mta.imapsync.lease import ensure_account
+    from mta.imapsync.service import configured_accounts
+    from mta.imapsync.sync import AccountSync
+
+    app = running.app
+    account = next(iter(configured_accounts(app.config)[0].values()))
+    sync = AccountSync(account, app.imap.deps)
+    sync.account_id = ensure_account(app.store, account.key, account.user.address)
+    assert app.imap.deps.lease.acquire(sync.account_id)
+    client = sync.open()
+    try:
+        sync.catch_up(client)
+        sync.record_success()
+    finally:
+        sync.close()
+    return sync
+
+
+def imap_emails(user: str = "alice@example.com") -> int:
+    """How many emails ``user`` got through the mailbox sync."""
+    from crmstore import models as m
+
+    return (m.Sighting.select().join(m.User)
+            .where((m.User.address == user) & (m.Sighting.channel == "imap")).count())

@@ -16,31 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from crmstore import models as m
-from mta.imapsync.lease import ensure_account
-from mta.imapsync.service import configured_accounts
-from mta.imapsync.sync import AccountSync
-from support.dovecot import imap_login, mail, sync_config
-
-
-def one_pass(running: Any) -> AccountSync:
-    """One catch-up of alice's first mailbox, as the service's thread runs it."""
-    app = running.app
-    account = next(iter(configured_accounts(app.config)[0].values()))
-    sync = AccountSync(account, app.imap.deps)
-    sync.account_id = ensure_account(app.store, account.key, account.user.address)
-    assert app.imap.deps.lease.acquire(sync.account_id)
-    client = sync.open()
-    try:
-        sync.catch_up(client)
-        sync.record_success()
-    finally:
-        sync.close()
-    return sync
-
-
-def imap_emails(user: str = "alice@example.com") -> int:
-    return (m.Sighting.select().join(m.User)
-            .where((m.User.address == user) & (m.Sighting.channel == "imap")).count())
+from support.dovecot import imap_emails, imap_login, mail, one_pass, sync_config
 
 
 def test_initial_sync_with_uid_gaps_then_incremental(tmp_path: Path, dovecot: Any,
@@ -187,7 +163,8 @@ def test_message_over_the_size_cap_is_headers_and_text(tmp_path: Path, dovecot: 
            b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
            b"Content-Type: text/plain; charset=utf-8\r\n\r\nPlease see the attachment.\r\n"
            b"--XX\r\nContent-Type: application/octet-stream\r\n"
-           b"Content-Transfer-Encoding: base64\r\n\r\n" + b"QUFB" * 19 * 20000 + b"\r\n--XX--\r\n")
+           b"Content-Transfer-Encoding: base64\r\n\r\n" + (b"QUFB" * 19 + b"\r\n") * 20000
+           + b"--XX--\r\n")
     dovecot.deliver(login, [big, mail(1)])
     running = app_factory(sync_config(tmp_path, dovecot, login, max_message_size=200_000))
     sync = one_pass(running)
