@@ -73,7 +73,7 @@ def bound_reads(client: IMAPClient, limit: int) -> None:
     def bounded(size: int) -> bytes:
         if size > limit:
             raise LiteralTooLarge(f"server announced a literal of {size} bytes "
-                                  f"(limit {limit})")
+                                  f"(at most {limit} are read)")
         return read(size)  # type: ignore[no-any-return]
 
     imap.read = bounded

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dealmail.config import Config, MailboxConfig, User
 
-__all__ = ["PRESETS", "Preset", "Resolved", "check_mailboxes", "resolve"]
+__all__ = ["PRESETS", "Preset", "Resolved", "check_mailboxes", "describe_mailboxes", "resolve"]
 
 GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
 MICROSOFT_TOKEN_URL = "https://login.microsoftonline.com/common/oauth2/v2.0/token"
@@ -178,3 +178,21 @@ def check_mailboxes(config: Config, base: Path | None = None) -> list[str]:
                     if not ca.is_file():
                         problems.append(f"{where}.ca_file: {ca} does not exist")
     return problems
+
+
+def describe_mailboxes(config: Config) -> list[str]:
+    """Lines for ``dealmail check-config``: each configured mailbox and where it connects."""
+    lines = []
+    for company in config.companies:
+        for user in company.users:
+            for mb in user.mailboxes:
+                try:
+                    a = resolve(user, mb)
+                except ValueError:
+                    continue
+                folders = ", ".join(mb.folders) or (
+                    "All Mail" if a.preset.gmail else "INBOX and the Sent folder")
+                lines.append(f"  mailbox of {user.address}: {mb.username} at {a.host}:{a.port} "
+                             f"({a.preset.label}; {a.tls} TLS; "
+                             f"{'XOAUTH2' if a.oauth2 else 'password'}; {folders})")
+    return lines

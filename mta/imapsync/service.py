@@ -32,7 +32,7 @@ from linking.capture import Capture
 from .client import connect
 from .lease import Lease, LeaseLost, ensure_account
 from .presets import Resolved, check_mailboxes, resolve
-from .sync import AccountSync, SyncDeps, failure_kind
+from .sync import AccountSync, Reconnect, SyncDeps, failure_kind
 
 __all__ = ["AccountRunner", "SyncService", "backoff"]
 
@@ -117,13 +117,13 @@ class AccountRunner(threading.Thread):
         except Exception as exc:
             kind = failure_kind(exc)
             cfg = deps.config_of().imap
-            failing = not (sync.healthy and kind in ("network", "protocol"))
+            # Reading a chunk again one UID at a time, or a drop after a good catch-up (BYE,
+            # reset): reconnect soon, then catch up before watching again.
+            failing = not (isinstance(exc, Reconnect) or (sync.healthy and kind == "network"))
             if failing:
                 delay = backoff(row.failures + 1, cfg.retry_first_seconds,
                                 cfg.retry_max_seconds, self.service.rng)
             else:
-                # A drop after a good catch-up (BYE, reset, an unreadable reply being
-                # isolated): reconnect soon, then catch up before watching again.
                 delay = timedelta(seconds=min(5.0, cfg.retry_first_seconds))
             if kind == "internal":
                 log.exception("[imap %s] internal error", self.account.key)

@@ -44,8 +44,8 @@ from typing import Any
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, ProtocolError
-from imapclient.response_parser import parse_fetch_response
 from imapclient.imapclient import seq_to_parenstr_upper
+from imapclient.response_parser import parse_fetch_response
 
 from crmstore import models as m
 from crmstore.db import Store
@@ -138,6 +138,12 @@ def _is_protocol_trouble(exc: BaseException) -> bool:
                       | TypeError | KeyError | IndexError | AttributeError | AssertionError)
 
 
+def _throttled(exc: BaseException) -> bool:
+    """A server's refusal that speaks of limits (``NO [ALERT] ...limit...``): back off; our
+    own exceptions never count."""
+    return not isinstance(exc, ProtocolTrouble) and is_throttle(str(exc))
+
+
 def _utc(value: Any) -> datetime | None:
     if not isinstance(value, datetime):
         return None
@@ -165,6 +171,8 @@ class AccountSync:
         self.sent_folder: str | None = None
         # UIDs of chunks whose answer could not be read: fetched one at a time next.
         self.suspects: set[tuple[str, int, int]] = set()
+        # Consecutive broken connections while reading a chunk (first UID) or a UID (-UID).
+        self.broken: dict[tuple[str, int, int], int] = {}
         self.healthy = False  # this connection completed a catch-up
         self.wake = threading.Event()
         self.last_stats: dict[str, FolderStats] = {}
@@ -436,30 +444,42 @@ class AccountSync:
             return [self._fetch_alone(client, folder, uidvalidity, u, meta, gmail)
                     for u in batch]
         try:
-            return self._fetch_many(client, batch, meta, gmail)
+            got = self._fetch_many(client, batch, meta, gmail)
         except Exception as exc:
-            if not _is_protocol_trouble(exc) or is_throttle(str(exc)):
+            if not self._blame(exc, (folder, uidvalidity, batch[0])):
                 raise
             log.warning("%s %s: a chunk of %d message(s) could not be read (%s); reading "
                         "them one by one", self.log_prefix(), folder, len(batch),
                         server_words(exc))
             self.suspects.update((folder, uidvalidity, u) for u in batch)
             raise Reconnect(str(exc)) from exc
+        self.broken.pop((folder, uidvalidity, batch[0]), None)
+        return got
+
+    def _blame(self, exc: BaseException, key: tuple[str, int, int]) -> bool:
+        """Whether the answer itself is at fault: unreadable, or the connection broke twice
+        in a row at the same place (a malformed stream looks like a dropped connection)."""
+        if _throttled(exc) or isinstance(exc, Reconnect):
+            return False
+        self.broken[key] = self.broken.get(key, 0) + 1
+        return _is_protocol_trouble(exc) or self.broken[key] >= 2
 
     def _fetch_alone(self, client: IMAPClient, folder: str, uidvalidity: int, uid: int,
                      meta: dict[int, dict[bytes, Any]], gmail: bool) -> Fetched:
+        key = (folder, uidvalidity, uid)
         try:
             got = self._fetch_many(client, [uid], meta, gmail)
         except Exception as exc:
-            if not _is_protocol_trouble(exc) or is_throttle(str(exc)):
+            if not self._blame(exc, (folder, uidvalidity, -uid)):
                 raise
-            self.suspects.discard((folder, uidvalidity, uid))
+            self.suspects.discard(key)
             reason = f"the server's answer could not be read: {server_words(exc)}"
             log.warning("%s %s UID %s: %s", self.log_prefix(), folder, uid, reason)
             # Recorded now (the connection is dropped next), then go on with the next UID.
             self._record_unreadable(folder, uidvalidity, uid, reason)
             raise Reconnect(reason) from exc
-        self.suspects.discard((folder, uidvalidity, uid))
+        self.suspects.discard(key)
+        self.broken.pop((folder, uidvalidity, -uid), None)
         return got[0]
 
     def _record_unreadable(self, folder: str, uidvalidity: int, uid: int, reason: str) -> None:
@@ -743,8 +763,7 @@ def failure_kind(exc: BaseException) -> str:
         return "auth"
     if isinstance(exc, ImapSecurityError):
         return "security"
-    text = str(exc)
-    if is_throttle(text):
+    if _throttled(exc):
         return "throttle"
     if isinstance(exc, Reconnect):
         return "protocol"

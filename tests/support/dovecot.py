@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -84,9 +84,14 @@ def sync_config(tmp_path: Path, dovecot: PrivateDovecot, login: str, *overrides:
     (``relay_password``: alice's submission password)."""
     secret = tmp_path / f"{login}.secret"
     secret.write_text((password or dovecot.users[login]) + "\n")
-    text = EXAMPLE.read_text(encoding="utf-8")
     block = mailbox_block(dovecot, login, secret, **extra) + alice_extra
-    text = text.replace(BOB_BLOCK, block + BOB_BLOCK)
+    return config_with(tmp_path, block, *overrides, relay_password=relay_password)
+
+
+def config_with(tmp_path: Path, alice_block: str, *overrides: str,
+                relay_password: str | None = None) -> Config:
+    """The example config with ``alice_block`` (mailbox blocks) after alice's user block."""
+    text = EXAMPLE.read_text(encoding="utf-8").replace(BOB_BLOCK, alice_block + BOB_BLOCK)
     path = tmp_path / "dealmail.toml"
     path.write_text(text, encoding="utf-8")
     if relay_password:
@@ -107,6 +112,7 @@ def app_factory(tmp_path: Path, clock: Any, dns: Any) -> Iterator[Any]:
     """Start an App (no outbox worker) whose mailbox sync the test drives, or starts with
     ``sync=True`` (``tick``: real seconds between the threads' looks at the clock)."""
     from conftest import RunningApp
+
     from dealmail.app import App
 
     started: list[Any] = []
@@ -123,11 +129,12 @@ def app_factory(tmp_path: Path, clock: Any, dns: Any) -> Iterator[Any]:
 
     yield start
     for running in started:
-        running.stop()
+        if running.thread.is_alive():  # a test may have stopped one itself
+            running.stop()
 
 
-def one_pass(running: Any) -> Any:
-    """One catch-up of alice's first mailbox, as the service's thread runs it."""
+def new_sync(running: Any) -> Any:
+    """The sync object of alice's first mailbox (what the service's thread keeps)."""
     from mta.imapsync.lease import ensure_account
     from mta.imapsync.service import configured_accounts
     from mta.imapsync.sync import AccountSync
@@ -136,6 +143,14 @@ def one_pass(running: Any) -> Any:
     account = next(iter(configured_accounts(app.config)[0].values()))
     sync = AccountSync(account, app.imap.deps)
     sync.account_id = ensure_account(app.store, account.key, account.user.address)
+    return sync
+
+
+def one_pass(running: Any, sync: Any = None) -> Any:
+    """One catch-up of alice's first mailbox, as the service's thread runs it (``sync``: the
+    account's sync object of an earlier pass, as the thread keeps it)."""
+    app = running.app
+    sync = sync or new_sync(running)
     assert app.imap.deps.lease.acquire(sync.account_id)
     client = sync.open()
     try:

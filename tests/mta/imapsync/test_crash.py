@@ -12,8 +12,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from crmstore import models as m
 from support.dovecot import imap_emails, mail, one_pass, sync_config
+
+from crmstore import models as m
 
 ROOT = Path(__file__).resolve().parents[3]
 

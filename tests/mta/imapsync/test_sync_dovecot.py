@@ -15,8 +15,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from crmstore import models as m
 from support.dovecot import imap_emails, imap_login, mail, one_pass, sync_config
+
+from crmstore import models as m
 
 
 def test_initial_sync_with_uid_gaps_then_incremental(tmp_path: Path, dovecot: Any,

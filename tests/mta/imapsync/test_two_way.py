@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from crmstore import models as m
 from support.dovecot import imap_login, mail, one_pass, sync_config
 
+from crmstore import models as m
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
-from smtpsink import SmtpSink  # noqa: E402
+from smtpsink import SmtpSink
 
 ALICE_PW = "correct horse battery staple"
 
