@@ -321,6 +321,13 @@ class Capture:
             channel, originals, _chains = originals_for(parsed, user, config, now)
         else:
             channel, originals = request.channel, [plain_original(parsed, now)]
+        listed = never_tracked(user, request, originals)
+        if listed is not None:
+            # The user's own never-track list (config ``never_track``), for every source.
+            done = Disposition(Outcome.IGNORED, f"<{listed}> is on the user's never-track "
+                               "list", user=user)
+            self._log(request, parsed, done)
+            return done
         if channel in _AUTOMATIC_CHANNELS and not self._has_customer(
                 request, parsed, directory):
             done = Disposition(Outcome.IGNORED, "no customer among the participants",
@@ -395,6 +402,24 @@ class Capture:
         who = parsed.from_.address if parsed is not None else request.evidence.client_ip
         log.info("[%s] %s %s (%s) from %s: %s", request.queue_id, mid, done.outcome.value,
                  request.channel, who, done.reason)
+
+
+def never_tracked(user: User, request: CaptureRequest,
+                  originals: Sequence[Original]) -> str | None:
+    """The first participant on the user's never-track list (an address, or a domain with
+    its subdomains), else None."""
+    entries = user.never_track
+    if not entries:
+        return None
+    everyone = [*request.recipients]
+    for original in originals:
+        everyone += [b.address for b in [original.from_, *original.to, *original.cc]]
+    for address in everyone:
+        a = address.lower()
+        domain = a.rpartition("@")[2]
+        if any(a == e or domain == e or domain.endswith("." + e) for e in entries):
+            return a
+    return None
 
 
 def note_repeat(result: RecordResult, arrival: Arrival) -> None:

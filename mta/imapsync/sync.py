@@ -111,6 +111,7 @@ class FolderStats:
     fetched: int = 0
     stored: int = 0
     repeat: int = 0
+    ignored: int = 0  # read and not tracked (automatic, internal only, never-track list)
     failed: int = 0
     bytes: int = 0
 
@@ -304,9 +305,9 @@ class AccountSync:
         end = (uidnext - 1) if uidnext is not None else self._max_uid(client)
         self._walk(client, row, uidvalidity, end, gmail, stats)
         self._save_checkpoint(row, None, hms, uidnext)
-        log.info("%s %s: %d fetched, %d stored, %d repeats, %d failed; checkpoint %s:%s",
-                 prefix, name, stats.fetched, stats.stored, stats.repeat, stats.failed,
-                 uidvalidity, row.last_uid)
+        log.info("%s %s: %d fetched, %d stored, %d repeats, %d not tracked, %d failed; "
+                 "checkpoint %s:%s", prefix, name, stats.fetched, stats.stored, stats.repeat,
+                 stats.ignored, stats.failed, uidvalidity, row.last_uid)
         return stats
 
     def _max_uid(self, client: IMAPClient) -> int:
@@ -633,6 +634,8 @@ class AccountSync:
                 if state == "done":
                     if outcome == "repeat":
                         stats.repeat += 1
+                    elif outcome == "ignored":
+                        stats.ignored += 1
                     else:
                         stats.stored += 1
                 elif state == "failed":

@@ -78,13 +78,13 @@ def mailbox_block(dovecot: PrivateDovecot, login: str, password_file: Path, **ex
 
 
 def sync_config(tmp_path: Path, dovecot: PrivateDovecot, login: str, *overrides: str,
-                password: str | None = None, alice_extra: str = "",
+                password: str | None = None, alice_extra: str = "", alice_keys: str = "",
                 relay_password: str | None = None, **extra: object) -> Config:
     """The example config with ``login``'s Dovecot mailbox on alice, a fresh database
     (``relay_password``: alice's submission password)."""
     secret = tmp_path / f"{login}.secret"
     secret.write_text((password or dovecot.users[login]) + "\n")
-    block = mailbox_block(dovecot, login, secret, **extra) + alice_extra
+    block = alice_keys + mailbox_block(dovecot, login, secret, **extra) + alice_extra
     return config_with(tmp_path, block, *overrides, relay_password=relay_password)
 
 
