@@ -34,6 +34,7 @@ from __future__ import annotations
 import imaplib
 import json
 import logging
+import queue
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -336,6 +337,52 @@ class AccountSync:
 
     def _walk(self, client: IMAPClient, row: m.MailboxFolder, uidvalidity: int, end: int,
               gmail: bool, stats: FolderStats) -> None:
+        """Read the new UIDs and capture them. A reader thread owns the connection and
+        fetches the next chunk while this thread captures and commits the previous one
+        (at most two chunks wait in between: memory stays bounded by the chunk size)."""
+        chunks: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def read() -> None:
+            try:
+                for item in self._read(client, row, uidvalidity, end, gmail, stats):
+                    while not stop.is_set():
+                        try:
+                            chunks.put(item, timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                chunks.put(("end",))
+            except BaseException as exc:  # handed to the committing thread, raised there
+                chunks.put(("error", exc))
+
+        reader = threading.Thread(target=read, name=f"{threading.current_thread().name}-read",
+                                  daemon=True)
+        reader.start()
+        blocked = False  # a UID waits for a retry: the checkpoint stays below it
+        try:
+            while True:
+                item = chunks.get()
+                if item[0] == "end":
+                    break
+                if item[0] == "error":
+                    raise item[1]
+                if item[0] == "chunk":
+                    _, batch, prepared, known = item
+                    blocked = self._commit(row, uidvalidity, prepared, known, stats,
+                                           None if blocked else batch[-1]) or blocked
+                elif item[0] == "window" and not blocked:
+                    self._advance(row, item[1])
+        finally:
+            stop.set()
+            reader.join()
+
+    def _read(self, client: IMAPClient, row: m.MailboxFolder, uidvalidity: int, end: int,
+              gmail: bool, stats: FolderStats) -> Iterator[tuple[Any, ...]]:
+        """("chunk", UIDs, prepared messages, known UID rows) for each chunk, and ("window",
+        last UID) after each window of UIDs was read."""
         cfg = self.config.imap
         chunk = cfg.chunk_messages
         width = max(chunk * 4, 200)
@@ -344,7 +391,6 @@ class AccountSync:
         items = ["RFC822.SIZE", "INTERNALDATE"]
         if gmail:
             items += ["X-GM-MSGID", "X-GM-THRID", "X-GM-LABELS"]
-        blocked = False  # a UID waits for a retry: the checkpoint stays below it
         while lo <= end:
             hi = min(end, lo + width - 1)
             meta = fetch_range(client, f"{lo}:{hi}", items)
@@ -369,10 +415,8 @@ class AccountSync:
                 todo = self._gmail_known(row, uidvalidity, todo, meta, known)
             for batch in self._batches(todo, meta, chunk, cfg.chunk_bytes):
                 fetched = self._fetch(client, row.name, uidvalidity, batch, meta, gmail)
-                blocked = self._commit(row, uidvalidity, fetched, known, stats,
-                                       None if blocked else batch[-1]) or blocked
-            if not blocked:
-                self._advance(row, hi)
+                yield ("chunk", batch, self._prepare(row, uidvalidity, fetched, stats), known)
+            yield ("window", hi)
             lo = hi + 1
 
     def _known(self, folder: str, uidvalidity: int, lo: int,
@@ -573,12 +617,10 @@ class AccountSync:
             evidence=Evidence(details=details), trust=Trust.MAILBOX, user=found[1],
             received_at=item.internaldate or self.now())
 
-    def _commit(self, row: m.MailboxFolder, uidvalidity: int, fetched: list[Fetched],
-                known: dict[int, tuple[str, int]], stats: FolderStats,
-                checkpoint: int | None) -> bool:
-        """Capture a chunk: prepare each message here (no writes), then run the commits, the
-        UID rows and the checkpoint in one transaction. Returns whether a UID waits for a
-        retry (then the checkpoint did not move past it)."""
+    def _prepare(self, row: m.MailboxFolder, uidvalidity: int, fetched: list[Fetched],
+                 stats: FolderStats) -> list[tuple[Fetched, Any]]:
+        """Read, gate and choose the originals of a chunk (the capture's ``prepare``: no
+        writes), in the reader thread: this overlaps with the commit of the previous chunk."""
         prepared: list[tuple[Fetched, Any]] = []
         for item in fetched:
             stats.fetched += 1
@@ -593,6 +635,14 @@ class AccountSync:
                 log.exception("%s %s UID %s: capture failed", self.log_prefix(), row.name,
                               item.uid)
                 prepared.append((item, exc))
+        return prepared
+
+    def _commit(self, row: m.MailboxFolder, uidvalidity: int,
+                prepared: list[tuple[Fetched, Any]], known: dict[int, tuple[str, int]],
+                stats: FolderStats, checkpoint: int | None) -> bool:
+        """Run a prepared chunk's commits, its UID rows and the checkpoint in one
+        transaction (each message in its own savepoint). Returns whether a UID waits for a
+        retry (then the checkpoint did not move past it)."""
         now = naive_utc(self.now())
         blocked = False
         db = self.store.db

@@ -88,10 +88,22 @@ def sync_config(tmp_path: Path, dovecot: PrivateDovecot, login: str, *overrides:
     return config_with(tmp_path, block, *overrides, relay_password=relay_password)
 
 
+def _without_keys(text: str, block: str) -> str:
+    """The example without alice's own lines for keys that ``block`` sets."""
+    for line in block.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and not line.startswith(("[", "#")):
+            text = "\n".join(x for x in text.split("\n")
+                             if not (x.startswith(f"{key} = ") and x.endswith("[]")))
+    return text
+
+
 def config_with(tmp_path: Path, alice_block: str, *overrides: str,
                 relay_password: str | None = None) -> Config:
     """The example config with ``alice_block`` (mailbox blocks) after alice's user block."""
-    text = EXAMPLE.read_text(encoding="utf-8").replace(BOB_BLOCK, alice_block + BOB_BLOCK)
+    head = alice_block.split("[[", 1)[0]  # alice's own keys, before any mailbox block
+    text = _without_keys(EXAMPLE.read_text(encoding="utf-8"), head)
+    text = text.replace(BOB_BLOCK, alice_block + BOB_BLOCK)
     path = tmp_path / "dealmail.toml"
     path.write_text(text, encoding="utf-8")
     if relay_password:
