@@ -23,7 +23,8 @@ from crmstore.db import Store
 log = logging.getLogger("dealmail.committer")
 
 T = TypeVar("T")
-Job = Callable[[], Any]
+# One unit of work run inside the batch transaction (the SMTP listeners submit their handler jobs).
+Work = Callable[[], Any]
 
 # A fault injection point for tests (docs/reliability.md A-DUR 3): called just before COMMIT.
 BeforeCommit = Callable[[], None]
@@ -51,7 +52,7 @@ class GroupCommitter:
         self.after_commit = after_commit
         self.max_batch = max_batch
         self.before_commit = before_commit
-        self._queue: queue.SimpleQueue[tuple[Job, Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Work, Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dealmail-committer", daemon=True)
         self._stopping = threading.Event()
         # Futures of submit_async: concurrent future id -> (loop, asyncio future).
@@ -116,7 +117,7 @@ class GroupCommitter:
             if item is not None:
                 self._run_batch([item])
 
-    def _run_batch(self, batch: list[tuple[Job, Future[Any]]]) -> None:
+    def _run_batch(self, batch: list[tuple[Work, Future[Any]]]) -> None:
         results: list[tuple[Future[Any], bool, Any]] = []
         db = self.store.db
         try:

@@ -196,7 +196,7 @@ class Link(BaseModel):
     deal = ForeignKeyField(Deal, null=True, backref="links", on_delete="CASCADE")
     organization = ForeignKeyField(Organization, null=True, backref="links",
                                    on_delete="CASCADE")
-    source = CharField(max_length=8)  # auto | choice | address | admin | thread
+    source = CharField(max_length=8)  # auto | choice | address | admin | thread | relink
     created_at = DateTimeField(default=utcnow)
 
 
@@ -221,7 +221,7 @@ class OutboxItem(BaseModel):
 
     id = AutoField()
     company = ForeignKeyField(Company, null=True, on_delete="SET NULL")
-    kind = CharField(max_length=16)  # question | confirm | digest | answer | relay | dsn
+    kind = CharField(max_length=16)  # question | confirm | notice | digest | answer | relay | dsn
     mail_from = CharField(max_length=320)
     recipients_json = TextField()
     domain = CharField(max_length=255, default="")

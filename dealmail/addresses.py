@@ -160,18 +160,23 @@ def parse_strict_mailbox(value: str) -> Mailbox:
     return Mailbox(address, decode_words(name))
 
 
-def parse_address_list(values: list[str]) -> list[Mailbox]:
+def parse_address_list(values: list[str], dropped: list[str] | None = None) -> list[Mailbox]:
     """Parse To/Cc style headers leniently (they only describe participants, never
-    authority); entries that are not addresses are dropped."""
+    authority); entries that are not addresses are dropped, and listed in ``dropped`` when
+    given (so that a reader can report the loss)."""
     out: list[Mailbox] = []
     seen: set[str] = set()
     decoded = [_unfold(v) for v in values if v]
     for name, addr in getaddresses(decoded):
         if not addr or "@" not in addr:
+            if (addr or name) and dropped is not None:
+                dropped.append(addr or name)
             continue
         try:
             norm = normalize_address(addr)
         except AddressError:
+            if dropped is not None:
+                dropped.append(addr)
             continue
         if norm in seen:
             continue

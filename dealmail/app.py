@@ -17,9 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+from crmstore import models as m
 from crmstore.committer import GroupCommitter
 from crmstore.db import Store
-from digest.questions import after_record_hook
+from digest.notices import deal_mismatch_hook
+from digest.questions import after_record_hook, refresh_question
 from digest.scheduler import DigestScheduler
 from linking.capture import Capture, SenderGate
 from linking.record import Directory
@@ -104,6 +106,9 @@ class App:
         # A "which deal?" question is queued in the transaction that stored the email.
         capture.add_hook(after_record_hook(self.get_config, self.get_directory,
                                            self.clock.now))
+        # A +deal naming another customer's deal is obeyed, and the user is told.
+        capture.add_hook(deal_mismatch_hook(self.get_config, self.get_directory,
+                                            self.clock.now))
         return capture
 
     def build_handlers(self, capture: Capture) -> dict[str, Handler]:
@@ -115,7 +120,13 @@ class App:
 
     def build_outbox(self) -> OutboxWorker:
         return OutboxWorker(self.store, self.clock, self.get_config, self.mx_lookup,
-                            self.addr_lookup, self.outbox_ssl_context)
+                            self.addr_lookup, self.outbox_ssl_context,
+                            refresh={"question": self.refresh_question})
+
+    def refresh_question(self, item: m.OutboxItem) -> bytes | None:
+        """A due "which deal?" question is checked again: its threads may have been decided
+        meanwhile (digest.questions.refresh_question)."""
+        return refresh_question(self.config, item, self.clock.now())
 
     def has_space(self) -> bool:
         """Whether the database's file system can take 1.5 of the largest message (checked at
@@ -200,9 +211,29 @@ class App:
 
         if self.run_submission:  # with several workers, the first one serves submission
             self.servers.update(await start_submission_listeners(self))
+        if c.listeners.lmtp and self.run_submission:  # and LMTP behind the company's MTA
+            await self.start_lmtp()
+
+    async def start_lmtp(self) -> None:
+        """The LMTP listener behind the company's Postfix (mta/lmtp.py)."""
+        from mta.lmtp import LmtpHooks, start_lmtp
+
+        assert self.capture is not None and self.committer is not None
+        c = self.config
+        hooks = LmtpHooks(self.get_config, self.handlers, self.capture, self.committer,
+                          self.executor, has_space=self.has_space)
+        self.servers["lmtp"] = await start_lmtp(
+            hooks, c.listeners.lmtp, hostname=c.hostname,
+            data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
+            data_timeout=c.listeners.data_timeout, max_connections=c.lmtp.max_connections,
+            xforward_allowed=lambda peer: self.config.lmtp.xforward_allowed(peer),
+            socket_mode=c.lmtp.socket_mode)
+        log.info("LMTP listening on %s", self.address("lmtp"))
 
     def address(self, name: str) -> str:
         sock = self.servers[name].sockets[0]
+        if sock.family == socket.AF_UNIX:
+            return f"unix:{sock.getsockname()}"
         host, port = sock.getsockname()[:2]
         return f"{host}:{port}"
 

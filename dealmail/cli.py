@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
         ll = lsub.add_parser("list", parents=[_common(2)], help=f"list {name}")
         ll.add_argument("--company", metavar="SLUG")
         ll.add_argument("--json", action="store_true")
+    rp = sub.add_parser("relink", parents=[common],
+                        help="link stored mail to persons the CRM learned about since")
+    rp.add_argument("--company", metavar="SLUG",
+                    help="only this company (default: every company)")
     op = sub.add_parser("outbox", parents=[common],
                         help="list what dealmail sends (questions, digests, relayed mail, DSNs)")
     op.add_argument("action", nargs="?", choices=["list", "retry", "drop"], default="list")
@@ -111,6 +115,17 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--user", required=True, metavar="ADDRESS")
     dp.add_argument("--dry-run", action="store_true",
                     help="print the composed message instead of queueing it")
+    pp = sub.add_parser("postfix-config", parents=[common],
+                        help="print (or write) the company Postfix's settings and maps that "
+                        "deliver to dealmail over LMTP")
+    pp.add_argument("--write", type=Path, metavar="DIR",
+                    help="write the snippets and maps into DIR (atomically, old files kept "
+                    "as .bak) instead of printing them")
+    pp.add_argument("--postmap", action="store_true",
+                    help="with --write: run postmap on the hash tables")
+    pp.add_argument("--postfix-dir", type=Path, metavar="DIR",
+                    help="Postfix's configuration folder, for postmap -c (default: "
+                    "Postfix's own)")
     return p
 
 
@@ -155,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _set_password(config, args.address)
     if command == "inspect":
         return _inspect(config, args)
+    if command == "postfix-config":
+        return _postfix_config(config, args)
     try:
         return _store_command(config, args)
     except _CliError as exc:
@@ -236,6 +253,33 @@ def _set_password(config: Config, address: str) -> int:
     return 0
 
 
+def _postfix_config(config: Config, args: argparse.Namespace) -> int:
+    from mta.postfix import DEFAULT_DIR, generate, write_files
+
+    folder = args.write.resolve() if args.write else DEFAULT_DIR
+    try:
+        generated = generate(config, folder)
+    except ValueError as exc:
+        print(f"dealmail: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.write is None:
+        print(generated.render())
+        return 0
+    try:
+        written = write_files(generated, folder, postmap=args.postmap,
+                              postfix_dir=args.postfix_dir)
+    except (OSError, RuntimeError) as exc:
+        print(f"dealmail: {exc}", file=sys.stderr)
+        return 73  # EX_CANTCREAT
+    for line in written:
+        print(f"wrote {line}")
+    print(f"Next: add {folder / 'dealmail_main.cf'} to main.cf and "
+          f"{folder / 'dealmail_master.cf'} to master.cf, "
+          + ("" if args.postmap else "run postmap on the hash: tables, ")
+          + "then `postfix reload`.")
+    return 0
+
+
 def _inspect(config: Config, args: argparse.Namespace) -> int:
     from linking.parse import MessageRejected
 
@@ -273,6 +317,8 @@ def _inspect(config: Config, args: argparse.Namespace) -> int:
         for p in result["participants"]:
             print(f"  {p['role']:<4} {p['address']} {p['name']}")
         print(f"reply text: {result['reply_text'][:200]!r}")
+        for defect in result["defects"]:
+            print(f"defect: {defect}")
         if "would_link" in result:
             print(f"would link: {json.dumps(result['would_link'], ensure_ascii=False)}")
     return 0
@@ -352,6 +398,11 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
                               f"{r['organization'] or '-':<20} {r['value'] or '-'} "
                               f"{r['currency']} owner {r['owner'] or '-'}")
             return 0
+        if args.command == "relink":
+            slugs = [args.company] if args.company else [c.slug for c in config.companies]
+            for slug in slugs:
+                company_id(slug)
+            return _relink(config, store, slugs)
         if args.command == "outbox":
             return _outbox(args)
         if args.command == "conversations":
@@ -365,6 +416,30 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
     finally:
         store.close()
     raise _CliError(f"unknown command {args.command}", EXIT_USAGE)
+
+
+def _relink(config: Config, store: Any, slugs: list[str]) -> int:
+    """``dealmail relink``: one transaction per company; questions for emails that now need a
+    deal choice are queued (batched) like any other."""
+    from datetime import UTC, datetime
+
+    from digest.questions import queue_relink_questions
+    from linking.record import Directory
+    from linking.relink import relink_addresses
+
+    now = datetime.now(UTC)
+    for slug in slugs:
+        company = config.company(slug)
+        assert company is not None
+        with store.transaction():
+            directory = Directory(config)
+            report = relink_addresses(config, company, directory.company_ids[slug], None, now,
+                                      actor="dealmail relink")
+            queue_relink_questions(config, directory, company, report.questions, now)
+        print(f"{slug}: {report.emails} email(s) linked ({report.participants} "
+              f"participant(s)), {report.deals} deal link(s), {len(report.questions)} "
+              "question(s) queued")
+    return 0
 
 
 def _outbox(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ __all__ = [
     "ImapConfig",
     "LimitsConfig",
     "ListenersConfig",
+    "LmtpConfig",
     "MailboxConfig",
     "OutboxConfig",
     "PolicyConfig",
@@ -157,10 +158,41 @@ class ListenersConfig:
     inbound: str = "127.0.0.1:2525"
     submission: str = "127.0.0.1:2587"
     submissions: str = ""
+    #: LMTP behind the company's MTA (mta/lmtp.py): ``HOST:PORT`` or ``unix:PATH``; empty: off.
+    lmtp: str = ""
     max_connections: int = 200
     workers: int = 1
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class LmtpConfig:
+    """``[lmtp]``: dealmail behind the company's Postfix (mta/lmtp.py, mta/postfix.py)."""
+
+    #: Clients whose XFORWARD attributes (the original client) are believed; ``unix`` stands
+    #: for connections on a UNIX socket listener.
+    xforward_hosts: tuple[Network | str, ...] = ()
+    #: Simultaneous LMTP connections; the next one is told 421 (Postfix defers, never bounces).
+    max_connections: int = 50
+    #: Permissions of a ``unix:PATH`` listener's socket.
+    socket_mode: int = 0o660
+    #: What ``dealmail postfix-config`` generates: sender_bcc_maps / recipient_bcc_maps.
+    capture_sent: bool = True
+    capture_received: bool = True
+    #: The name of the Postfix transport (master.cf service) that delivers to dealmail.
+    transport_name: str = "dealmail"
+
+    def xforward_allowed(self, peer: str) -> bool:
+        """Whether a client at ``peer`` (an IP address, or "" on a UNIX socket) may send
+        XFORWARD."""
+        if not peer:
+            return "unix" in self.xforward_hosts
+        try:
+            addr = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(not isinstance(net, str) and addr in net for net in self.xforward_hosts)
 
 
 @dataclass(frozen=True)
@@ -260,6 +292,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     listeners: ListenersConfig = field(default_factory=ListenersConfig)
+    lmtp: LmtpConfig = field(default_factory=LmtpConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -413,10 +446,13 @@ class _Problems:
 _SERVER_KEYS = {"mail_domain": str, "hostname": str, "log_level": str, "log_file": str,
                 "demo_data": str}
 _DATABASE_KEYS = {"url": str}
-_LISTENER_KEYS = {"inbound": str, "submission": str, "submissions": str, "max_connections": int,
+_LISTENER_KEYS = {"inbound": str, "submission": str, "submissions": str, "lmtp": str,
+                  "max_connections": int,
                   "workers": int, "command_timeout": (int, float),
                   "data_timeout": (int, float)}
 _LIMIT_KEYS = {"message_size": int, "max_recipients": int}
+_LMTP_KEYS = {"xforward_hosts": list, "max_connections": int, "socket_mode": str,
+              "capture_sent": bool, "capture_received": bool, "transport_name": str}
 _OUTBOX_KEYS = {"smarthost": str, "smarthost_tls": str, "smarthost_username": str,
                 "smarthost_password": str, "retry_schedule": str,
                 "give_up_after_hours": (int, float), "lease_seconds": int,
@@ -625,6 +661,38 @@ def _never_track(p: _Problems, uwhere: str, raw: list[Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _validate_lmtp(p: _Problems, lmtp: dict[str, Any], sec: dict[str, Any]) -> None:
+    hosts: list[Network | str] = []
+    for i, value in enumerate(lmtp.get("xforward_hosts", [])):
+        if value == "unix":
+            hosts.append("unix")
+            continue
+        try:
+            hosts.append(ipaddress.ip_network(str(value), strict=False))
+        except ValueError:
+            p.add(f"lmtp.xforward_hosts[{i}]", f"{value!r} is not a CIDR network nor \"unix\"")
+    if "xforward_hosts" in lmtp:
+        sec["xforward_hosts"] = tuple(hosts)
+    if "max_connections" in lmtp:
+        if lmtp["max_connections"] < 1:
+            p.add("lmtp.max_connections", "must be at least 1")
+        sec["max_connections"] = lmtp["max_connections"]
+    if "socket_mode" in lmtp:
+        mode = lmtp["socket_mode"]
+        if not re.match(r"^0?[0-7]{3}$", mode):
+            p.add("lmtp.socket_mode", "must be an octal mode such as \"0660\"")
+        else:
+            sec["socket_mode"] = int(mode, 8)
+    if "transport_name" in lmtp:
+        name = lmtp["transport_name"]
+        if not re.match(r"^[a-z][a-z0-9_-]{0,30}$", name):
+            p.add("lmtp.transport_name", "must be a Postfix service name (a-z, 0-9, - and _)")
+        sec["transport_name"] = name
+    for key in ("capture_sent", "capture_received"):
+        if key in lmtp:
+            sec[key] = lmtp[key]
+
+
 _TLS_KEYS = {"cert_file": str, "key_file": str}
 _RELAY_KEYS = {"bare_newlines": str, "auth_max_failures": int,
                "auth_window_seconds": (int, float), "auth_lockout_seconds": (int, float),
@@ -672,7 +740,8 @@ def _validate_relay(p: _Problems, tls: dict[str, Any], relay: dict[str, Any],
 
 def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     p = _Problems(path, text)
-    top_schema = {"server": dict, "database": dict, "listeners": dict, "limits": dict,
+    top_schema = {"server": dict, "database": dict, "listeners": dict, "lmtp": dict,
+                  "limits": dict,
                   "outbox": dict, "tls": dict, "relay": dict,
                   "policy": dict, "imap": dict, "companies": list}
     top = _check_table(p, "", data, top_schema)
@@ -684,8 +753,8 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     policy = _check_table(p, "policy", top.get("policy", {}), _POLICY_KEYS)
     # One dict of validated values per section, turned into its frozen dataclass at the end.
     sec: dict[str, dict[str, Any]] = {name: {} for name in (
-        "server", "database", "listeners", "limits", "outbox", "tls", "relay", "policy",
-        "imap")}
+        "server", "database", "listeners", "lmtp", "limits", "outbox", "tls", "relay",
+        "policy", "imap")}
     _validate_imap(p, _check_table(p, "imap", top.get("imap", {}), _IMAP_KEYS), sec["imap"])
     srv, lst, pol = sec["server"], sec["listeners"], sec["policy"]
     _validate_outbox(p, outbox, sec["outbox"])
@@ -718,6 +787,16 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
             if value and not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", value):
                 p.add(f"listeners.{key}", "must be HOST:PORT (an empty string disables it)")
             lst[key] = value
+    if listeners.get("lmtp"):
+        value = listeners["lmtp"]
+        if value.startswith("unix:"):
+            if not value[5:].strip():
+                p.add("listeners.lmtp", "unix: needs the socket's path (unix:/run/dealmail/lmtp)")
+        elif not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", value):
+            p.add("listeners.lmtp", "must be HOST:PORT or unix:PATH (an empty string disables it)")
+    if "lmtp" in listeners:
+        lst["lmtp"] = listeners["lmtp"]
+    _validate_lmtp(p, _check_table(p, "lmtp", top.get("lmtp", {}), _LMTP_KEYS), sec["lmtp"])
     for key in ("max_connections", "workers"):
         if key in listeners:
             if listeners[key] < 1:
@@ -911,7 +990,8 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         raise ConfigError(p.in_file_order())
     return Config(
         path=path, server=ServerConfig(**srv), database=DatabaseConfig(**sec["database"]),
-        listeners=ListenersConfig(**lst), limits=LimitsConfig(**sec["limits"]),
+        listeners=ListenersConfig(**lst), lmtp=LmtpConfig(**sec["lmtp"]),
+        limits=LimitsConfig(**sec["limits"]),
         outbox=OutboxConfig(**sec["outbox"]), tls=TlsConfig(**sec["tls"]),
         relay=RelayConfig(**sec["relay"]), policy=PolicyConfig(**pol),
         imap=ImapConfig(**sec["imap"]),

@@ -62,6 +62,8 @@ LABELS: dict[str, dict[str, str]] = {
         "status_none": "no deal",
         "reason_unknown": "unknown correspondent",
         "reason_internal": "internal only",
+        "reason_unattributed": "could not tell who wrote the forwarded email (shown only as "
+                               "“{name}”); reply with their address",
         "channel": "via",
         "from": "from",
         "to": "to",
@@ -103,6 +105,8 @@ LABELS: dict[str, dict[str, str]] = {
         "status_none": "案件なし",
         "reason_unknown": "不明な相手",
         "reason_internal": "社内のみ",
+        "reason_unattributed": "転送されたメールの差出人を特定できませんでした（表示名「{name}」"
+                               "のみ）。差出人のアドレスを返信でお知らせください",
         "channel": "経路",
         "from": "差出人",
         "to": "宛先",
@@ -287,11 +291,24 @@ def describe_emails(user_row: m.User, rows: list[m.Email], is_internal: Any,
             "deal": {"id": deal.id, "title": deal.title} if deal else None,
             "person": ({"id": pid, "name": persons[pid].name} if pid in persons else None),
             "reason": ("" if pid is not None
+                       else "unattributed" if _unattributed(r)
                        else "unknown" if external else "internal"),
+            "unattributed": _unattributed(r),
             "snippet_lines": [ln for ln in (r.snippet or "").splitlines() if ln.strip()][:3],
             "thread_id": r.thread_id,
         })
     return out
+
+
+def _unattributed(email: m.Email) -> str:
+    """The display name of a forwarded email's sender that matched no person (Outlook shows
+    only a name for address-book contacts), else ""."""
+    if not email.forward_json:
+        return ""
+    try:
+        return str(json.loads(email.forward_json).get("unattributed") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _group(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],

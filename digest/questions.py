@@ -58,6 +58,8 @@ __all__ = [
     "compose_question",
     "new_token",
     "queue_question",
+    "queue_relink_questions",
+    "refresh_question",
     "refresh_rows",
     "token_hashes",
 ]
@@ -352,6 +354,59 @@ def queue_question(config: Config, directory: Directory, user: User, company: Co
     return ids[0] if ids else None
 
 
+def refresh_question(config: Config, item: m.OutboxItem, now: datetime) -> bytes | None:
+    """Check a queued question email again just before it is sent (inside a transaction).
+
+    While the question waited for its batch window, its threads may have been decided another
+    way (a ``+deal`` follow-up, a colleague's answer, the question answered already). Those
+    entries are dropped; when none is left the email is not sent (None); when some were
+    dropped, it is drawn again with the rest under a fresh token (nobody has seen the queued
+    one); otherwise the queued bytes go out unchanged."""
+    key = str(item.dedupe_key or "")
+    if not key.startswith("question:"):
+        return bytes(item.message)
+    digest = key.split(":", 2)[2].split("#", 1)[0]
+    rows = list(m.PendingChoice.select().where(m.PendingChoice.token_hash.in_(
+        [item_hash(digest, k) for k in range(1, MAX_BATCH + 1)]))
+        .order_by(m.PendingChoice.token_hash))
+    live = [r for r in rows if r.state in ACTIVE and _usable(r) and not _said_none(r)]
+    if len(live) == len(rows) and rows:
+        return bytes(item.message)
+    for row in rows:
+        if row not in live and row.state in ACTIVE:
+            _void(row)
+    if not live:
+        return None
+    reader = m.User.get_by_id(live[0].user_id)
+    found = config.find_user(reader.address)
+    if found is None:  # the user left the config meanwhile: nobody to ask
+        return None
+    company, user = found
+    now = naive_utc(now)
+    token = new_token()
+    items = _assign(live, token, now, config.policy.choice_token_days)
+    message = compose_question(config, company, user, items, token, now)
+    raw = as_bytes(message)
+    domain = key.rsplit("#", 1)[1] if "#" in key else ""
+    (m.OutboxItem.update(message=raw, subject=str(message["Subject"])[:500],
+                         dedupe_key=f"{_dedupe_key(reader.id, token)}#{domain}")
+     .where(m.OutboxItem.id == item.id).execute())
+    return raw
+
+
+def queue_relink_questions(config: Config, directory: Directory, company: Company,
+                           questions: Sequence[tuple[str, int]], now: datetime) -> None:
+    """Ask about emails that re-linking left with several open deals: one question (batched
+    like any other) per user, listing their pending choices."""
+    asked: set[str] = set()
+    for address, pending_id in questions:
+        user = company.user(address)
+        if user is None or address in asked:
+            continue
+        asked.add(address)
+        queue_question(config, directory, user, company, now, pending_id)
+
+
 def after_record_hook(config_of: Callable[[], Config], directory_of: Callable[[], Directory],
                       now: Callable[[], datetime]) -> Callable[[RecordResult, User, Company],
                                                                None]:
@@ -361,6 +416,8 @@ def after_record_hook(config_of: Callable[[], Config], directory_of: Callable[[]
         if result.needs_choice and result.pending_choice_id is not None:
             queue_question(config_of(), directory_of(), user, company, now(),
                            result.pending_choice_id)
+        queue_relink_questions(config_of(), directory_of(), company,
+                               result.relink_questions, now())
 
     return hook
 

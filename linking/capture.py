@@ -32,6 +32,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from peewee import fn
+
 from crmstore import models as m
 from dealmail.addresses import AddressError, parse_strict_mailbox
 from dealmail.config import Company, Config, User
@@ -318,7 +320,10 @@ class Capture:
             log.info("[%s] %s envelope sender <%s> is not an address of %s", qid,
                      parsed.message_id or "-", evidence.envelope_from, user.address)
         if request.channel == "bcc":
-            channel, originals, _chains = originals_for(parsed, user, config, now)
+            company_id = directory.company_ids[request.company.slug]
+            channel, originals, _chains = originals_for(
+                parsed, user, config, now,
+                name_lookup=lambda name: person_address_by_name(company_id, name))
         else:
             channel, originals = request.channel, [plain_original(parsed, now)]
         listed = never_tracked(user, request, originals)
@@ -341,7 +346,9 @@ class Capture:
                 if original.original_raw and original.forward is not None:
                     original.forward["dkim"] = self.signature_check(
                         original.original_raw, original.from_.address.rpartition("@")[2])
-        sighting_evidence = dict(verdict.evidence)
+        # The source's own facts (XFORWARD attributes, mailbox and UID) are kept with the
+        # verdict's, which win on a clash.
+        sighting_evidence = {**evidence.details, **verdict.evidence}
         if verdict.header:
             # RFC 8601 §5: our verdict is the topmost header of this user's stored copy. It
             # is kept with the sighting (each copy is verified on its own) and prepended when
@@ -420,6 +427,23 @@ def never_tracked(user: User, request: CaptureRequest,
         if any(a == e or domain == e or domain.endswith("." + e) for e in entries):
             return a
     return None
+
+
+def person_address_by_name(company_id: int, name: str) -> str | None:
+    """The first address of the one person of the company whose name is exactly ``name``
+    (compared case-insensitively, spaces collapsed); None when there is none or several."""
+    # str.lower, not casefold: the comparison must agree with the database's LOWER().
+    wanted = " ".join(name.split()).lower()
+    if not wanted:
+        return None
+    rows = list(m.Person.select(m.Person.id)
+                .where((m.Person.company == company_id)
+                       & (fn.LOWER(m.Person.name) == wanted)).limit(2))
+    if len(rows) != 1:
+        return None
+    first = (m.PersonAddress.select(m.PersonAddress.address)
+             .where(m.PersonAddress.person == rows[0].id).order_by(m.PersonAddress.id).first())
+    return str(first.address) if first is not None else None
 
 
 def note_repeat(result: RecordResult, arrival: Arrival) -> None:

@@ -11,11 +11,12 @@ quotes a forward.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from dealmail.addresses import domain_of
+from dealmail.addresses import Mailbox, domain_of
 from dealmail.config import Config, User
 
 from .forwards import ForwardedMessage, find_forwards
@@ -36,20 +37,39 @@ def _content_hash(fwd: ForwardedMessage) -> str:
     return h.hexdigest()
 
 
+# A person's address looked up by their exact display name (unique match only), or None.
+NameLookup = Callable[[str], str | None]
+
+
 def forwarded_original(chain: list[ForwardedMessage], parsed: ParsedMessage,
-                       when: datetime) -> Original | None:
-    """The conversation's message of one forward chain (its innermost original)."""
+                       when: datetime, name_lookup: NameLookup | None = None) -> Original | None:
+    """The conversation's message of one forward chain (its innermost original).
+
+    Outlook shows only a name for a sender in the address book (``From: Carl Other``). Such an
+    original is attributed to the company's person of exactly that name when there is one;
+    otherwise it is stored for the forwarder with ``forward["unattributed"]`` set, so the
+    digest can ask who wrote it instead of calling it internal mail."""
     inner = chain[-1]
-    if inner.from_ is None:
-        return None
-    date = inner.date if inner.date and not inner.date_flagged else (parsed.date or when)
+    sender = inner.from_
     forward: dict[str, Any] = {
         "note": chain[0].note,
         "chain": [c.as_dict() for c in chain],
-        "date_flagged": inner.date_flagged or inner.date is None,
     }
+    if sender is None:
+        name = inner.from_name
+        if not name:
+            return None
+        address = name_lookup(name) if name_lookup is not None else None
+        if address is not None:
+            sender = Mailbox(address, name)
+            forward["sender_by_name"] = name
+        else:
+            sender = parsed.from_
+            forward["unattributed"] = name
+    date = inner.date if inner.date and not inner.date_flagged else (parsed.date or when)
+    forward["date_flagged"] = inner.date_flagged or inner.date is None
     return Original(
-        from_=inner.from_, to=inner.to, cc=inner.cc, subject=inner.subject or parsed.subject,
+        from_=sender, to=inner.to, cc=inner.cc, subject=inner.subject or parsed.subject,
         date=date, message_id=inner.message_id, in_reply_to=inner.in_reply_to,
         references=inner.references or ([parsed.in_reply_to] if parsed.in_reply_to else [])
         + parsed.references,
@@ -58,12 +78,14 @@ def forwarded_original(chain: list[ForwardedMessage], parsed: ParsedMessage,
     )
 
 
-def originals_for(parsed: ParsedMessage, user: User, config: Config,
-                  when: datetime) -> tuple[str, list[Original], list[list[ForwardedMessage]]]:
+def originals_for(parsed: ParsedMessage, user: User, config: Config, when: datetime,
+                  name_lookup: NameLookup | None = None,
+                  ) -> tuple[str, list[Original], list[list[ForwardedMessage]]]:
     """(channel, originals, chains) for a verified user's message to the Smart BCC address."""
     if is_forward_candidate(parsed, config):
         chains = find_forwards(parsed.full, ZoneInfo(user.timezone))
-        originals = [o for chain in chains if (o := forwarded_original(chain, parsed, when))]
+        originals = [o for chain in chains
+                     if (o := forwarded_original(chain, parsed, when, name_lookup))]
         if originals:
             return "forward", originals, chains
     return "bcc", [plain_original(parsed, when)], []

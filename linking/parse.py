@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
+from email.policy import Compat32
 from email.utils import parsedate_to_datetime
 from functools import cached_property
 
@@ -59,6 +60,44 @@ _JA_CHARSET_ALIASES = {
 _LARGE = 512 * 1024
 _HASH_CHUNK = 1 << 20
 _TRAILING_WS_RE = re.compile(rb"[ \t]+\n")
+
+
+class _Rfc6532Compat32(Compat32):
+    """``compat32`` header parsing (the fast one) that reads raw 8-bit header bytes as UTF-8,
+    as RFC 6532 §3.2 allows once SMTPUTF8 was offered, instead of handing them back as
+    undecodable ``unknown-8bit`` (shown as U+FFFD). Bytes that are not UTF-8 are read as
+    Windows-1252, the usual legacy 8-bit header charset, and reported as a defect."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:  # type: ignore[override]
+        if _has_surrogates(value):
+            return _decode_8bit(value)[0]
+        return value
+
+
+_RFC6532 = _Rfc6532Compat32()
+
+
+def _has_surrogates(value: str) -> bool:
+    return any("\udc80" <= c <= "\udcff" for c in value)
+
+
+def _decode_8bit(value: str) -> tuple[str, bool]:
+    """(text, was UTF-8) of a header value parsed with ``surrogateescape``."""
+    raw = value.encode("ascii", "surrogateescape")
+    try:
+        return raw.decode("utf-8"), True
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", "replace"), False
+
+
+def _eight_bit_defects(headers: Message) -> list[str]:
+    """The lossy steps of reading raw 8-bit headers, for ``dealmail inspect``."""
+    out = []
+    for name, value in headers.raw_items():
+        if isinstance(value, str) and _has_surrogates(value) and not _decode_8bit(value)[1]:
+            out.append(f"{name} header has 8-bit bytes that are not UTF-8 (RFC 6532): "
+                       "read as Windows-1252")
+    return out
 
 
 class MessageRejected(Exception):
@@ -217,7 +256,7 @@ def parse_message(raw: bytes) -> ParsedMessage:
     block = raw[:header_end]
     if b"\x00" in block:
         raise MessageRejected("NUL byte in the header block")
-    headers = BytesHeaderParser().parsebytes(block)
+    headers = BytesHeaderParser(policy=_RFC6532).parsebytes(block)
     if len(headers) > _MAX_HEADER_FIELDS:
         raise MessageRejected(f"more than {_MAX_HEADER_FIELDS} header fields")
     for name in _SINGLETONS_REFUSED:
@@ -231,8 +270,12 @@ def parse_message(raw: bytes) -> ParsedMessage:
         sender = parse_strict_mailbox(str(from_values[0]))
     except AddressError as exc:
         raise MessageRejected(f"unreadable From header: {exc}") from exc
-    to = parse_address_list([str(v) for v in headers.get_all("to", [])])
-    cc = parse_address_list([str(v) for v in headers.get_all("cc", [])])
+    defects.extend(_eight_bit_defects(headers))
+    dropped: list[str] = []
+    to = parse_address_list([str(v) for v in headers.get_all("to", [])], dropped)
+    cc = parse_address_list([str(v) for v in headers.get_all("cc", [])], dropped)
+    defects.extend(f"To/Cc entry {d[:80]!r} is not an address: not a participant"
+                   for d in dropped)
     subject = decode_words(str(headers.get("subject", "")))
     date: datetime | None = None
     raw_date = headers.get("date")

@@ -27,6 +27,7 @@ from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
 
 from .parse import normalize_subject
+from .relink import RelinkReport, relink_addresses
 from .threads import thread_index_key
 
 
@@ -79,6 +80,39 @@ class RecordResult:
     needs_choice: bool
     pending_choice_id: int | None
     decisions: list[str]
+    #: A ``+deal<ID>`` the user named that belongs to another customer than the email's:
+    #: obeyed, and the user is told (deal id, title, the deal's customer, the email's).
+    deal_mismatch: DealMismatch | None = None
+    #: Earlier emails linked because this one created a person they carry: the questions
+    #: (user address, pending choice id) the caller should queue.
+    relink_questions: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DealMismatch:
+    deal_id: int
+    title: str
+    belongs_to: str
+    correspondents: tuple[str, ...]
+
+
+def _deal_mismatch(deal_id: int, persons: list[int], orgs: set[int]) -> DealMismatch | None:
+    """Whether the deal a user named is about none of the email's customers: its person is
+    not among them and its organization is not theirs. A deal without a customer, or an
+    email without one, cannot be a mismatch."""
+    deal = m.Deal.get_or_none(m.Deal.id == deal_id)
+    if deal is None or not persons or (deal.person_id is None and deal.organization_id is None):
+        return None
+    if deal.person_id in persons or (deal.organization_id is not None
+                                     and deal.organization_id in orgs):
+        return None
+    if deal.person_id is not None:
+        owner = m.Person.get_by_id(deal.person_id).name
+    else:
+        owner = m.Organization.get_by_id(deal.organization_id).name
+    names = tuple(p.name for p in m.Person.select(m.Person.name)
+                  .where(m.Person.id.in_(persons)).order_by(m.Person.id))
+    return DealMismatch(deal_id, deal.title, owner, names)
 
 
 class Directory:
@@ -135,10 +169,8 @@ class _Lookup:
         if not create:
             decisions.append(f"{box.address}: unknown correspondent (persons are not created)")
             return None
-        if domain in self.freemail:
-            decisions.append(f"{box.address}: unknown correspondent at a free-mail domain, "
-                             "no person created")
-            return None
+        # A free-mail address is a person like any other (small businesses and most of
+        # Japan write from one); only organizations are never derived from its domain.
         org = self.org_of_domain(domain)
         pid = self.hot.insert(m.Person, {
             "company": self.company_id, "name": (box.name or box.address.split("@")[0])[:300],
@@ -208,8 +240,24 @@ def record_email(
             continue
         person_of[box.address] = lookup.person(box, config.policy.create_unknown_persons, now,
                                                decisions, created)
+    if original.forward and original.forward.get("unattributed"):
+        decisions.append(f"could not tell who wrote the forwarded email (shown only as "
+                         f"{original.forward['unattributed']!r}): stored as the forwarder's")
+    elif original.forward and original.forward.get("sender_by_name"):
+        decisions.append(f"forwarded email's sender {original.forward['sender_by_name']!r} "
+                         f"matched by name to {original.from_.address}")
     persons = sorted({p for p in person_of.values() if p is not None})
     external = {a for a in person_of if not directory.is_internal(company, a)}
+    relinked = RelinkReport()
+    if created:
+        # The CRM just learned these addresses: earlier mail that carries them is linked now,
+        # in this transaction (linking/relink.py).
+        new_addresses = [a for a, pid in person_of.items() if pid in created]
+        relinked = relink_addresses(config, company, company_id, new_addresses, now,
+                                    actor=arrival.user.address)
+        if relinked.emails:
+            decisions.append(f"{relinked.emails} earlier email(s) linked to the new "
+                             "person(s)")
     if not external:
         decisions.append("internal only: no customer among the participants")
 
@@ -277,9 +325,15 @@ def record_email(
     needs_choice = False
     pending_id: int | None = None
     existing_deals = [d for (_p, d, _o) in have if d]
+    mismatch: DealMismatch | None = None
     if arrival.deal_id is not None:
         deal_id, deal_source = arrival.deal_id, "address"
         decisions.append(f"deal #{deal_id} named by the +deal address")
+        mismatch = _deal_mismatch(deal_id, persons, orgs)
+        if mismatch is not None:
+            decisions.append(f"deal #{deal_id} {mismatch.title!r} belongs to "
+                             f"{mismatch.belongs_to}, not to "
+                             f"{', '.join(mismatch.correspondents)}: linked as asked")
         if thread_deal is None:
             hot.set_thread_deal(thread_id, deal_id)
     elif existing_deals:
@@ -325,4 +379,5 @@ def record_email(
         email_id=email_id, sighting_id=sighting_id, duplicate=False,
         new_email=existing is None, thread_id=thread_id, persons=persons, deal_id=deal_id,
         needs_choice=needs_choice, pending_choice_id=pending_id, decisions=decisions,
+        deal_mismatch=mismatch, relink_questions=relinked.questions,
     )

@@ -13,6 +13,7 @@ dealmail is not a relay on its inbound listener.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 from dealmail.addresses import AddressError, normalize_address
 from dealmail.config import Company, Config
 
-__all__ = ["KINDS", "AddressKind", "Route", "RoutingTable", "kind_named"]
+__all__ = ["KINDS", "MTA_ONLY_KINDS", "AddressKind", "Route", "RoutingTable", "kind_named",
+           "mailbox_key"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,29 @@ KINDS: tuple[AddressKind, ...] = (
                 "questions about a deal's, person's or organization's conversations"),
     AddressKind("choice", r"choice-(?P<token>[A-Za-z0-9_-]{16,128})",
                 "{slug}+choice-<token>@{domain}", "answers to \"which deal?\" questions"),
+    # Copies made by the company's Postfix (mta/lmtp.py, mta/postfix.py): only its LMTP
+    # listener serves them, never the inbound SMTP listener, and the generated Postfix
+    # config refuses them at Postfix's own door.
+    AddressKind("sent", r"sent", "{slug}+sent@{domain}",
+                "behind Postfix: copies of mail users send (sender_bcc_maps, LMTP only)",
+                batchable=True),
+    AddressKind("received", r"received-(?P<mailbox>[0-9a-f]{12})",
+                "{slug}+received-<userkey>@{domain}",
+                "behind Postfix: copies of mail a user receives (recipient_bcc_maps, LMTP only)",
+                batchable=True),
 )
+
+#: The kinds only the LMTP listener behind the company's MTA serves.
+MTA_ONLY_KINDS = frozenset({"sent", "received"})
+
+
+def mailbox_key(slug: str, address: str) -> str:
+    """The ``<user key>`` of a user's ``+received-`` address: stable for as long as the
+    user's primary address stays the same (the Postfix maps are generated again when it
+    changes), short enough for RFC 5321's 64-octet local part. Not a secret: Postfix refuses
+    these addresses from outside (mta/postfix.py)."""
+    digest = hashlib.sha256(f"{slug}\0{address}".encode()).hexdigest()
+    return digest[:12]
 
 
 def kind_named(name: str, kinds: Iterable[AddressKind] = KINDS) -> AddressKind:

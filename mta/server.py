@@ -225,7 +225,7 @@ class DealmailSMTP(SMTP):
         if too_long or too_much:
             del buf
             self._set_post_data_state()
-            await self.push(str(replies.bad_content(
+            await self.push_data_reply(str(replies.bad_content(
                 "a line is longer than 998 characters (RFC 5322 section 2.1.1)"))
                 if too_long and not too_much else str(replies.too_big()))
             self._reset_timeout()
@@ -236,9 +236,15 @@ class DealmailSMTP(SMTP):
         self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+        await self.push_data_reply("250 OK" if status is MISSING else status)
         if self.transport is not None:
             self._reset_timeout()
+
+    async def push_data_reply(self, status: str | list[str]) -> None:
+        """The reply to the end of DATA: one line in SMTP. The LMTP listener (mta/lmtp.py)
+        sends one per accepted recipient instead (RFC 2033 §4.2)."""
+        for line in [status] if isinstance(status, str) else status:
+            await self.push(line)
 
 
 class InboundHooks:

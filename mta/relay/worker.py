@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,7 +43,9 @@ class OutboxWorker:
     def __init__(self, store: Store, clock: Clock, config_of: Callable[[], Config],
                  mx_lookup: MxLookup | None = None, addr_lookup: AddrLookup | None = None,
                  ssl_context: Any = None, worker_id: str = "w1", *, batch: int = 20,
-                 timeout: float = 60.0, mx_port: int = 25) -> None:
+                 timeout: float = 60.0, mx_port: int = 25,
+                 refresh: Mapping[str, Callable[[m.OutboxItem], bytes | None]] | None = None,
+                 ) -> None:
         self.store = store
         self.clock = clock
         self.config_of = config_of
@@ -54,6 +56,9 @@ class OutboxWorker:
         self.batch = batch
         self.timeout = timeout
         self.mx_port = mx_port
+        # Composed mail of these kinds is checked again when due (by kind; a batched
+        # question may have been decided meanwhile).
+        self.refresh = dict(refresh or {})
         self._schedule: tuple[tuple[str, float], RetrySchedule] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -123,9 +128,27 @@ class OutboxWorker:
         loop = asyncio.get_running_loop()
         items = await loop.run_in_executor(None, self.claim)
         for item in items:
+            if item.kind in self.refresh and not await loop.run_in_executor(
+                    None, self._refreshed, item):
+                continue
             result = await self._attempt(item)
             await loop.run_in_executor(None, self.record, item, result)
         return len(items)
+
+    def _refreshed(self, item: m.OutboxItem) -> bool:
+        """Let the composer check the item once more before it leaves (one transaction):
+        new bytes replace the queued ones; None means it is no longer needed (dropped)."""
+        with self.store.transaction():
+            fresh = self.refresh[item.kind](item)
+            if fresh is None:
+                (m.OutboxItem.update(state="dropped", lease_until=None,
+                                     last_error="no longer needed when it was due")
+                 .where(m.OutboxItem.id == item.id).execute())
+                log.info("outbox #%s (%s to %s): dropped, no longer needed", item.id,
+                         item.kind, item.domain)
+                return False
+        item.message = fresh
+        return True
 
     async def _attempt(self, item: m.OutboxItem) -> DeliveryResult:
         recipients = json.loads(item.recipients_json)

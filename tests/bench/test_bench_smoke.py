@@ -35,3 +35,19 @@ def test_ingest_quick_prints_table_and_writes_json(tmp_path: Path) -> None:
         assert scenario["ratio"] > 0
     assert data["servers"]["dealmail"]["peak_rss_mib"] >= data["servers"]["dealmail"][
         "idle_rss_mib"]
+
+
+def test_lmtp_quick_prints_both_targets_and_the_ratio(tmp_path: Path) -> None:
+    """``python -m bench lmtp --quick`` against a real private Postfix (fails without it)."""
+    out = tmp_path / "lmtp.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "lmtp", "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dealmail LMTP benchmark (quick" in proc.stdout
+    assert "bare aiosmtpd LMTP sink" in proc.stdout and "ratio" in proc.stdout
+    data = json.loads(out.read_text())
+    for target in ("baseline", "dealmail"):
+        assert data[target]["messages"] == 200 and data[target]["rate"] > 0
+        assert data[target]["p99_ms"] >= data[target]["p50_ms"]
+    assert data["ratio"] > 0

@@ -96,7 +96,10 @@ def test_check_config_prints_companies_addresses_and_senders(
     served = [line.split()[1] for line in out if line.startswith("  serves: ")]
     assert served == ["example@dealmail.localhost", "example+deal<ID>@dealmail.localhost",
                       "example+ask@dealmail.localhost",
-                      "example+choice-<token>@dealmail.localhost"]
+                      "example+choice-<token>@dealmail.localhost",
+                      # Behind Postfix only (LMTP), for its sender/recipient BCC maps.
+                      "example+sent@dealmail.localhost",
+                      "example+received-<userkey>@dealmail.localhost"]
     i = out.index("  user alice@example.com (admin; default shared; auto deal linking on; en; "
                   "Europe/Paris; relay password not set)")
     assert out[i + 1] == "    may send as: alice@example.com, alice.personal@mail.test"

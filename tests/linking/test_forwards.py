@@ -531,3 +531,174 @@ def test_no_crash_on_malformed_mime_corpus() -> None:
         assert isinstance(msg, EmailMessage)
         for chain in find_forwards(msg):
             assert chain and all(isinstance(fm, ForwardedMessage) for fm in chain)
+
+
+# ---------------------------------------------------------------------------------------
+# Structures beyond the corpora
+
+
+def test_name_only_sender_keeps_the_name() -> None:
+    text = (
+        "FYI\n\nFrom: \"Other, Carl\"\nSent: Thursday, November 26, 2026 10:03 AM\n"
+        "To: Sam Carter; sam.carter@acme.example\nSubject: Budget\n\nApproved.\n"
+    )
+    (fm,) = parse_inline_forward(text, subject="FW: Budget")
+    assert fm.from_ is None
+    assert fm.from_name_only and fm.from_raw == "Other, Carl" == fm.from_name
+    assert fm.as_dict()["from"] is None and fm.as_dict()["from_name"] == "Other, Carl"
+    assert fm.to == [Mailbox("sam.carter@acme.example", "")]
+    assert (fm.subject, fm.body, fm.note) == ("Budget", "Approved.", "FYI")
+
+
+def test_lotus_notes_hierarchical_name_is_reduced_to_the_name() -> None:
+    text = "From:\tCarl Other/ACME@ACME\nTo:\tSam Carter/ACME@ACME\nDate:\t26.11.2026 10:03\n" \
+        "Subject:\tBudget\n\nApproved."
+    (fm,) = parse_inline_forward(text, subject="Fw: Budget")
+    assert fm.from_ is None and fm.from_name == "Carl Other"
+
+
+def test_address_sender_is_not_name_only() -> None:
+    (fm,) = parse_inline_forward(
+        "---------- Forwarded message ---------\nFrom: Dana <dana@x.example>\n"
+        "Date: Thu, Nov 26, 2026 at 10:03 AM\nSubject: Hi\n\nText"
+    )
+    assert not fm.from_name_only and fm.from_name == "Dana"
+
+
+def test_header_block_in_an_unknown_language_is_inferred_from_its_values() -> None:
+    # Labels no table here lists (invented): the roles come from what the values hold.
+    text = (
+        "-------- Forwarded message --------\nKimo: Ana Lima <ana@cliente.example>\n"
+        "Wakati: 26.11.2026 10:03\nKwa: Sam <sam@acme.example>\nJambo: Bei mpya\n\nAsante."
+    )
+    (fm,) = parse_inline_forward(text)
+    assert fm.from_ == Mailbox("ana@cliente.example", "Ana Lima")
+    assert fm.to == [Mailbox("sam@acme.example", "Sam")]
+    assert (fm.subject, fm.body) == ("Bei mpya", "Asante.")
+    assert fm.date == datetime(2026, 11, 26, 10, 3, tzinfo=UTC)
+
+
+def test_unknown_field_between_known_ones_is_skipped_not_glued() -> None:
+    text = (
+        "From: Dana <dana@x.example>\nSent: Thursday, November 26, 2026 10:03 AM\n"
+        "Sensitivity: Confidential\nTo: sam@acme.example\nSubject: Offer\n\nYes."
+    )
+    (fm,) = parse_inline_forward(text, subject="FW: Offer")
+    assert fm.date_raw == "Thursday, November 26, 2026 10:03 AM"
+    assert fm.to == [Mailbox("sam@acme.example", "")] and fm.subject == "Offer"
+
+
+def test_yandex_forward_names_the_sender_in_an_introduction_and_marks_the_end() -> None:
+    text = (
+        "Note.\n\n-------- Пересылаемое сообщение --------\n"
+        "26.11.2026, 10:03, \"Иван Петров\" <ivan@klient.example>:\n\nТекст.\n\n"
+        "-------- Конец пересылаемого сообщения --------\n"
+    )
+    (fm,) = parse_inline_forward(text, subject="Fwd: Поставка")
+    assert fm.from_ == Mailbox("ivan@klient.example", "Иван Петров")
+    assert (fm.subject, fm.body, fm.note) == ("Поставка", "Текст.", "Note.")
+    assert fm.date == datetime(2026, 11, 26, 10, 3, tzinfo=UTC)
+
+
+def test_separator_repeated_under_the_header_block_is_not_body() -> None:
+    text = (
+        "============ Forwarded message ============\nFrom : Dana <dana@x.example>\n"
+        "Date : Thu, 26 Nov 2026 10:03:12 +0100\nSubject : Offer\n"
+        "============ Forwarded message ============\n\nYes."
+    )
+    (fm,) = parse_inline_forward(text)
+    assert fm.body == "Yes."
+
+
+def test_nested_forward_right_under_a_header_block_is_still_found() -> None:
+    text = (
+        "---------- Forwarded message ---------\nFrom: Bob <bob@acme.example>\n"
+        "Date: Fri, Nov 27, 2026 at 9:12 AM\nSubject: Fwd: Offer\n\n"
+        "---------- Forwarded message ---------\nFrom: Dana <dana@x.example>\n"
+        "Date: Thu, Nov 26, 2026 at 10:03 AM\nSubject: Offer\n\nYes."
+    )
+    chain = parse_inline_forward(text)
+    assert [fm.from_.address for fm in chain if fm.from_] == ["bob@acme.example", "dana@x.example"]
+
+
+def test_header_block_starting_with_the_date_and_a_dating_caption() -> None:
+    gmx = (
+        "Zur Info\n\nGesendet: Donnerstag, 26. November 2026 um 10:03 Uhr\n"
+        "Von: \"Anna Schmidt\" <anna@kunde.example>\nAn: peter@muster.example\n"
+        "Betreff: Angebot\n\nWir nehmen an."
+    )
+    (fm,) = parse_inline_forward(gmx, subject="WG: Angebot")
+    assert fm.from_ == Mailbox("anna@kunde.example", "Anna Schmidt") and fm.note == "Zur Info"
+    orange = (
+        "> Message du 26/11/26 10:03\n> De : \"Marie\" <marie@client.example>\n"
+        "> A : julien@fournisseur.example\n> Objet : RDV\n> \n> Je confirme."
+    )
+    (fm,) = parse_inline_forward(orange, subject="TR: RDV")
+    assert fm.from_ == Mailbox("marie@client.example", "Marie")
+    assert (fm.subject, fm.body) == ("RDV", "Je confirme.")
+    assert fm.date == datetime(2026, 11, 26, 10, 3, tzinfo=UTC)
+
+
+def test_a_sentence_above_a_from_line_is_not_a_header_block() -> None:
+    text = "Call notes, see below\nFrom: our side Sam\nTo do: pricing\nSubject to review."
+    assert parse_inline_forward(text, subject="Notes") == []
+
+
+def test_bold_sender_name_from_gmail_text_part() -> None:
+    text = (
+        "---------- Forwarded message ---------\nFrom: *Dana Lee* <dana@x.example>\n"
+        "Date: Thu, Nov 26, 2026 at 10:03 AM\nSubject: Quote\nTo: Sam <sam@acme.example>\n\nHi"
+    )
+    (fm,) = parse_inline_forward(text)
+    assert fm.from_ == Mailbox("dana@x.example", "Dana Lee")
+
+
+def test_recipient_wrapped_between_name_and_address() -> None:
+    text = (
+        "---------- Forwarded message ---------\nFrom: Dana <dana@x.example>\n"
+        "Date: Thu, Nov 26, 2026 at 10:03 AM\nSubject: Q\nTo: Sam <sam@acme.example>, Priya\n"
+        "<priya@acme.example>\n\nHi"
+    )
+    (fm,) = parse_inline_forward(text)
+    assert fm.to == [Mailbox("sam@acme.example", "Sam"), Mailbox("priya@acme.example", "Priya")]
+    assert fm.body == "Hi"
+
+
+def test_exchange_internal_sender_keeps_only_the_name() -> None:
+    text = (
+        "From: Carl Other </O=ACME/OU=EXCHANGE ADMINISTRATIVE GROUP/CN=RECIPIENTS/CN=COTHER>\n"
+        "Sent: Thursday, November 26, 2026 10:03 AM\nTo: Sam Carter\nSubject: Budget\n\nOk"
+    )
+    (fm,) = parse_inline_forward(text, subject="FW: Budget")
+    assert fm.from_ is None and fm.from_name == "Carl Other"
+
+
+def test_groupwise_forward_names_the_sender_on_its_marker_line() -> None:
+    text = "FYI\n\n>>> \"Dana Lee\" <dana@x.example> 11/26/2026 10:03 AM >>>\nTender closes Dec 15."
+    (fm,) = parse_inline_forward(text, subject="Fwd: Tender")
+    assert fm.from_ == Mailbox("dana@x.example", "Dana Lee")
+    assert (fm.subject, fm.body, fm.note) == ("Tender", "Tender closes Dec 15.", "FYI")
+    assert fm.date == datetime(2026, 11, 26, 10, 3, tzinfo=UTC)
+    assert parse_inline_forward(text, subject="Re: Tender") == []
+
+
+def test_rules_and_end_markers_around_the_forwarded_text_are_not_body() -> None:
+    kmail = (
+        "----------  Forwarded Message  ----------\n\nSubject: Keys\nDate: Thursday, 26 November "
+        "2026, 10:03:00 CET\nFrom: Dana <dana@x.example>\nTo: sam@acme.example\n\nKeys missing.\n"
+        "-----------------------------------------\n"
+    )
+    assert parse_inline_forward(kmail)[0].body == "Keys missing."
+    sylpheed = (
+        "----------------------- Original Message -----------------------\n"
+        " From:    Dana <dana@x.example>\n To:      sam@acme.example\n"
+        " Date:    Thu, 26 Nov 2026 10:03:00 +0100\n Subject: Dates\n----\n\nWhich dates?\n\n"
+        "--------------------- Original Message Ends --------------------\n"
+    )
+    (fm,) = parse_inline_forward(sylpheed, subject="Fw: Dates")
+    assert (fm.from_, fm.body) == (Mailbox("dana@x.example", "Dana"), "Which dates?")
+
+
+def test_numbered_note_is_not_a_name_only_forward() -> None:
+    note = "Order details\n\nNo: 4711\nDate: 26.11.2026\nTo: warehouse\nSubject: delivery\n\nOk"
+    assert parse_inline_forward(note, subject="Order") == []

@@ -50,7 +50,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from linking.replytext import extract_reply, extract_reply_from_message
+from linking.replytext import extract_reply, extract_reply_from_message, html_to_reply
 
 CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "corpus" / "replies"
 GITHUB = "github__email_reply_parser"
@@ -705,3 +705,166 @@ def test_message_prefers_plain_over_html() -> None:
     msg.set_content("#2\n\nOn Thu, Nov 26, 2026 at 10:03 AM dealmail <d@x> wrote:\n> q\n")
     msg.add_alternative("<p>html version</p>", subtype="html")
     assert extract_reply_from_message(msg) == "#2"
+
+
+# --- attributions, delimiters, forwards and signatures beyond the corpora -------------------
+
+
+@pytest.mark.parametrize(
+    "attribution",
+    [
+        "Dne 26. 11. 26 v 10:03 Jan Novák napsal(a):",
+        "W dniu 26.11.2026 o 10:03, Jan Kowalski pisze:",
+        "26.11.2026 10:03, Иван Петров пишет:",
+        "26 нояб. 2026 г., в 10:03, Иван Петров <ivan@x.example> написал(а):",
+        "Kovács Péter <peter@x.example> ezt írta (időpont: 2026. nov. 26.,\nCs, 10:03):",
+        "to 26. marrask. 2026 klo 10.03 Matti (matti@x.example)\nkirjoitti:",
+        "2026년 11월 26일 (목) 오전 10:03, 김민수 <minsu@x.example>님이 작성:",
+        "Στις Πέμ 26 Νοε 2026 στις 10:03, ο/η Γιώργος <\ngiorgos@x.example> έγραψε:",
+        "Vào Th 5, 26 thg 11, 2026 vào lúc 10:03 An <an@x.example> đã viết:",
+        "* Dana Lee <dana@x.example> [2026-11-26 10:03 +0100]:",
+        "Вы писали 26 ноября 2026 г., 10:03:12:",
+        "Am Donnerstag, 26. November 2026, 10:03:00 MEZ hat Peter <p@x.example> Folgendes "
+        "geschrieben:",
+    ],
+)
+def test_attributions_in_more_languages(attribution: str) -> None:
+    body = f"Ja.\n\n{attribution}\n\n> Frage?\n> Gruß\n"
+    assert extract_reply(body) == "Ja."
+
+
+def test_text_right_above_an_attribution_is_kept() -> None:
+    body = "El pedido ya está en camino.\n\nEl 26/11/26 a las 10:03, María escribió:\n> ¿Y?\n"
+    assert extract_reply(body) == "El pedido ya está en camino."
+    body = "Thanks,\nOn Thu, Nov 26, 2026 at 10:03 AM Dana <d@x.example> wrote:\n> q\n"
+    assert extract_reply(body) == "Thanks,"
+
+
+@pytest.mark.parametrize(
+    "delimiter",
+    [
+        "##- Please type your reply above this line -##",
+        "-- reply above this line --",
+        "----- Bitte oberhalb dieser Zeile antworten -----",
+        "--- Répondez au-dessus de cette ligne ---",
+    ],
+)
+def test_reply_above_this_line_delimiters(delimiter: str) -> None:
+    assert extract_reply(f"2\n\n{delimiter}\nWhich deal?\n1. A\n2. B\n") == "2"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "\n\nSent from my iPhone\n\n> On Nov 26, 2026, at 10:03 AM, Dana <d@x.example> wrote:\n> q",
+        "-- \nSam Carter\nAcme Corp\n\nOn 26/11/2026 10:03, Dana wrote:\n> q",
+        " \n\nMit freundlichen Grüßen\n\nPeter Meier\nVertrieb | Muster GmbH\n"
+        "Tel.: +49 40 1234567\n\nVon: Anna <anna@x.example>\nGesendet: Donnerstag, 26. November "
+        "2026 10:03\nAn: Peter <p@x.example>\nBetreff: Angebot\n\nFertig?",
+        "Get Outlook for iOS<https://aka.ms/o0ukef>\n________________________________\n"
+        "From: Dana <d@x.example>\nSent: Thursday, November 26, 2026 10:03:12 AM\nTo: Sam\n"
+        "Subject: News\n\nAny news?",
+    ],
+)
+def test_only_a_quote_and_a_signature_is_empty(body: str) -> None:
+    assert extract_reply(body) == ""
+
+
+def test_a_sentence_about_a_phone_is_not_a_trailer_and_thanks_alone_stays() -> None:
+    assert extract_reply("Sent from my laptop, my mobile phone is broken.") == (
+        "Sent from my laptop, my mobile phone is broken."
+    )
+    assert extract_reply("Thanks!\nSam") == "Thanks!\nSam"
+
+
+def test_long_company_signature_under_a_closing_phrase() -> None:
+    body = (
+        "Anbei das Angebot.\n\nMit freundlichen Grüßen\n\ni.A. Peter Meier\nVertrieb\n\n"
+        "Muster GmbH\nMusterstraße 1\n20095 Hamburg\nTel.: +49 40 1234567\nFax: +49 40 1234568\n"
+        "E-Mail: peter.meier@muster.example\nwww.muster.example\n\n"
+        "Geschäftsführer: Max Muster\nAmtsgericht Hamburg HRB 12345\n"
+    )
+    assert extract_reply(body) == "Anbei das Angebot."
+
+
+def test_closing_phrase_above_a_question_is_not_a_signature() -> None:
+    body = "Done.\n\nBest regards,\nSam\n\nP.S. could you also send the PO number?"
+    assert extract_reply(body) == body.strip()
+
+
+def test_forward_before_any_history_is_content_but_quotes_after_it_are_not() -> None:
+    body = (
+        "Put this on the expansion deal.\n\n---------- Forwarded message ---------\n"
+        "From: Dana <d@x.example>\nDate: Thu, Nov 26, 2026 at 10:03 AM\nSubject: Seats\n"
+        "To: Sam <s@acme.example>\n\nWe want 10 more seats.\n\n"
+        "On Thu, Nov 26, 2026 at 11:15 AM dealmail <deals@x.example> wrote:\n> Which deal?\n"
+    )
+    assert extract_reply(body) == body.split("\n\nOn Thu")[0]
+
+
+def test_html_forward_further_down_a_quote_is_history() -> None:
+    html = (
+        '<div dir="ltr">Thanks.</div><div class="gmail_quote"><div class="gmail_attr">On Thu, '
+        "Nov 26, 2026 at 10:03 AM Sam &lt;s@x.example&gt; wrote:<br></div><blockquote "
+        'class="gmail_quote">FYI<br>---------- Forwarded message ---------<br>From: Legal '
+        "&lt;l@x.example&gt;<br>Subject: Terms<br><br>See attached.</blockquote></div>"
+    )
+    assert html_to_reply(html) == "Thanks."
+
+
+def test_blank_lines_left_by_removed_inline_quotes_collapse() -> None:
+    body = "Inline answers.\n\n> 1. SAML?\n\nYes.\n\n> 2. EU?\n\nYes, Frankfurt.\n"
+    assert extract_reply(body) == "Inline answers.\n\nYes.\n\nYes, Frankfurt."
+
+
+def test_header_block_in_an_unknown_language_under_a_rule() -> None:
+    # Invented labels: the block is recognised by an address and a dated value under the rule.
+    body = (
+        "Setuju.\n\n________________________________\nKutoka: Ana Lima <ana@x.example>\n"
+        "Imetumwa: 26.11.2026 10:03\nKwa: Sam <s@a.example>\nSomo: Bei\n\nHabari"
+    )
+    assert extract_reply(body) == "Setuju."
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        "Get Outlook for iOS<https://aka.ms/o0ukef>",
+        "Outlook für Android herunterladen<https://aka.ms/ghei36>",
+        "Von meinem Samsung Galaxy Smartphone gesendet.",
+        "Wysłane z aplikacji Poczta dla systemu Windows",
+        "发自我的华为手机",
+        "Lähetetty iPhonesta",
+    ],
+)
+def test_mobile_and_app_trailers(trailer: str) -> None:
+    assert extract_reply(f"Ok, go ahead.\n\n{trailer}\n") == "Ok, go ahead."
+
+
+def test_groupwise_marker_starts_the_unquoted_history() -> None:
+    body = (
+        "Will do.\n\n>>> \"Dana Lee\" <dana@x.example> 11/26/2026 10:03 AM >>>\n"
+        "Please resend the invoice.\n"
+    )
+    assert extract_reply(body) == "Will do."
+    # Without an address it is text with a ">>>" decoration, as before.
+    assert extract_reply("See\n>>> http://x.example <<<\nthen call") == (
+        "See\n>>> http://x.example <<<\nthen call"
+    )
+
+
+def test_name_wrote_without_a_date_above_a_quote() -> None:
+    assert extract_reply("Confirmed.\n\nDana Lee wrote:\n> Does 3 pm work?\n") == "Confirmed."
+
+
+def test_bidirectional_marks_around_an_rtl_attribution() -> None:
+    body = (
+        "بله.\n\n\u202bدر تاریخ پنجشنبه ۲۶ نوامبر ۲۰۲۶ ساعت ۱۰:۰۳ Ali <\u202aali@x.example"
+        "\u202c> نوشت:\u202c\n\n> سؤال؟\n"
+    )
+    assert extract_reply(body) == "بله."
+
+
+def test_own_text_introduced_with_sent_is_kept_above_its_quote() -> None:
+    body = "Here is what I sent:\n> The price is 20k.\n> Delivery in May.\n\nDid you get it?"
+    assert extract_reply(body) == "Here is what I sent:\n\nDid you get it?"

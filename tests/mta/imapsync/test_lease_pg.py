@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.dovecot import mail, sync_config
 
 from crmstore import models as m
 from crmstore.db import Store
-from support.dovecot import mail, sync_config
 
 ROOT = Path(__file__).resolve().parents[3]
 
