@@ -357,7 +357,7 @@ class RelayHandler:
                           subject=parsed.subject)
             log.info("[%s] %s from %s queued for %d recipient(s) as outbox %s", qid, mid,
                      user.address, len(recipients), ",".join(f"#{i}" for i in ids))
-            if self.store is not None and user.mailboxes:
+            if self.store is not None and user.mailboxes and config.imap.enabled:
                 queue_sent_copy(self.store, user, parsed.from_.address, raw,
                                 parsed.message_id, ids, now)
             return Reply(250, "2.0.0", f"Ok: queued as {qid}")

@@ -72,6 +72,7 @@ class FakeImap:
         self.login_reply: str | None = None  # e.g. "* BYE [UNAVAILABLE] limit exceeded"
         self.fetch_reply: str | None = None  # e.g. "NO [ALERT] bandwidth limit exceeded"
         self.bye_in_idle = False
+        self.vanish: set[int] = set()  # expunged between the size fetch and the body fetch
         self.lines: list[bytes] = []
         self.body_fetches: list[int] = []
         self.logins = 0
@@ -292,6 +293,8 @@ class Session:
         for msg in self._uids(spec):
             seq = self.selected.messages.index(msg) + 1
             wants_body = "BODY.PEEK[]" in items
+            if wants_body and msg.uid in self.server.vanish:
+                continue
             if wants_body:
                 self.server.body_fetches.append(msg.uid)
                 if msg.uid in self.server.hostile:

@@ -268,3 +268,33 @@ def test_bye_in_idle_reconnects_and_catches_up_and_idle_is_renewed(
     assert row.state == "ok"  # a drop is not a failing account
     clock.advance(timedelta(seconds=10))
     wait_for(lambda: imap_emails() == 2)
+
+
+def test_expunged_before_the_body_fetch_and_modseq_going_down(tmp_path: Path, fake: FakeImap,
+                                                              ca: trustme.CA,
+                                                              app_factory: Any) -> None:
+    """E.6 #6: a message expunged between the size fetch and the body fetch is passed
+    without an error or a lost checkpoint; #7: HIGHESTMODSEQ going down under the same
+    UIDVALIDITY reads the folder again (nothing doubled) and leaves an audit entry."""
+    fake.capabilities += ["CONDSTORE"]
+    fake.folders["INBOX"].highestmodseq = 50
+    for i in range(1, 6):
+        fake.add("INBOX", mail(i))
+    fake.vanish = {3}
+    running = app_factory(config_with(tmp_path, block(tmp_path, fake, ca)))
+    one_pass(running)
+    rows = {r.uid: r for r in m.MailboxMessage.select()}
+    assert rows[3].state == "gone" and {rows[u].state for u in (1, 2, 4, 5)} == {"done"}
+    folder = m.MailboxFolder.get()
+    assert (folder.last_uid, folder.highest_modseq) == (5, 50)
+    fetches = len(fake.body_fetches)
+    one_pass(running)  # unchanged UIDNEXT and HIGHESTMODSEQ: nothing is fetched
+    assert len(fake.body_fetches) == fetches
+    fake.folders["INBOX"].highestmodseq = 7  # a broken server
+    one_pass(running)
+    folder = m.MailboxFolder.get()
+    assert folder.epochs == 1 and folder.highest_modseq == 7
+    assert len(fake.body_fetches) == fetches  # known UIDs are not read again
+    assert imap_emails() == 4
+    assert m.AuditEntry.get(m.AuditEntry.action == "imap_rescan").detail_json.find(
+        "HIGHESTMODSEQ") > 0
