@@ -10,6 +10,7 @@ and an IMAP copy, and a 20 MB message.
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -186,3 +187,28 @@ def test_twenty_megabyte_message(tmp_path: Path, dovecot: Any, app_factory: Any)
     one_pass(running)
     email = m.Email.get(m.Email.subject == "twenty")
     assert email.size > 20 * 1024 * 1024
+
+
+def test_imap_status_and_imap_test_commands(tmp_path: Path, dovecot: Any, app_factory: Any,
+                                            capsys: Any, restore_logging: Any) -> None:
+    from dealmail.cli import main as cli_main
+
+    login = dovecot.add_user()
+    dovecot.deliver(login, [mail(i) for i in range(4)])
+    config = sync_config(tmp_path, dovecot, login)
+    running = app_factory(config)
+    one_pass(running)
+    args = ["--config", str(config.path), "--set", f"database.url=sqlite:///{tmp_path}/dealmail.db"]
+    assert cli_main([*args, "imap", "test", login]) == 0
+    out = capsys.readouterr().out
+    assert "INBOX  (inbox: mail you receive)" in out
+    assert "Sent  (sent: mail you send (flagged \\Sent, RFC 6154))" in out
+    assert "relayed mail filed in: Sent" in out
+    assert cli_main([*args, "imap", "status", "--json"]) == 0
+    (status,) = json.loads(capsys.readouterr().out)
+    assert status["state"] == "ok" and status["messages_tracked"] == 4
+    assert status["user"] == "alice@example.com" and status["last_error"] is None
+    inbox = next(f for f in status["folders"] if f["name"] == "INBOX")
+    assert inbox["last_uid"] == 4 and inbox["uidvalidity"]
+    assert cli_main([*args, "imap", "status"]) == 0
+    assert "UIDVALIDITY" in capsys.readouterr().out
