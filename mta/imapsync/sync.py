@@ -178,6 +178,8 @@ class AccountSync:
         self.healthy = False  # this connection completed a catch-up
         self.wake = threading.Event()
         self.last_stats: dict[str, FolderStats] = {}
+        # Set by the service at shutdown: a long catch-up stops after the chunk it commits.
+        self.stopping = threading.Event()
 
     # ------------------------------------------------------------------ helpers
 
@@ -220,6 +222,7 @@ class AccountSync:
 
     def session(self, stop: threading.Event) -> None:
         """Connect, catch up, watch, catch up... until ``stop`` (or an exception)."""
+        self.stopping = stop
         client = self.open()
         try:
             while not stop.is_set():
@@ -237,6 +240,8 @@ class AccountSync:
         self.plan, self.sent_folder = plan_folders(self.account, list_folders(client), gmail)
         stats = {}
         for planned in self.plan:
+            if self.stopping.is_set():
+                return stats
             if planned.role == "missing":
                 log.warning("%s folder %r is configured but not on the server",
                             self.log_prefix(), planned.name)
@@ -305,6 +310,8 @@ class AccountSync:
             return stats
         end = (uidnext - 1) if uidnext is not None else self._max_uid(client)
         self._walk(client, row, uidvalidity, end, gmail, stats)
+        if self.stopping.is_set():  # stopped between two chunks: the pass is not complete
+            return stats
         self._save_checkpoint(row, None, hms, uidnext)
         log.info("%s %s: %d fetched, %d stored, %d repeats, %d not tracked, %d failed; "
                  "checkpoint %s:%s", prefix, name, stats.fetched, stats.stored, stats.repeat,
@@ -363,7 +370,7 @@ class AccountSync:
         reader.start()
         blocked = False  # a UID waits for a retry: the checkpoint stays below it
         try:
-            while True:
+            while not self.stopping.is_set():
                 item = chunks.get()
                 if item[0] == "end":
                     break

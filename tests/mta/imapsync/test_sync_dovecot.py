@@ -212,3 +212,26 @@ def test_imap_status_and_imap_test_commands(tmp_path: Path, dovecot: Any, app_fa
     assert inbox["last_uid"] == 4 and inbox["uidvalidity"]
     assert cli_main([*args, "imap", "status"]) == 0
     assert "UIDVALIDITY" in capsys.readouterr().out
+
+
+def test_stop_during_a_long_first_sync_ends_after_a_chunk(tmp_path: Path, dovecot: Any,
+                                                         app_factory: Any) -> None:
+    """Shutdown does not wait for a whole mailbox: the sync stops after the chunk it is
+    committing, with its checkpoint, and the next start goes on from there."""
+    login = dovecot.add_user()
+    dovecot.deliver(login, [mail(i) for i in range(600)])
+    running = app_factory(sync_config(tmp_path, dovecot, login, "imap.chunk_messages=20"),
+                          sync=True)
+    deadline = time.monotonic() + 20
+    while imap_emails() < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    running.app.imap.stop()
+    assert time.monotonic() - started < 5
+    done = imap_emails()
+    assert 40 <= done < 600
+    folder = m.MailboxFolder.get(m.MailboxFolder.name == "INBOX")
+    assert folder.last_uid == done and folder.highest_modseq is None
+    sync = one_pass(running)
+    assert sync.last_stats["INBOX"].fetched == 600 - done
+    assert imap_emails() == 600
