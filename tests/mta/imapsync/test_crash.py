@@ -1,7 +1,7 @@
 """A sync process killed with SIGKILL in the middle of a chunk's transaction (after the bodies
 were fetched, with part of the chunk written but not committed) loses nothing and doubles
 nothing: the restart (in another process, once the dead one's lease has expired) reads that
-chunk again (docs/reliability.md E.6 #5)."""
+chunk again (docs/reliability.md E.6.5)."""
 
 from __future__ import annotations
 

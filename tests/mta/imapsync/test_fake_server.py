@@ -1,7 +1,8 @@
 """Mailbox sync against a scripted IMAP server (``tests/support/fakeimap.py``), for what a real
-Dovecot will not do (docs/reliability.md E.6): #12 hostile answers, #10 Gmail's X-GM
-extensions, #11 localized special-use folder names, #13 PREAUTH before STARTTLS and XOAUTH2
-refresh, #14 untrusted certificates, #15 throttling, #8/#9 BYE during IDLE and IDLE renewal.
+Dovecot will not do (docs/reliability.md E.6): E.6.12 hostile answers, E.6.10 Gmail's X-GM
+extensions, E.6.11 localized special-use folder names, E.6.13 PREAUTH before STARTTLS and
+XOAUTH2 refresh, E.6.14 untrusted certificates, E.6.15 throttling, E.6.8/E.6.9 BYE during IDLE
+and IDLE renewal, E.6.6 and E.6.7 an expunge before the body fetch and HIGHESTMODSEQ.
 """
 
 from __future__ import annotations
@@ -273,8 +274,8 @@ def test_bye_in_idle_reconnects_and_catches_up_and_idle_is_renewed(
 def test_expunged_before_the_body_fetch_and_modseq_going_down(tmp_path: Path, fake: FakeImap,
                                                               ca: trustme.CA,
                                                               app_factory: Any) -> None:
-    """E.6 #6: a message expunged between the size fetch and the body fetch is passed
-    without an error or a lost checkpoint; #7: HIGHESTMODSEQ going down under the same
+    """E.6.6: a message expunged between the size fetch and the body fetch is passed
+    without an error or a lost checkpoint; E.6.7: HIGHESTMODSEQ going down under the same
     UIDVALIDITY reads the folder again (nothing doubled) and leaves an audit entry."""
     fake.capabilities += ["CONDSTORE"]
     fake.folders["INBOX"].highestmodseq = 50

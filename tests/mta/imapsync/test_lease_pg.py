@@ -1,6 +1,6 @@
 """The same mailbox configured in two dealmail processes sharing one PostgreSQL: the account's
 lease (``SELECT … FOR UPDATE SKIP LOCKED``) lets exactly one of them sync it, and every
-message is stored once (docs/reliability.md E.6 #17)."""
+message is stored once (docs/reliability.md E.6.17)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Mailbox sync against a real Dovecot (docs/reliability.md E.6), one user per test.
 
-Cases covered here: 1 initial sync with UID gaps (and no ``\\Seen`` set), 2 incremental
-(``n:*`` returning the last message is not re-imported), 3 and 4 UIDVALIDITY changes (same
-and different content), 5 crash between fetch and commit (in ``test_crash.py``), 8 IDLE
-pickup, 13 wrong password back-off, 16 a message over the size cap, 18 a message expunged on
-the server stays in the CRM; plus the Sent folder filing of relayed mail, one email for a BCC
-and an IMAP copy, and a 20 MB message.
+Cases covered here: E.6.1 initial sync with UID gaps (and no ``\\Seen`` set), E.6.2
+incremental (``n:*`` returning the last message is not re-imported), E.6.3 and E.6.4
+UIDVALIDITY changes (same and different content), E.6.8 IDLE pickup, E.6.13 wrong password
+back-off, E.6.16 a message over the size cap and a 20 MB message, E.6.18 a message expunged on
+the server stays in the CRM; the ``imap test``/``imap status`` commands; a shutdown during a
+long first sync.
 """
 
 from __future__ import annotations
