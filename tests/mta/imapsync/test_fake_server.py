@@ -97,6 +97,10 @@ def test_hostile_answers_fail_one_message_each_and_the_sync_goes_on(
     assert {u for u, r in rows.items() if r.state == "done"} == {1, 5, 6, 7}
     assert m.MailboxFolder.get().last_uid == 7
     assert imap_emails() == 4
+    # RFC 2971 ID after login and before the first EXAMINE (NetEase refuses SELECT without).
+    commands = [line.split(b" ", 2)[1].upper() for line in fake.lines if b" " in line]
+    assert commands.index(b"ID") < commands.index(b"EXAMINE")
+    assert commands.index(b"LOGIN") < commands.index(b"ID")
 
 
 def test_gmail_all_mail_labels_and_one_record_per_msgid(tmp_path: Path, fake: FakeImap,
