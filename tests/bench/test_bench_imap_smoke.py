@@ -29,5 +29,6 @@ def test_imap_quick_prints_table_and_writes_json(tmp_path: Path) -> None:
         deal = box["dealmail"]
         assert deal["messages"] == box["messages"] and deal["failed"] == 0
         assert deal["stored"] + deal["not_tracked"] == box["messages"]
-        assert deal["deal_questions"] > 0  # customers with several open deals
+        assert deal["pending_choices"] > 0  # customers with several open deals
+        assert box["sync_only"]["messages"] == box["messages"]
         assert box["ratio"] > 0 and deal["peak_rss_mib"] > 0
