@@ -56,6 +56,10 @@ class Lease:
     def acquire(self, account_id: int) -> bool:
         """Take (or keep) the lease when it is free, ours or expired."""
         now = naive_utc(self.now())
+        row = m.MailboxAccount.get_or_none(m.MailboxAccount.id == account_id)
+        if row is not None and row.lease_holder not in (None, self.holder) and \
+                row.lease_until is not None and row.lease_until >= now:
+            return False  # held by another process: a read, no write lock taken
         free = (m.MailboxAccount.lease_holder.is_null()
                 | (m.MailboxAccount.lease_holder == self.holder)
                 | m.MailboxAccount.lease_until.is_null()

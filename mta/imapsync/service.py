@@ -70,6 +70,7 @@ class AccountRunner(threading.Thread):
         self.account = account
         self.stop_event = threading.Event()
         self.sync = AccountSync(account, service.deps)
+        self.holding = False  # this thread holds the account's lease
 
     def run(self) -> None:
         deps = self.service.deps
@@ -99,7 +100,10 @@ class AccountRunner(threading.Thread):
         sync = self.sync
         account_id = sync.account_id
         assert account_id is not None
-        if not deps.lease.acquire(account_id):
+        # Renewed only when due while held (a read per look, a write now and then).
+        self.holding = (self.holding and deps.lease.renew_if_due(account_id)) or \
+            deps.lease.acquire(account_id)
+        if not self.holding:
             self._wait()
             return
         row = m.MailboxAccount.get_by_id(account_id)
@@ -113,6 +117,7 @@ class AccountRunner(threading.Thread):
         try:
             sync.session(self.stop_event)
         except LeaseLost:
+            self.holding = False
             log.info("[imap %s] lease taken over by another process", self.account.key)
         except Exception as exc:
             kind = failure_kind(exc)

@@ -238,7 +238,7 @@ class AccountSync:
     def catch_up(self, client: IMAPClient) -> dict[str, FolderStats]:
         gmail = b"X-GM-EXT-1" in self.caps
         self.plan, self.sent_folder = plan_folders(self.account, list_folders(client), gmail)
-        stats = {}
+        stats: dict[str, FolderStats] = {}
         for planned in self.plan:
             if self.stopping.is_set():
                 return stats
