@@ -21,7 +21,7 @@ from email.policy import SMTP as SMTP_POLICY
 from typing import Any
 
 from dealmail.addresses import domain_of
-from dealmail.clock import naive_utc
+from dealmail.clock import json_time, naive_utc
 
 from . import models as m
 
@@ -76,8 +76,8 @@ def list_items(limit: int = 200) -> list[dict[str, Any]]:
         out.append({
             "id": i.id, "kind": i.kind, "to": json.loads(i.recipients_json),
             "subject": i.subject, "state": i.state, "attempts": i.attempts,
-            "next_attempt": i.next_attempt_at.isoformat() + "Z" if i.state == "queued" else None,
-            "last_error": i.last_error, "created": i.created_at.isoformat() + "Z",
+            "next_attempt": json_time(i.next_attempt_at) if i.state == "queued" else None,
+            "last_error": i.last_error, "created": json_time(i.created_at),
         })
     return out
 

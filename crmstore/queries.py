@@ -7,10 +7,11 @@ count of emails the reader may not see is returned alongside, never their conten
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
 
 from peewee import JOIN, fn
+
+from dealmail.clock import json_time
 
 from . import models as m
 from .visibility import visible_to
@@ -129,12 +130,10 @@ def conversations(user: m.User, person: m.Person | None = None, deal: m.Deal | N
         seen = sightings.get(eid, [])
         mine = next((s for s in seen if s[0] == user.id), None)
         shown = mine or next((s for s in seen if s[3] == "shared"), None)
-        if isinstance(date, str):  # SQLite stores "YYYY-MM-DD HH:MM:SS[.ffffff]"
-            date = datetime.fromisoformat(date)
         entry["emails"].append({
             "id": eid,
             "message_id": message_id,
-            "date": date.isoformat() + "Z" if date else None,
+            "date": json_time(date),
             "subject": subject,
             "from": {"address": from_address, "name": from_name},
             "to": addresses(to_json),

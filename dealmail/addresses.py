@@ -20,6 +20,7 @@ __all__ = [
     "Mailbox",
     "decode_words",
     "domain_of",
+    "format_mailbox",
     "normalize_address",
     "normalize_domain",
     "parse_address_list",
@@ -40,6 +41,13 @@ class Mailbox:
 
     def as_dict(self) -> dict[str, str]:
         return {"address": self.address, "name": self.name}
+
+
+def format_mailbox(name: str | None, address: str) -> str:
+    """``Name <address>`` for people to read, or the bare address when there is no display
+    name (an empty name must not leave ``  <address>`` with a double space)."""
+    name = " ".join((name or "").split())
+    return f"{name} <{address}>" if name else address
 
 
 # RFC 5321 §4.5.3.1: 64 octets local part, 255 domain; we only need a sanity bound.

@@ -8,14 +8,18 @@ old one in force). Nothing in dealmail keeps mutable state at module level.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import socket
 import ssl
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from crmstore import models as m
 from crmstore.committer import GroupCommitter
@@ -29,6 +33,7 @@ from mta.handlers.ask import AskHandler
 from mta.handlers.choice import ChoiceHandler
 from mta.handlers.smart_bcc import SmartBccHandler
 from mta.imapsync.service import SyncService
+from mta.metrics import Metrics, serve_metrics
 from mta.relay.mx import AddrLookup, MxLookup
 from mta.relay.worker import OutboxWorker
 from mta.routing import RoutingTable
@@ -36,10 +41,16 @@ from mta.senderauth import DnsQuery, DnsTxt, SenderVerifier, dnspython_txt
 from mta.server import Handler, InboundHooks, start_listener
 from mta.verification import crypto_verifier
 
-from .clock import Clock, SystemClock
-from .config import Config, ConfigError, load_config
+from .clock import Clock, SystemClock, json_time
+from .config import Config, ConfigError, check_files, load_config, needs_restart
+from .logs import reopen_logs, setup_logging
 
 log = logging.getLogger("dealmail.app")
+
+
+class StartupError(Exception):
+    """The server cannot start (a listener cannot bind, a file cannot be read): one clear
+    line for the admin, no traceback."""
 
 
 class App:
@@ -81,6 +92,17 @@ class App:
         self.imap: SyncService | None = None
         self.start_imap_sync = True
         self.imap_tick = 1.0
+        # Operations (docs: README "Operations"): the submission listeners' live TLS context
+        # (reloaded on SIGHUP), the counters of mta.metrics, the status file `dealmail
+        # status` reads. A pre-fork worker sets worker_index; its parent serves the metrics.
+        self.tls_context: ssl.SSLContext | None = None
+        self.metrics = Metrics()
+        self.metrics_server: Any = None
+        self.worker_index: int | None = None
+        self.started_at: datetime | None = None
+        self.last_reload: datetime | None = None
+        self.last_error: dict[str, str] | None = None
+        self._status_lock = threading.Lock()
 
     # ------------------------------------------------------------------ set-up
 
@@ -121,7 +143,8 @@ class App:
     def build_outbox(self) -> OutboxWorker:
         return OutboxWorker(self.store, self.clock, self.get_config, self.mx_lookup,
                             self.addr_lookup, self.outbox_ssl_context,
-                            refresh={"question": self.refresh_question})
+                            refresh={"question": self.refresh_question},
+                            metrics=self.metrics)
 
     def refresh_question(self, item: m.OutboxItem) -> bytes | None:
         """A due "which deal?" question is checked again: its threads may have been decided
@@ -154,25 +177,108 @@ class App:
         return [asdict(s) for s in checker.check_signatures(raw, from_domain)]
 
     def reload(self, path: Path | None = None) -> bool:
-        """Validate the config file again and swap it in; keep the old one if invalid."""
+        """SIGHUP: reopen the log file (logrotate), validate the config file again and swap
+        it in whole; keep the old one if invalid or if a file it names cannot be read.
+
+        Every part reads the config through ``get_config`` when it starts a piece of work
+        (a message's capture, a delivery attempt, a digest run), so each new transaction sees
+        one config, old or new. Applied live: users (the database mirror, the directory and
+        routing are rebuilt), policies, limits, outbox routes and credentials, DKIM keys,
+        logging, and the submission listeners' certificate (loaded into their live TLS
+        context). Listener addresses, the database URL and the worker count cannot change
+        while listening: one line names them ("needs a restart: ...")."""
+        reopen_logs()
         try:
             new = load_config(path or self.config.path, self.overrides)
+            problems = check_files(new, self.base)
+            if problems:
+                raise ConfigError(problems)
         except ConfigError as exc:
             log.error("config reload refused, previous configuration stays in force:\n%s", exc)
             return False
+        old = self.config
+        if self.tls_context is not None:
+            from mta.relay.tlscert import reload_context
+
+            try:
+                reload_context(self.tls_context, new.tls.cert_file, new.tls.key_file,
+                               new.hostname, self.base, self.clock.now())
+            except (OSError, ssl.SSLError) as exc:
+                log.error("config reload refused, previous configuration stays in force: "
+                          "tls: cannot load the certificate: %s", exc)
+                return False
         self.store.sync_config(new)
         self.config = new
         self.directory = Directory(new)
         self.routing = RoutingTable(new, self.routing.enabled)
         if self.imap is not None and self.start_imap_sync:
             self.imap.refresh()  # mailboxes added or removed
+        s_old, s_new = old.server, new.server
+        if (s_old.log_level, s_old.log_file, s_old.log_format) != (
+                s_new.log_level, s_new.log_file, s_new.log_format):
+            setup_logging(s_new.log_level, s_new.log_file, s_new.log_format)
+            self._watch_errors()
+        self.last_reload = self.clock.now()
         log.info("config reloaded from %s", new.path)
+        restart = needs_restart(old, new)
+        if restart:
+            log.warning("needs a restart: %s (the running values stay in force until then)",
+                        ", ".join(restart))
+        self.write_status()
         return True
+
+    # ------------------------------------------------------------------ status
+
+    def status_path(self) -> Path | None:
+        """The status file of this process: ``server.status_file``; a pre-fork worker writes
+        ``<file>.worker<N>`` beside its parent's."""
+        name = self.config.server.status_file
+        if not name:
+            return None
+        path = Path(name) if Path(name).is_absolute() else self.base / name
+        if self.worker_index is not None:
+            path = path.with_name(f"{path.name}.worker{self.worker_index}")
+        return path
+
+    def status(self, state: str = "running") -> dict[str, Any]:
+        listeners = {name: self.address(name) for name, server in self.servers.items()
+                     if server.sockets}
+        if self.metrics_server is not None:
+            host, port = self.metrics_server.server_address[:2]
+            listeners["metrics"] = f"{host}:{port}"
+        return {
+            "state": state, "pid": os.getpid(), "worker": self.worker_index,
+            "config": str(self.config.path), "database": _masked_url(self.config.database.url),
+            "started": json_time(self.started_at), "reloaded": json_time(self.last_reload),
+            "listeners": listeners, "last_error": self.last_error,
+        }
+
+    def write_status(self, state: str = "running") -> None:
+        """Write the status file atomically (a reader never sees half of it)."""
+        path = self.status_path()
+        if path is None or self.started_at is None:
+            return
+        with self._status_lock:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text(json.dumps(self.status(state), indent=2) + "\n",
+                               encoding="utf-8")
+                os.replace(tmp, path)
+            except OSError as exc:
+                log.warning("cannot write the status file %s: %s", path, exc.strerror)
+
+    def _watch_errors(self) -> None:
+        """Keep the last ERROR line for ``dealmail status`` (a handler on the root logger)."""
+        root = logging.getLogger()
+        if not any(isinstance(h, _LastError) for h in root.handlers):
+            root.addHandler(_LastError(self))
 
     # ------------------------------------------------------------------ serving
 
     async def start(self) -> None:
-        """Open the store and start the listeners (ports 0 pick free ones)."""
+        """Open the store and start the listeners (ports 0 pick free ones). A listener that
+        cannot bind raises :class:`StartupError` naming it."""
         self.open_store()
         # One peewee Database per process: it keeps one connection per thread, so the
         # committer thread gets its own connection with the same durability pragmas.
@@ -195,24 +301,53 @@ class App:
         hooks = InboundHooks(
             lambda: self.routing, self.handlers, self.committer, self.executor,
             lambda: self.config.limits.max_recipients, has_space=self.has_space,
+            metrics=self.metrics,
         )
         self.inbound_hooks = hooks
         c = self.config
         if c.listeners.inbound:
-            self.servers["inbound"] = await start_listener(
-                hooks, c.listeners.inbound, sock=self.prebound.get("inbound"),
-                hostname=c.hostname,
-                data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
-                data_timeout=c.listeners.data_timeout, max_connections=c.listeners.max_connections,
-            )
+            try:
+                self.servers["inbound"] = await start_listener(
+                    hooks, c.listeners.inbound, sock=self.prebound.get("inbound"),
+                    hostname=c.hostname,
+                    data_size_limit=lambda: self.config.limits.message_size,
+                    command_timeout=c.listeners.command_timeout,
+                    data_timeout=c.listeners.data_timeout,
+                    max_connections=c.listeners.max_connections,
+                )
+            except OSError as exc:
+                raise StartupError(f"listeners.inbound: cannot listen on {c.listeners.inbound}: "
+                                   f"{bind_reason(exc)}") from exc
             log.info("inbound SMTP listening on %s", self.address("inbound"))
         # Authenticated relay (submission with STARTTLS, optional implicit TLS).
         from mta.relay.submission import start_submission_listeners
 
         if self.run_submission:  # with several workers, the first one serves submission
-            self.servers.update(await start_submission_listeners(self))
+            try:
+                self.servers.update(await start_submission_listeners(self))
+            except OSError as exc:
+                raise StartupError(f"listeners.submission: cannot listen on "
+                                   f"{c.listeners.submission or c.listeners.submissions}: "
+                                   f"{bind_reason(exc)}") from exc
         if c.listeners.lmtp and self.run_submission:  # and LMTP behind the company's MTA
-            await self.start_lmtp()
+            try:
+                await self.start_lmtp()
+            except OSError as exc:
+                raise StartupError(f"listeners.lmtp: cannot listen on {c.listeners.lmtp}: "
+                                   f"{bind_reason(exc)}") from exc
+        # The metrics endpoint: here, unless a pre-fork parent serves every worker's sum.
+        if c.listeners.metrics and self.worker_index is None:
+            try:
+                self.metrics_server = serve_metrics(c.listeners.metrics, self.metrics.registry,
+                                                    self.clock.now)
+            except OSError as exc:
+                raise StartupError(f"listeners.metrics: cannot listen on {c.listeners.metrics}: "
+                                   f"{bind_reason(exc)}") from exc
+            host, port = self.metrics_server.server_address[:2]
+            log.info("metrics on http://%s:%s/metrics", host, port)
+        self.started_at = self.clock.now()
+        self._watch_errors()
+        self.write_status()
 
     async def start_lmtp(self) -> None:
         """The LMTP listener behind the company's Postfix (mta/lmtp.py)."""
@@ -242,6 +377,9 @@ class App:
 
     async def stop(self) -> None:
         """Graceful stop: refuse new connections, let transactions in flight finish."""
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         for server in self.servers.values():
             server.close()
         for server in self.servers.values():
@@ -256,17 +394,59 @@ class App:
             await self.outbox.stop()
         self.executor.shutdown(wait=True)
         self.store.close()
+        self.write_status("stopped")
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, _LastError)]:
+            root.removeHandler(handler)
         log.info("stopped")
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT; SIGHUP reloads the config."""
-        await self.start()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        # Before start(): a HUP or TERM sent as soon as the first log line appears must not
+        # meet the default action (which would end the process).
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self.start()
+        except StartupError:
+            await self.stop()  # what did start (committer, outbox, listeners) ends cleanly
+            raise
         await stop.wait()
         log.info("SIGTERM received: stopping")
         await self.stop()
 
+
+
+class _LastError(logging.Handler):
+    """Remembers the last ERROR line of the process for the status file."""
+
+    def __init__(self, app: App) -> None:
+        super().__init__(logging.ERROR)
+        self.app = app
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "dealmail.app" and "status file" in record.getMessage():
+            return
+        self.app.last_error = {"at": json_time(datetime.fromtimestamp(record.created, UTC)) or "",
+                               "logger": record.name,
+                               "message": record.getMessage().splitlines()[0][:300]}
+        self.app.write_status()
+
+
+def _masked_url(url: str) -> str:
+    """A database URL without its password (``postgresql://user:***@host/db``)."""
+    head, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{head}{sep}{user}{':***' if ':' in creds else ''}@{host}"
+
+
+def bind_reason(exc: OSError) -> str:
+    """Why a listener could not bind, as the system says it ("Address already in use");
+    asyncio wraps the errno in a longer message of its own."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)

@@ -1,4 +1,5 @@
-"""The ``dealmail`` command line: serve, check-config, set-password, import, listings.
+"""The ``dealmail`` command line: serve, check-config, set-password, import, listings, and the
+admin's operations tools (status, quarantine).
 
 Every subcommand takes ``--config PATH`` and any number of ``--set section.key=value``
 overrides. Errors are one clear message on stderr and a non-zero exit; nothing is written when
@@ -12,6 +13,7 @@ import asyncio
 import getpass
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 from mta.routing import KINDS
 
-from .config import Config, ConfigError, find_config_path, load_config
+from .config import Config, ConfigError, check_files, find_config_path, load_config
 from .logs import setup_logging
 
 log = logging.getLogger("dealmail")
@@ -28,7 +30,20 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 EXIT_DATA = 65  # EX_DATAERR
 EXIT_NOTFOUND = 67  # EX_NOUSER
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a mailbox could not be reached or logged in to
+EXIT_OSERR = 71  # EX_OSERR: a listener cannot bind
+# EX_UNAVAILABLE: `dealmail status` finds no running server; `dealmail imap test`
+# cannot reach or log in to a mailbox.
+EXIT_UNAVAILABLE = 69
+
+
+def _version() -> str:
+    """The installed package's version (its metadata), or the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dealmail")
+    except PackageNotFoundError:
+        return "0+source"
 
 
 def _common(level: int) -> argparse.ArgumentParser:
@@ -47,7 +62,10 @@ def _common(level: int) -> argparse.ArgumentParser:
                         default=argparse.SUPPRESS if level else [],
                         metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     common.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                        default=default)
+                        default=default, help="log level (default: server.log_level)")
+    common.add_argument("--log-format", choices=["text", "json"], default=default,
+                        help="log lines as text or one JSON object per line "
+                        "(default: server.log_format)")
     return common
 
 
@@ -60,46 +78,56 @@ def _parser() -> argparse.ArgumentParser:
     common = _common(1)
     p = argparse.ArgumentParser(prog="dealmail", parents=[_common(0)],
                                 description="Email-native mail server for sales teams.")
+    p.add_argument("--version", action="version", version=f"dealmail {_version()}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the server until SIGTERM")
     sub.add_parser("check-config", parents=[common],
                    help="validate the config and print the effective configuration")
     sp = sub.add_parser("set-password", parents=[common],
                         help="set a user's relay password (reads it from stdin if not a tty)")
-    sp.add_argument("address")
+    sp.add_argument("address", help="the user's primary address")
     ip = sub.add_parser("import", parents=[common], help="import a CRM export (CSV)")
-    ip.add_argument("kind", choices=["organizations", "persons", "deals"])
-    ip.add_argument("file", type=Path)
-    ip.add_argument("--company", required=True, metavar="SLUG")
+    ip.add_argument("kind", choices=["organizations", "persons", "deals"],
+                    help="what the file holds")
+    ip.add_argument("file", type=Path, help="the CSV file (UTF-8 with or without BOM, Shift_JIS)")
+    ip.add_argument("--company", required=True, metavar="SLUG", help="the company to import into")
     ip.add_argument("--encoding", help="force the file's encoding (default: detected)")
+    ip.add_argument("--quiet", action="store_true",
+                    help="no progress bar (it is shown only on a terminal anyway)")
     for name in ("persons", "deals"):
         lp = sub.add_parser(name, parents=[common], help=f"{name} commands")
         lsub = lp.add_subparsers(dest="action", required=True)
         ll = lsub.add_parser("list", parents=[_common(2)], help=f"list {name}")
-        ll.add_argument("--company", metavar="SLUG")
-        ll.add_argument("--json", action="store_true")
+        ll.add_argument("--company", metavar="SLUG",
+                        help="the company (default: the first in the config)")
+        ll.add_argument("--json", action="store_true", help="print JSON")
     rp = sub.add_parser("relink", parents=[common],
                         help="link stored mail to persons the CRM learned about since")
     rp.add_argument("--company", metavar="SLUG",
                     help="only this company (default: every company)")
+    rp.add_argument("--quiet", action="store_true",
+                    help="no progress bar (it is shown only on a terminal anyway)")
     op = sub.add_parser("outbox", parents=[common],
                         help="list what dealmail sends (questions, digests, relayed mail, DSNs)")
-    op.add_argument("action", nargs="?", choices=["list", "retry", "drop"], default="list")
-    op.add_argument("id", nargs="?", type=int)
-    op.add_argument("--json", action="store_true")
+    op.add_argument("action", nargs="?", choices=["list", "retry", "drop"], default="list",
+                    help="list (default), retry ID (make it due now) or drop ID (give it up)")
+    op.add_argument("id", nargs="?", type=int, help="the outbox item (retry, drop)")
+    op.add_argument("--json", action="store_true", help="print JSON")
     xp = sub.add_parser("inspect", parents=[common],
                         help="show how dealmail reads a message, storing nothing")
-    xp.add_argument("file", type=Path)
+    xp.add_argument("file", type=Path, help="the message (.eml, raw RFC 5322 bytes)")
     xp.add_argument("--company", metavar="SLUG",
                     help="also show the persons and deals that would be linked")
-    xp.add_argument("--json", action="store_true")
+    xp.add_argument("--json", action="store_true", help="print JSON")
     cp = sub.add_parser("conversations", parents=[common],
                         help="threads and emails of a person or deal, as a user may see them")
-    cp.add_argument("--as", dest="as_user", required=True, metavar="USER_ADDRESS")
+    cp.add_argument("--as", dest="as_user", required=True, metavar="USER_ADDRESS",
+                    help="show what this user may see")
     target = cp.add_mutually_exclusive_group(required=True)
-    target.add_argument("--person", metavar="ADDRESS")
-    target.add_argument("--deal", type=int, metavar="ID")
-    cp.add_argument("--json", action="store_true")
+    target.add_argument("--person", metavar="ADDRESS", help="a person, by one of its addresses")
+    target.add_argument("--deal", type=int, metavar="ID", help="a deal, by its id")
+    cp.add_argument("--json", action="store_true", help="print JSON")
     mp = sub.add_parser("imap", parents=[common],
                         help="mailbox sync: try a user's mailboxes, show the sync state")
     msub = mp.add_subparsers(dest="action", required=True)
@@ -109,10 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     mt.add_argument("address", help="a user's address, or a mailbox's login")
     ms = msub.add_parser("status", parents=[_common(2)],
                          help="per mailbox: state, last sync, checkpoints, errors")
-    ms.add_argument("--json", action="store_true")
+    ms.add_argument("--json", action="store_true", help="print JSON")
     dp = sub.add_parser("digest", parents=[common],
                         help="compose a user's digest now (since their last one) and queue it")
-    dp.add_argument("--user", required=True, metavar="ADDRESS")
+    dp.add_argument("--user", required=True, metavar="ADDRESS", help="the user's address")
     dp.add_argument("--dry-run", action="store_true",
                     help="print the composed message instead of queueing it")
     pp = sub.add_parser("postfix-config", parents=[common],
@@ -126,6 +154,22 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--postfix-dir", type=Path, metavar="DIR",
                     help="Postfix's configuration folder, for postmap -c (default: "
                     "Postfix's own)")
+    stp = sub.add_parser("status", parents=[common],
+                         help="the running server (listeners, workers, last error) and the "
+                         "database (outbox by state, oldest deferred item, quarantine)")
+    stp.add_argument("--json", action="store_true", help="print JSON")
+    qp = sub.add_parser("quarantine", parents=[common],
+                        help="copies held because their sender could not be verified")
+    qsub = qp.add_subparsers(dest="action", required=True)
+    ql = qsub.add_parser("list", parents=[_common(2)],
+                         help="list them: claimed sender, client, evidence, subject, size, "
+                         "date (never the body)")
+    ql.add_argument("--company", metavar="SLUG", help="only this company")
+    ql.add_argument("--json", action="store_true", help="print JSON")
+    for action, text in (("release", "make it the claimed user's normal copy, linked as usual"),
+                         ("drop", "delete it (and the email, when nobody else has a copy)")):
+        qa = qsub.add_parser(action, parents=[_common(2)], help=text)
+        qa.add_argument("id", type=int, metavar="ID", help="the email id (quarantine list)")
     return p
 
 
@@ -136,6 +180,18 @@ def _load(args: argparse.Namespace) -> tuple[Config, bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `dealmail conversations ... | head`: the reader left. Say nothing (as cat and grep
+        # do), and point stdout at /dev/null so the interpreter's final flush cannot fail
+        # again (the Python documentation's recipe for SIGPIPE, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a killed pipe writer
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.set = _overrides(args)
     try:
@@ -146,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dealmail: {len(exc.problems)} problem(s) in the configuration; "
               "nothing started", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(args.log_level or config.server.log_level, config.server.log_file)
+    setup_logging(args.log_level or config.server.log_level, config.server.log_file,
+                  args.log_format or config.server.log_format)
     command = args.command
     if command == "serve":
         return serve(config, fallback, tuple(args.set))
@@ -156,14 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = config.describe([(k.form, k.purpose) for k in KINDS]).splitlines()
         if fallback:
             lines[0] += " (the example: conf/dealmail.toml not found)"
-        print("\n".join(lines + describe_mailboxes(config)))
-        problems = check_mailboxes(config)
+        problems = check_files(config, Path.cwd())
         for problem in problems:
             print(problem, file=sys.stderr)
-        if problems:
-            print(f"dealmail: {len(problems)} problem(s) with mailboxes", file=sys.stderr)
-            return EXIT_CONFIG
-        return 0
+        print("\n".join(lines + describe_mailboxes(config)))
+        mailbox_problems = check_mailboxes(config)
+        for problem in mailbox_problems:
+            print(problem, file=sys.stderr)
+        if mailbox_problems:
+            print(f"dealmail: {len(mailbox_problems)} problem(s) with mailboxes",
+                  file=sys.stderr)
+        return EXIT_CONFIG if problems or mailbox_problems else 0
     if command == "imap" and args.action == "test":
         return _imap_test(config, args.address)
     if command == "set-password":
@@ -186,22 +246,41 @@ class _CliError(Exception):
 
 
 def serve(config: Config, fallback: bool, overrides: tuple[str, ...]) -> int:
-    from .app import App
-
+    """Run the server. A start-up failure (a file the config names cannot be read, a listener
+    cannot bind, the database refuses) is one clear log line and a non-zero exit."""
     if fallback:
         log.warning("conf/dealmail.toml not found: using the example config %s "
                     "(copy it to conf/dealmail.toml to make it yours)", config.path)
     else:
         log.info("using config %s", config.path)
-    if config.listeners.workers > 1:
-        from .prefork import serve_prefork
+    problems = check_files(config, Path.cwd())
+    if problems:
+        for problem in problems:
+            log.error("cannot start: %s", problem)
+        return EXIT_CONFIG
+    if config.listeners.workers > 1 and config.listeners.metrics:
+        # prometheus_client picks its multi-process mode when it is first imported (below,
+        # through dealmail.app): the workers' counters go to files the parent sums.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(Path.cwd() / "var" / "metrics")
+    from crmstore.db import StoreError
 
-        return serve_prefork(config, overrides, Path.cwd(), load_demo_if_empty)
-    app = App(config, overrides=overrides)
+    from .app import App, StartupError
+
     try:
+        if config.listeners.workers > 1:
+            from .prefork import serve_prefork
+
+            return serve_prefork(config, overrides, Path.cwd(), load_demo_if_empty)
+        app = App(config, overrides=overrides)
         app.open_store()
         load_demo_if_empty(app)
         asyncio.run(app.serve_forever())
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_OSERR
+    except StoreError as exc:
+        log.error("cannot start: database: %s", exc)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         pass
     return 0
@@ -324,17 +403,31 @@ def _inspect(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar(enabled: bool) -> Any:
-    if not enabled:
+def _progress_bar(enabled: bool, unit: str) -> Any:
+    """A ``progress(done, total)`` callback drawing a tqdm bar on standard error (done,
+    total, rate, time left), or None when quiet or when standard error is not a terminal (a
+    log file or a pipe gets no carriage-return noise). tqdm: it computes a smoothed rate and
+    the time left, and redraws at most a few times a second whatever the call rate."""
+    if not enabled or not sys.stderr.isatty():
         return None
+    import shutil
+
+    from tqdm import tqdm
+
+    bar: Any = None
+    # A terminal that reports no size (0x0: some consoles, a bare pty) makes tqdm's own probe
+    # draw nothing at all; shutil falls back to 80x24 then.
+    size = shutil.get_terminal_size((80, 24))
 
     def show(done: int, total: int) -> None:
-        width = 40
-        filled = int(width * done / total) if total else width
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit=f" {unit}", unit_scale=False, file=sys.stderr,
+                       ncols=size.columns, nrows=size.lines, mininterval=0.2)
+        bar.total = max(total, done)
+        bar.update(done - bar.n)
         if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            bar.close()
 
     return show
 
@@ -368,7 +461,7 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
                 company = config.company(args.company)
                 assert company is not None
                 report = import_csv(store, args.company, args.kind, args.file, args.encoding,
-                                    progress=_progress_bar(sys.stderr.isatty()),
+                                    progress=_progress_bar(not args.quiet, "rows"),
                                     freemail_domains=config.policy.freemail_domains,
                                     internal_domains=company.internal_domains)
             except CsvImportError as exc:
@@ -402,7 +495,7 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
             slugs = [args.company] if args.company else [c.slug for c in config.companies]
             for slug in slugs:
                 company_id(slug)
-            return _relink(config, store, slugs)
+            return _relink(config, store, slugs, quiet=args.quiet)
         if args.command == "outbox":
             return _outbox(args)
         if args.command == "conversations":
@@ -411,6 +504,10 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
             return _digest(config, store, args)
         if args.command == "imap":
             return _imap_status(config, args)
+        if args.command == "status":
+            return _status(config, store, args)
+        if args.command == "quarantine":
+            return _quarantine(config, store, args, company_id)
     except queries.NotFound as exc:
         raise _CliError(str(exc), EXIT_NOTFOUND) from exc
     finally:
@@ -418,7 +515,7 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
     raise _CliError(f"unknown command {args.command}", EXIT_USAGE)
 
 
-def _relink(config: Config, store: Any, slugs: list[str]) -> int:
+def _relink(config: Config, store: Any, slugs: list[str], quiet: bool = False) -> int:
     """``dealmail relink``: one transaction per company; questions for emails that now need a
     deal choice are queued (batched) like any other."""
     from datetime import UTC, datetime
@@ -434,7 +531,8 @@ def _relink(config: Config, store: Any, slugs: list[str]) -> int:
         with store.transaction():
             directory = Directory(config)
             report = relink_addresses(config, company, directory.company_ids[slug], None, now,
-                                      actor="dealmail relink")
+                                      actor="dealmail relink",
+                                      progress=_progress_bar(not quiet, "emails"))
             queue_relink_questions(config, directory, company, report.questions, now)
         print(f"{slug}: {report.emails} email(s) linked ({report.participants} "
               f"participant(s)), {report.deals} deal link(s), {len(report.questions)} "
@@ -623,6 +721,123 @@ def _imap_status(config: Config, args: argparse.Namespace) -> int:
             print(f"    last error: {r['last_error']}")
         if r.get("next_retry"):
             print(f"    next retry: {r['next_retry']}")
+    return 0
+
+
+def _status(config: Config, store: Any, args: argparse.Namespace) -> int:
+    """``dealmail status``: the running server's own report (the status file it keeps under
+    ``var/``: listeners, workers, last error; checked against the process table) and the
+    database's state (outbox by state, oldest deferred item, quarantine). Exit 0 when the
+    server runs, 69 (EX_UNAVAILABLE) when it does not, like a service manager's check."""
+    from crmstore.status import store_status
+
+    name = config.server.status_file
+    path = Path(name) if Path(name).is_absolute() else Path.cwd() / name
+    server: dict[str, Any] | None = None
+    if name and path.exists():
+        try:
+            server = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            server = None
+    running = bool(server and server.get("state") == "running" and _alive(server.get("pid")))
+    if server is not None:
+        if server.get("state") == "running" and not running:
+            server["state"] = "not running (stale status file)"
+        for worker in server.get("workers", []):
+            worker["alive"] = _alive(worker.get("pid"))
+            own = path.with_name(f"{path.name}.worker{worker.get('index')}")
+            try:
+                worker["last_error"] = json.loads(own.read_text(encoding="utf-8")).get(
+                    "last_error")
+            except (OSError, ValueError):
+                worker["last_error"] = None
+    from .app import _masked_url
+
+    report: dict[str, Any] = {
+              "server": server or {"state": "not running (no status file)"},
+              "running": running, "database": {"url": _masked_url(config.database.url),
+                                               **store_status(store)}}
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return 0 if running else EXIT_UNAVAILABLE
+    srv: dict[str, Any] = report["server"]
+    print(f"server: {srv['state']}" + (f" (pid {srv['pid']}, since {srv.get('started')})"
+                                       if server and running else ""))
+    for lname, address in (srv.get("listeners") or {}).items():
+        print(f"  {lname}: {address}")
+    for worker in srv.get("workers", []):
+        print(f"  worker {worker['index']}: pid {worker['pid']} "
+              f"{'alive' if worker['alive'] else 'gone'}")
+    errors = [srv.get("last_error")] + [w.get("last_error") for w in srv.get("workers", [])]
+    last = max((e for e in errors if e), key=lambda e: e.get("at", ""), default=None)
+    print(f"  last error: {last['at']} {last['message']}" if last else "  last error: none")
+    db: dict[str, Any] = report["database"]
+    print(f"database: {db['url']} (schema {db['schema_version']})")
+    print("  outbox: " + ", ".join(f"{n} {state}" for state, n in db["outbox"].items()))
+    oldest = db["oldest_deferred"]
+    print("  oldest deferred: " + (f"#{oldest['id']} since {oldest['created']} "
+                                   f"({oldest['attempts']} attempt(s): {oldest['last_error']})"
+                                   if oldest else "none"))
+    print(f"  quarantined copies: {db['quarantined']}")
+    return 0 if running else EXIT_UNAVAILABLE
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    return True
+
+
+def _quarantine(config: Config, store: Any, args: argparse.Namespace, company_id: Any) -> int:
+    """``dealmail quarantine list|release|drop``."""
+    from datetime import UTC, datetime
+
+    from crmstore.quarantine import drop_quarantined, list_quarantined
+
+    if args.action == "list":
+        items = list_quarantined(company_id(args.company) if args.company else None)
+        if args.json:
+            print(json.dumps(items, ensure_ascii=False, indent=2))
+            return 0
+        for q in items:
+            print(f"E{q['id']:<6} {q['received']}  claimed {q['claimed_user']}  from "
+                  f"{q['client_ip'] or '-'} <{q['envelope_from']}>  {q['verification']}  "
+                  f"{q['size']} bytes  {q['subject'][:50]}")
+        if not items:
+            print("no quarantined copies")
+        return 0
+    now = datetime.now(UTC)
+    if args.action == "drop":
+        with store.transaction():
+            done = drop_quarantined(args.id, now, actor="dealmail quarantine drop")
+        if not done:
+            raise _CliError(f"no quarantined copy of email {args.id}", EXIT_NOTFOUND)
+        print(f"email {args.id}: quarantined copy dropped")
+        return 0
+    from .app import App
+
+    # The capture path with the application's hooks (the deal question), on the app's own
+    # store (building an App binds the models to it).
+    app = App(config)
+    app.open_store()
+    try:
+        capture = app.build_capture()
+        with app.store.transaction():
+            result = capture.release(args.id, actor="dealmail quarantine release")
+    finally:
+        app.executor.shutdown()
+        app.store.close()
+    if result is None:
+        raise _CliError(f"no quarantined copy of email {args.id} (or its user is no longer "
+                        "in the config)", EXIT_NOTFOUND)
+    print(f"email {args.id}: released; linked as usual"
+          + ("; a deal question is queued" if result.needs_choice else ""))
     return 0
 
 

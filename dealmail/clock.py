@@ -38,3 +38,15 @@ def naive_utc(when: datetime) -> datetime:
     if when.tzinfo is None:
         return when
     return when.astimezone(UTC).replace(tzinfo=None)
+
+
+def json_time(when: datetime | str | None) -> str | None:
+    """A timestamp as every JSON output writes it: UTC, whole seconds, ``Z``
+    (``2026-11-26T09:00:00Z``). Stored timestamps are naive UTC; SQLite hands them back as
+    text with or without microseconds, PostgreSQL as datetimes, so without one format the
+    same kind of field differed in precision from one row (or channel) to the next."""
+    if when is None:
+        return None
+    if isinstance(when, str):
+        when = datetime.fromisoformat(when)
+    return naive_utc(when).strftime("%Y-%m-%dT%H:%M:%SZ")

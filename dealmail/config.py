@@ -37,8 +37,10 @@ __all__ = [
     "ServerConfig",
     "TlsConfig",
     "User",
+    "check_files",
     "find_config_path",
     "load_config",
+    "needs_restart",
 ]
 
 DEFAULT_FREEMAIL: tuple[str, ...] = (
@@ -142,6 +144,10 @@ class ServerConfig:
     log_level: str = "info"
     log_file: str = ""
     demo_data: str = ""
+    #: ``text`` or ``json`` (one object per line, for log shippers).
+    log_format: str = "text"
+    #: Where the running server writes what ``dealmail status`` reads (listeners, workers).
+    status_file: str = "var/dealmail.status.json"
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,8 @@ class ListenersConfig:
     workers: int = 1
     command_timeout: float = 300.0
     data_timeout: float = 600.0
+    #: HOST:PORT of the Prometheus metrics endpoint (``/metrics``); empty: none.
+    metrics: str = ""
 
 
 @dataclass(frozen=True)
@@ -344,11 +352,15 @@ class Config:
             f"config: {self.path}",
             f"mail domain: {self.mail_domain}",
             f"database: {self.database.url}",
-            f"inbound: {self.listeners.inbound}   submission: {self.listeners.submission}",
+            f"inbound: {self.listeners.inbound}   submission: {self.listeners.submission}"
+            + (f"   submissions: {self.listeners.submissions}"
+               if self.listeners.submissions else "")
+            + (f"   metrics: {self.listeners.metrics}" if self.listeners.metrics else ""),
             f"message size limit: {self.limits.message_size} bytes; "
             f"max recipients: {self.limits.max_recipients}",
             "trusted networks: " + (", ".join(map(str, self.policy.trusted_networks))
                                     or "(none)"),
+            *self._describe_delivery(),
         ]
         for c in self.companies:
             lines.append("")
@@ -368,6 +380,75 @@ class Config:
                 )
                 lines.append("    may send as: " + ", ".join(u.addresses))
         return "\n".join(lines)
+
+
+    def _describe_delivery(self) -> list[str]:
+        """The effective outbox and DKIM settings, secrets masked (check-config)."""
+        o = self.outbox
+        route = (f"smarthost {o.smarthost} (TLS {o.smarthost_tls})" if o.smarthost
+                 else "direct to each domain's MX hosts (port 25, opportunistic TLS)")
+        login = (f"; login {o.smarthost_username} / password ********"
+                 if o.smarthost_username else "; no login")
+        lines = [f"outbox: {route}{login}",
+                 f"  retries: {o.retry_schedule}; give up after {o.give_up_after_hours:g} h; "
+                 f"lease {o.lease_seconds} s; poll every {o.poll_seconds:g} s"]
+        if self.tls.cert_file:
+            lines.append(f"tls: certificate {self.tls.cert_file}, key {self.tls.key_file}")
+        else:
+            lines.append("tls: self-signed certificate under var/tls/ (created on first start)")
+        if not self.relay.dkim:
+            lines.append("dkim: relayed mail is not signed")
+        for domain, selector, key_file in self.relay.dkim:
+            lines.append(f"dkim: {domain} signed with selector {selector} "
+                         f"(key {key_file}; publish {selector}._domainkey.{domain})")
+        return lines
+
+
+#: Settings read only when a listener or the store is built: a reload (SIGHUP) cannot apply
+#: them; the server names the ones that changed ("needs a restart: ...").
+RESTART_ONLY: tuple[tuple[str, str], ...] = (
+    ("database", "url"), ("listeners", "inbound"), ("listeners", "submission"),
+    ("listeners", "submissions"), ("listeners", "metrics"), ("listeners", "workers"),
+    ("listeners", "max_connections"), ("listeners", "command_timeout"),
+    ("listeners", "data_timeout"), ("listeners", "lmtp"), ("lmtp", "max_connections"),
+    ("lmtp", "socket_mode"), ("server", "hostname"), ("server", "status_file"),
+)
+
+
+def needs_restart(old: Config, new: Config) -> list[str]:
+    """The ``section.key`` names of :data:`RESTART_ONLY` settings that differ."""
+    return [f"{section}.{key}" for section, key in RESTART_ONLY
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
+
+
+def check_files(config: Config, base: Path) -> list[str]:
+    """Files the config names that the server could not read (relative paths from ``base``,
+    the server's working directory), as ``FILE:LINE: key: message``: the TLS certificate and
+    key, the DKIM keys, the log file's folder. ``check-config``, start-up and reload ask."""
+    try:
+        text = config.path.read_text(encoding="utf-8")
+    except OSError:
+        text = ""
+    p = _Problems(config.path, text)
+
+    def readable(key: str, name: str) -> None:
+        path = Path(name) if Path(name).is_absolute() else base / name
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            p.add(key, f"cannot read {name}: {exc.strerror}")
+
+    if config.tls.cert_file:
+        readable("tls.cert_file", config.tls.cert_file)
+        readable("tls.key_file", config.tls.key_file)
+    for i, (_domain, _selector, key_file) in enumerate(config.relay.dkim):
+        readable(f"relay.dkim[{i}].key_file", key_file)
+    if config.server.log_file:
+        folder = (base / config.server.log_file).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            p.add("server.log_file", f"cannot write into {folder}")
+    return p.in_file_order()
 
 
 # --------------------------------------------------------------------------- line index
@@ -444,12 +525,12 @@ class _Problems:
 
 
 _SERVER_KEYS = {"mail_domain": str, "hostname": str, "log_level": str, "log_file": str,
-                "demo_data": str}
+                "demo_data": str, "log_format": str, "status_file": str}
 _DATABASE_KEYS = {"url": str}
 _LISTENER_KEYS = {"inbound": str, "submission": str, "submissions": str, "lmtp": str,
                   "max_connections": int,
                   "workers": int, "command_timeout": (int, float),
-                  "data_timeout": (int, float)}
+                  "data_timeout": (int, float), "metrics": str}
 _LIMIT_KEYS = {"message_size": int, "max_recipients": int}
 _LMTP_KEYS = {"xforward_hosts": list, "max_connections": int, "socket_mode": str,
               "capture_sent": bool, "capture_received": bool, "transport_name": str}
@@ -576,12 +657,34 @@ def _address(p: _Problems, key: str, value: Any) -> str | None:
         return None
 
 
+def _check_clashes(p: _Problems, listeners: dict[str, Any]) -> None:
+    """Two listeners on one port of one address (or one of them on the wildcard address)
+    would fail at start-up with a bind error; say so now, naming both keys."""
+    seen: list[tuple[str, str, int]] = []
+    for key in ("inbound", "submission", "submissions", "metrics", "lmtp"):
+        value = listeners.get(key, getattr(ListenersConfig, key))
+        if not value or value.startswith("unix:") or not re.match(r"^.+:\d{1,5}$", value):
+            continue
+        host, _, port_text = value.rpartition(":")
+        host, port = host.strip("[]").lower(), int(port_text)
+        if port == 0:  # a free port each: never a clash
+            continue
+        for other, other_host, other_port in seen:
+            if port == other_port and (host == other_host
+                                       or {host, other_host} & {"0.0.0.0", "::", ""}):
+                p.add(f"listeners.{key}", f"{value} clashes with listeners.{other} "
+                      f"({listeners.get(other, getattr(ListenersConfig, other))})")
+        seen.append((key, host, port))
+
+
 def _validate_outbox(p: _Problems, outbox: dict[str, Any], sec: dict[str, Any]) -> None:
     from dealmail.schedules import parse_schedule
 
     host = outbox.get("smarthost", "")
     if host and not re.match(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", host):
         p.add("outbox.smarthost", "must be HOST:PORT, or empty for direct MX delivery")
+    elif host and not 1 <= int(host.rpartition(":")[2]) <= 65535:
+        p.add("outbox.smarthost", f"port {host.rpartition(':')[2]} is not a TCP port (1-65535)")
     tls = outbox.get("smarthost_tls", "required")
     if tls not in ("required", "implicit", "opportunistic"):
         p.add("outbox.smarthost_tls", "must be required, implicit or opportunistic")
@@ -775,17 +878,25 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     srv["log_level"] = level
     srv["log_file"] = server.get("log_file", "")
     srv["demo_data"] = server.get("demo_data", "")
+    log_format = server.get("log_format", "text")
+    if log_format not in ("text", "json"):
+        p.add("server.log_format", "must be text or json")
+    srv["log_format"] = log_format
+    srv["status_file"] = server.get("status_file", "var/dealmail.status.json")
 
     url = database.get("url", "sqlite:///var/dealmail.db")
     if not re.match(r"^(sqlite:///.+|sqlite:///:memory:|postgres(ql)?://.+)$", url):
         p.add("database.url", "must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
     sec["database"]["url"] = url
 
-    for key in ("inbound", "submission", "submissions"):
+    for key in ("inbound", "submission", "submissions", "metrics"):
         if key in listeners:
             value = listeners[key]
             if value and not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", value):
                 p.add(f"listeners.{key}", "must be HOST:PORT (an empty string disables it)")
+            elif value and not 0 <= int(value.rpartition(":")[2]) <= 65535:
+                p.add(f"listeners.{key}", f"port {value.rpartition(':')[2]} is not a TCP port "
+                      "(1-65535; 0 picks a free one)")
             lst[key] = value
     if listeners.get("lmtp"):
         value = listeners["lmtp"]
@@ -794,9 +905,13 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
                 p.add("listeners.lmtp", "unix: needs the socket's path (unix:/run/dealmail/lmtp)")
         elif not re.match(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}$", value):
             p.add("listeners.lmtp", "must be HOST:PORT or unix:PATH (an empty string disables it)")
+        elif not 0 <= int(value.rpartition(":")[2]) <= 65535:
+            p.add("listeners.lmtp", f"port {value.rpartition(':')[2]} is not a TCP port "
+                  "(1-65535; 0 picks a free one)")
     if "lmtp" in listeners:
         lst["lmtp"] = listeners["lmtp"]
     _validate_lmtp(p, _check_table(p, "lmtp", top.get("lmtp", {}), _LMTP_KEYS), sec["lmtp"])
+    _check_clashes(p, lst)
     for key in ("max_connections", "workers"):
         if key in listeners:
             if listeners[key] < 1:

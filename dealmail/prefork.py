@@ -4,14 +4,18 @@ Python runs one thread at a time, and the measured Smart BCC path needs several 
 of CPU per message, so one process cannot use a second core. The parent binds the inbound
 socket, forks ``listeners.workers`` children that each build their own :class:`App` (their
 own database connection and group committer; SQLite's WAL lets them commit in turn), and
-supervises them: SIGTERM and SIGHUP are passed on, a worker that dies is started again.
-With SQLite only the first worker runs the outbox worker and the submission listener
-(single-process delivery); with PostgreSQL every worker delivers (``SKIP LOCKED`` claims).
+supervises them: SIGTERM and SIGHUP are passed on (the parent reopens its own log file on
+HUP), a worker that dies is started again, a worker that cannot start (a listener cannot
+bind) stops them all with a non-zero exit. With SQLite only the first worker runs the outbox
+worker and the submission listener (single-process delivery); with PostgreSQL every worker
+delivers (``SKIP LOCKED`` claims). The parent writes the status file (its pid, the workers'
+pids) and serves the metrics endpoint, summing the workers' counters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -19,18 +23,24 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from .app import App
+from .app import App, StartupError, bind_reason
+from .clock import json_time
 from .config import Config
-from .logs import setup_logging
+from .logs import reopen_logs, setup_logging
 
 log = logging.getLogger("dealmail.prefork")
+
+#: A worker's exit status when it cannot start (EX_OSERR): retrying would only loop.
+CANNOT_START = 71
 
 
 def _child(config: Config, overrides: tuple[str, ...], base: Path, index: int,
            sock: socket.socket) -> None:
-    setup_logging(config.server.log_level, config.server.log_file)
+    setup_logging(config.server.log_level, config.server.log_file, config.server.log_format)
     sqlite = config.database.url.startswith("sqlite")
     app = App(config, overrides=overrides, base=base,
               start_outbox_worker=(index == 0 or not sqlite))
@@ -38,6 +48,7 @@ def _child(config: Config, overrides: tuple[str, ...], base: Path, index: int,
     app.run_submission = index == 0
     # Mailbox sync: leases keep each account to one process; on SQLite one worker is enough.
     app.start_imap_sync = index == 0 or not sqlite
+    app.worker_index = index
     try:
         asyncio.run(app.serve_forever())
     finally:
@@ -53,11 +64,18 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
     setup.open_store()
     prepare(setup)
     setup.store.close()
-    sock = bind_listener(config.listeners.inbound)
+    try:
+        sock = bind_listener(config.listeners.inbound)
+    except OSError as exc:
+        raise StartupError(f"listeners.inbound: cannot listen on {config.listeners.inbound}: "
+                           f"{bind_reason(exc)}") from exc
     host, port = sock.getsockname()[:2]
     log.info("inbound SMTP listening on %s:%s (%d workers)", host, port, config.listeners.workers)
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
+    exit_code = 0
+    metrics = _serve_metrics(config, setup)
+    status_file = _StatusFile(config, base, f"{host}:{port}", metrics)
 
     def spawn(index: int) -> None:
         pid = os.fork()
@@ -68,6 +86,9 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides
                 _child(config, overrides, base, index, sock)
+            except StartupError as exc:
+                log.error("worker %d cannot start: %s", index, exc)
+                code = CANNOT_START
             except BaseException:
                 log.exception("worker %d failed", index)
                 code = 1
@@ -75,11 +96,14 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
                 os._exit(code)
         children[pid] = index
         log.info("worker %d started (pid %d)", index, pid)
+        status_file.write(children)
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+        if signum == signal.SIGHUP:
+            reopen_logs()  # the workers reload (and reopen) themselves
         for pid in list(children):
             try:
                 os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -100,12 +124,75 @@ def serve_prefork(config: Config, overrides: tuple[str, ...], base: Path,
         if pid not in children:
             continue
         index = children.pop(pid)
+        status_file.write(children)
+        if os.waitstatus_to_exitcode(status) == CANNOT_START and not stopping:
+            log.error("worker %d cannot start: stopping every worker", index)
+            stopping = True
+            exit_code = CANNOT_START
+            forward(signal.SIGTERM, None)
+            continue
         if not stopping:
             log.error("worker %d (pid %d) ended with status %d; starting it again", index,
                       pid, status)
             time.sleep(1.0)  # a crash loop must not spin (real time: no clock to inject)
             spawn(index)
     sock.close()
+    if metrics is not None:
+        metrics.shutdown()
+        metrics.server_close()
+    status_file.write({}, "stopped")
     log.info("all workers stopped")
     sys.stdout.flush()
-    return 0
+    return exit_code
+
+
+def _serve_metrics(config: Config, setup: App) -> Any:
+    """The parent's metrics endpoint: the workers' counters summed (prometheus_client's
+    multi-process mode, switched on by ``dealmail serve``), the database gauges."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not config.listeners.metrics or not path:
+        return None
+    from mta.metrics import multiprocess_registry, prepare_multiprocess_dir, serve_metrics
+
+    prepare_multiprocess_dir(path)
+    try:
+        server = serve_metrics(config.listeners.metrics, multiprocess_registry(path),
+                               setup.clock.now)
+    except OSError as exc:
+        raise StartupError(f"listeners.metrics: cannot listen on {config.listeners.metrics}: "
+                           f"{bind_reason(exc)}") from exc
+    log.info("metrics on http://%s:%s/metrics", *server.server_address[:2])
+    return server
+
+
+class _StatusFile:
+    """The parent's status file: what ``dealmail status`` shows about the running server."""
+
+    def __init__(self, config: Config, base: Path, inbound: str, metrics: Any) -> None:
+        name = config.server.status_file
+        self.path = (Path(name) if Path(name).is_absolute() else base / name) if name else None
+        self.config = config
+        self.listeners = {"inbound": inbound}
+        if config.listeners.submission:
+            self.listeners["submission"] = config.listeners.submission
+        if config.listeners.submissions:
+            self.listeners["submissions"] = config.listeners.submissions
+        if metrics is not None:
+            self.listeners["metrics"] = "{}:{}".format(*metrics.server_address[:2])
+        self.started = json_time(datetime.now(UTC))
+
+    def write(self, children: dict[int, int], state: str = "running") -> None:
+        if self.path is None:
+            return
+        data = {"state": state, "pid": os.getpid(), "worker": None,
+                "config": str(self.config.path), "started": self.started,
+                "listeners": self.listeners, "last_error": None,
+                "workers": [{"index": i, "pid": pid} for pid, i in sorted(
+                    children.items(), key=lambda kv: kv[1])]}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot write the status file %s: %s", self.path, exc.strerror)

@@ -337,3 +337,41 @@ def answer_message(config: Config, answer: Answer, now: datetime,
     subject, text, html = render_answer(answer, env)
     return new_message(config, answer.company, to=answer.user.address, subject=subject,
                        text=text, html=html, kind="answer", now=now, in_reply_to=in_reply_to)
+
+
+# --------------------------------------------------------------------------- release
+
+# "release E12" (the line the digest shows beside a quarantined copy); 解除 in Japanese.
+_RELEASE_RE = re.compile(r"^(?:release|解除)\s*:?\s*#?E?(\d{1,18})$", re.IGNORECASE)
+
+
+def parse_release(subject: str, body: str = "") -> int | None:
+    """The email id of a ``release E<ID>`` request in the subject or the first non-blank body
+    line, else None (then the message is an ordinary request)."""
+    first = next((ln for ln in body.splitlines() if ln.strip()), "")
+    for line in (subject, first):
+        text = _PREFIX_RE.sub("", unicodedata.normalize("NFKC", line).strip()).strip()
+        match = _RELEASE_RE.match(" ".join(text.split()))
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def release_message(config: Config, user_address: str, email_id: int, released: bool,
+                    now: datetime, in_reply_to: str | None = None) -> EmailMessage:
+    """The answer to ``release E<ID>``: done (with the subject, now the user's own copy), or
+    why not (no quarantined copy of theirs by that number)."""
+    company, user = find_user_config(config, user_address)
+    ja = user.language == "ja"
+    if released:
+        subject = m.Email.get_by_id(email_id).subject
+        title = f"解除しました: E{email_id}" if ja else f"Released from quarantine: E{email_id}"
+        text = (f"E{email_id}「{subject}」を隔離から解除し、通常どおり保存しました。\n" if ja else
+                f"E{email_id} \"{subject}\" is released from quarantine and stored as your "
+                "own copy, linked as usual.\n")
+    else:
+        title = f"解除できません: E{email_id}" if ja else f"Nothing to release: E{email_id}"
+        text = (f"E{email_id} はあなたの隔離メールではありません。\n" if ja else
+                f"There is no quarantined copy of yours with the number E{email_id}.\n")
+    return new_message(config, company, to=user.address, subject=f"dealmail: {title}",
+                       text=text, kind="answer", now=now, in_reply_to=in_reply_to)

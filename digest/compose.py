@@ -17,6 +17,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from dealmail.addresses import format_mailbox
 from dealmail.config import Company, Config
 from linking.parse import MARKER_HEADER
 
@@ -25,7 +26,7 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 def environment(folder: Path = TEMPLATES) -> Environment:
     """The Jinja2 environment for dealmail's own templates (HTML autoescaped)."""
-    return Environment(
+    env = Environment(
         loader=FileSystemLoader(str(folder)),
         autoescape=select_autoescape(enabled_extensions=("html", "htm"),
                                      default_for_string=False, default=False),
@@ -34,6 +35,9 @@ def environment(folder: Path = TEMPLATES) -> Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    # ``{{ box | mailbox }}``: "Name <address>", or the bare address when the name is empty.
+    env.filters["mailbox"] = lambda box: format_mailbox(box.get("name"), box["address"])
+    return env
 
 
 def company_address(config: Config, company: Company, tag: str = "") -> str:

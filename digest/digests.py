@@ -84,6 +84,8 @@ LABELS: dict[str, dict[str, str]] = {
         "mailbox_line": "{account}: failing since {since}: {error}",
         "mailboxes_how": "dealmail keeps trying. Check the password (or app password) of the "
                          "mailbox, or ask your admin.",
+        "release_how": "If a quarantined one was yours, release it: send its line (e.g. "
+                       "\"{example}\") to {ask}.",
         "footer": "Sent by dealmail. Ask for any deal's history: mail {ask} with \"deal ID\" "
                   "or \"help\".",
     },
@@ -122,7 +124,9 @@ LABELS: dict[str, dict[str, str]] = {
         "client": "クライアント",
         "envelope": "エンベロープ送信者",
         "level": "検証",
-        "refused_how": "心当たりがない場合は管理者に連絡してください。"
+        "refused_how": "心当たりがない場合は管理者に連絡してください。",
+        "release_how": "隔離されたメールがご自身のものなら、その行 (例: \"{example}\") を "
+                       "{ask} 宛てに送ると解除されます。"
                        "これらのメッセージは誰も閲覧できません。",
         "mailboxes": "同期できないメールボックス",
         "mailbox_line": "{account}: {since} から失敗: {error}",
@@ -407,7 +411,8 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
               .order_by(m.Sighting.received_at, m.Sighting.id)):
         refused.append({"kind": "quarantined", "received": local_time(s.received_at, tz),
                         "client_ip": s.client_ip, "envelope_from": s.envelope_from,
-                        "level": s.verification, "subject": None})
+                        "level": s.verification, "subject": None,
+                        "release": f"release E{s.email_id}"})
     for a in (m.AuditEntry.select()
               .where((m.AuditEntry.action == "replay") & (m.AuditEntry.actor == user.address)
                      & (m.AuditEntry.at >= lo) & (m.AuditEntry.at < hi))
@@ -419,7 +424,7 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
         refused.append({"kind": "replayed", "received": local_time(a.at, tz),
                         "client_ip": str(detail.get("client_ip", "")),
                         "envelope_from": str(detail.get("envelope_from", "")),
-                        "level": "", "subject": subject})
+                        "level": "", "subject": subject, "release": ""})
 
     # Persons created automatically in the period from mail this user may see (a person
     # made from a colleague's private mail would reveal that correspondence).

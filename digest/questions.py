@@ -40,6 +40,7 @@ from peewee import PostgresqlDatabase, fn
 
 from crmstore import models as m
 from crmstore.outbox import as_bytes, enqueue
+from dealmail.addresses import format_mailbox
 from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
 from linking.answers import Candidate
@@ -154,9 +155,8 @@ def _correspondent(row: m.PendingChoice, email: m.Email) -> str:
     chosen = next((p for p in rows if row.person_id and p.person_id == row.person_id), None)
     chosen = chosen or next((p for p in rows if p.person_id), None)
     if chosen is None:
-        return f"{email.from_name} <{email.from_address}>" if email.from_name \
-            else email.from_address
-    return f"{chosen.name} <{chosen.address}>" if chosen.name else chosen.address
+        return format_mailbox(email.from_name, email.from_address)
+    return format_mailbox(chosen.name, chosen.address)
 
 
 def _view(item: Item, user: User, reader: m.User | None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from dealmail.config import Company, Config, User
 
 from .originals import originals_for, plain_original
 from .parse import MessageRejected, ParsedMessage, parse_message
+from .quarantine import release_quarantined
 from .record import Arrival, Directory, Original, RecordResult, record_email
 
 __all__ = [
@@ -361,9 +362,11 @@ class Capture:
             client_ip=evidence.client_ip, verification=verdict.level,
             evidence=sighting_evidence, deal_id=request.deal_id,
             quarantined=admitted.quarantined)
-        log.info("[%s] %s accepted from %s (%s, %s)%s", qid, parsed.message_id or "-",
-                 user.address, verdict.level, channel,
-                 " into quarantine" if admitted.quarantined else "")
+        # A quarantined copy is not "accepted" in the admin's sense: it is held, unseen.
+        log.info("[%s] %s %s from %s (%s, %s)%s", qid, parsed.message_id or "-",
+                 "quarantined" if admitted.quarantined else "accepted", user.address,
+                 verdict.level, channel,
+                 f": {verdict.reason}" if admitted.quarantined else "")
         raw = request.raw
 
         def commit() -> Disposition:
@@ -384,7 +387,9 @@ class Capture:
             result = record_email(config, directory, original, raw, arrival)
             if result.duplicate:
                 note_repeat(result, arrival)
-            else:
+            elif not arrival.quarantined:
+                # A quarantined copy reaches nobody (no question, no notice) until it is
+                # released (Capture.release runs the hooks then).
                 for hook in self._hooks:
                     hook(result, arrival.user, arrival.company)
             results.append(result)
@@ -395,6 +400,20 @@ class Capture:
                      " (repeat, no-op)" if result.duplicate else "",
                      "; ".join(result.decisions) or "no decision")
         return results
+
+    def release(self, email_id: int, actor: str, user_address: str | None = None,
+                ) -> RecordResult | None:
+        """Release a quarantined copy (``linking.quarantine``) and run the hooks for it, inside
+        the caller's transaction. None when there is no such quarantined copy."""
+        released = release_quarantined(self.config_of(), email_id, self.now(), actor,
+                                       user_address)
+        if released is None:
+            return None
+        for hook in self._hooks:
+            hook(released.result, released.user, released.company)
+        log.info("email #%s released from quarantine for %s by %s", email_id,
+                 released.user.address, actor)
+        return released.result
 
     def _has_customer(self, request: CaptureRequest, parsed: ParsedMessage,
                       directory: Directory) -> bool:

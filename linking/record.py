@@ -350,6 +350,10 @@ def record_email(
             decisions.append(f"deal #{deal_id} {open_deals[0][1]!r}: the person's only "
                              "open deal")
             hot.set_thread_deal(thread_id, deal_id)
+        elif len(open_deals) > 1 and arrival.quarantined:
+            # Nobody may be asked about a copy nobody may see: the question waits for its
+            # release (linking/quarantine.py).
+            decisions.append("needs a deal choice once released from quarantine")
         elif len(open_deals) > 1:
             needs_choice = True
             decisions.append("needs choice among " + ", ".join(

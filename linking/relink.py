@@ -12,7 +12,7 @@ audit entry. ``dealmail relink`` runs the same over a whole company.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -42,22 +42,26 @@ class RelinkReport:
 
 def relink_addresses(config: Config, company: Company, company_id: int,
                      addresses: Iterable[str] | None, now: datetime,
-                     actor: str = "dealmail") -> RelinkReport:
+                     actor: str = "dealmail",
+                     progress: Callable[[int, int], None] | None = None) -> RelinkReport:
     """Link the stored emails of ``company`` whose participants carry one of ``addresses``
     (None: every address) to the persons those addresses now belong to. Must run inside the
-    caller's transaction."""
+    caller's transaction. ``progress(done, total)`` counts the emails to re-link (every 100,
+    and once at the end)."""
     report = RelinkReport()
     wanted = None if addresses is None else sorted(set(addresses))
     chunks: list[list[str] | None] = (
         [None] if wanted is None else
         [wanted[i:i + _BATCH] for i in range(0, len(wanted), _BATCH)])
     for chunk in chunks:
-        report.merge(_relink_chunk(config, company, company_id, chunk, naive_utc(now), actor))
+        report.merge(_relink_chunk(config, company, company_id, chunk, naive_utc(now), actor,
+                                   progress))
     return report
 
 
 def _relink_chunk(config: Config, company: Company, company_id: int, chunk: list[str] | None,
-                  now: datetime, actor: str) -> RelinkReport:
+                  now: datetime, actor: str,
+                  progress: Callable[[int, int], None] | None = None) -> RelinkReport:
     report = RelinkReport()
     known = (m.PersonAddress.select(m.PersonAddress.address, m.PersonAddress.person)
              .where(m.PersonAddress.company == company_id))
@@ -74,8 +78,11 @@ def _relink_chunk(config: Config, company: Company, company_id: int, chunk: list
     by_email: dict[int, dict[int, int]] = {}  # email -> {participant id: person id}
     for p in orphans:
         by_email.setdefault(p.email_id, {})[p.id] = person_of[p.address]
-    for email_id, parts in sorted(by_email.items()):
+    total = len(by_email)
+    for done, (email_id, parts) in enumerate(sorted(by_email.items()), start=1):
         _relink_email(config, company, company_id, email_id, parts, now, actor, report)
+        if progress is not None and (done % 100 == 0 or done == total):
+            progress(done, total)
     return report
 
 

@@ -7,7 +7,7 @@ sender's (RFC 5321 §4.2.1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from linking.capture import Disposition, Outcome
 
@@ -17,6 +17,9 @@ class Reply:
     code: int
     status: str  # enhanced status code, e.g. "2.0.0"
     text: str
+    #: The capture's outcome behind this reply (``stored``, ``quarantined``, ...), for the
+    #: metrics; not part of what the client sees.
+    outcome: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         # One line; CR/LF never reach the wire from message data (docs/reliability.md A.35).
@@ -69,6 +72,12 @@ def for_disposition(done: Disposition, queue_id: str, refused_sender_code: int =
     """The SMTP answer to a capture's disposition (RFC 5321 §4.2.1: 2xx accepted, 4xx try
     again, 5xx never). The submission listener refuses a sender with 553 (RFC 5321 §4.2.2,
     "mailbox name not allowed"), the others with 550."""
+    reply = _for_disposition(done, queue_id, refused_sender_code)
+    outcome = "quarantined" if done.quarantined and done.accepted else done.outcome.value
+    return replace(reply, outcome=outcome)
+
+
+def _for_disposition(done: Disposition, queue_id: str, refused_sender_code: int) -> Reply:
     if done.outcome in (Outcome.STORED, Outcome.REPEAT):
         return queued(queue_id)
     if done.outcome is Outcome.IGNORED:

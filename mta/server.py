@@ -16,6 +16,7 @@ import logging
 import re
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from crmstore.committer import GroupCommitter
 from linking.capture import Evidence
 
 from . import replies
+from .metrics import Metrics, outcome_of_reply
 from .replies import Reply
 from .routing import Route, RoutingTable
 
@@ -258,8 +260,10 @@ class InboundHooks:
         executor: ThreadPoolExecutor,
         max_recipients: Callable[[], int],
         has_space: Callable[[], bool] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.has_space = has_space
+        self.metrics = metrics
         self._routing = routing
         self.handlers = handlers
         self.committer = committer
@@ -329,23 +333,30 @@ class InboundHooks:
         )
         handler = self.handlers[routes[0].kind]
         return await decide_and_commit(self.executor, self.committer,
-                                       functools.partial(handler.check, ctx), ctx)
+                                       functools.partial(handler.check, ctx), ctx,
+                                       metrics=self.metrics)
 
     async def handle_exception(self, error: Exception) -> str:
         return incident_reply(error)
 
 
 async def decide_and_commit(executor: ThreadPoolExecutor, committer: GroupCommitter,
-                            check: Callable[[], Reply | Job], ctx: DataContext) -> str:
+                            check: Callable[[], Reply | Job], ctx: DataContext, *,
+                            metrics: Metrics | None = None, listener: str = "inbound") -> str:
     """The DATA reply of a listener: the handler's check in a worker thread, then its job in
     the committer; the reply is sent only once that commit returned. Any fault of ours is a
     451 4.3.0 with our id, never a 5xx nor the exception text (RFC 5321 §4.2.5)."""
+    started = time.perf_counter()
     try:
         decided = await asyncio.get_running_loop().run_in_executor(executor, check)
         reply = decided if isinstance(decided, Reply) else await committer.submit_async(decided)
     except Exception:
         log.exception("[%s] fault while handling DATA from %s", ctx.queue_id, ctx.peer_ip)
-        reply = replies.temp_failure(ctx.queue_id)
+        fault = replies.temp_failure(ctx.queue_id)
+        reply = Reply(fault.code, fault.status, fault.text, outcome="error")
+    if metrics is not None:
+        metrics.message(listener, outcome_of_reply(reply.code, reply.outcome),
+                        time.perf_counter() - started)
     return str(reply)
 
 
@@ -379,7 +390,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 async def start_listener(
-    hooks: Any, listen: str, *, hostname: str, data_size_limit: int, command_timeout: float,
+    hooks: Any, listen: str, *, hostname: str, data_size_limit: int | Callable[[], int],
+    command_timeout: float,
     data_timeout: float, max_connections: int, sock: socket.socket | None = None,
     **smtp_kwargs: Any,
 ) -> asyncio.Server:
@@ -391,9 +403,12 @@ async def start_listener(
     loop = asyncio.get_running_loop()
 
     def factory() -> DealmailSMTP:
+        # A callable limit is read per connection: a reloaded limits.message_size applies
+        # to the next session (SIZE in its EHLO and the DATA cut-off agree).
         return DealmailSMTP(
             hooks, gate=gate, data_timeout=data_timeout,
-            data_size_limit=data_size_limit, enable_SMTPUTF8=True, hostname=hostname,
+            data_size_limit=data_size_limit() if callable(data_size_limit) else data_size_limit,
+            enable_SMTPUTF8=True, hostname=hostname,
             ident="dealmail ESMTP", timeout=command_timeout, loop=loop, **smtp_kwargs,
         )
 

@@ -43,6 +43,7 @@ def make_config(tmp_path: Path, *overrides: str, path: Path = EXAMPLE) -> Config
         "listeners.inbound=127.0.0.1:0",
         "listeners.submission=",
         f"server.demo_data={ROOT / 'conf' / 'demo'}",
+        f"server.status_file={tmp_path}/status.json",
         *overrides,
     ])
 

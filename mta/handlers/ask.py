@@ -16,7 +16,13 @@ from collections.abc import Callable
 from datetime import datetime
 
 from crmstore.outbox import enqueue
-from digest.ask import answer_message, answer_request, parse_request
+from digest.ask import (
+    answer_message,
+    answer_request,
+    parse_release,
+    parse_request,
+    release_message,
+)
 from linking.capture import Capture, CaptureRequest, Disposition, Trust
 from linking.replytext import extract_reply_from_message
 
@@ -59,6 +65,9 @@ class AskHandler:
         except Exception:  # a body we cannot read still has a subject to answer
             log.info("[%s] ask: body unreadable, using the subject only", qid)
             body = ""
+        release = parse_release(parsed.subject, body)
+        if release is not None:
+            return self._release_job(qid, user.address, release, parsed.message_id)
         request_ = parse_request(parsed.subject, body)
         message_id = parsed.message_id
         now = self.now()
@@ -70,6 +79,23 @@ class AskHandler:
                           now=now)
             log.info("[%s] ask from %s (%s %s): answer queued as outbox %s", qid,
                      user.address, request_.kind, request_.arg, ids)
+            return replies.queued(qid)
+
+        return job
+
+    def _release_job(self, qid: str, user: str, email_id: int, message_id: str | None) -> Job:
+        """``release E<ID>``: the verified user releases their own quarantined copy (in the
+        committer's transaction, with the capture hooks), and is told."""
+        config = self.capture.config_of()
+        now = self.now()
+
+        def job() -> Reply:
+            done = self.capture.release(email_id, actor=user, user_address=user)
+            msg = release_message(config, user, email_id, done is not None, now,
+                                  in_reply_to=message_id)
+            enqueue(msg, kind="answer", mail_from="", recipients=[user], now=now)
+            log.info("[%s] release E%s asked by %s: %s", qid, email_id, user,
+                     "released" if done is not None else "no such quarantined copy")
             return replies.queued(qid)
 
         return job

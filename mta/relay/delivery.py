@@ -121,6 +121,9 @@ class DeliveryResult:
     recipients: list[RecipientResult]
     transcript_error: str | None = None
     route: NextHop | None = field(default=None)  # the route whose host took the transaction
+    #: ``host[ip]:port`` of that route as Postfix logs it (``relay=``); None when no host
+    #: took the transaction.
+    relay: str | None = None
 
     def by_outcome(self, outcome: Outcome) -> list[RecipientResult]:
         return [r for r in self.recipients if r.outcome is outcome]
@@ -394,8 +397,9 @@ async def deliver(
                 address, Outcome.PERMANENT, 553, f"5.1.3 bad recipient address: {problem}"
             )
 
-    def ordered(error: str | None, route: NextHop | None = None) -> DeliveryResult:
-        return DeliveryResult([results[a] for a in unique], error, route)
+    def ordered(error: str | None, route: NextHop | None = None,
+                relay: str | None = None) -> DeliveryResult:
+        return DeliveryResult([results[a] for a in unique], error, route, relay)
 
     if not sendable:
         return ordered(None)
@@ -408,11 +412,13 @@ async def deliver(
         except _RouteFailed as exc:
             errors.append(str(exc))
             continue
+        peer = smtp.get_transport_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) and peer else "?"
         try:
             error = await _transaction(smtp, route, data, mail_from, sendable, results)
         finally:
             await _close(smtp)
-        return ordered(error, route)
+        return ordered(error, route, f"{route.host}[{ip}]:{route.port}")
 
     why = "; ".join(errors) if errors else "no route to the destination"
     for address in sendable:

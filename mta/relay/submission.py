@@ -62,6 +62,7 @@ from linking.parse import MessageRejected, parse_message
 
 from .. import replies
 from ..imapsync.sentcopy import queue_sent_copy
+from ..metrics import Metrics
 from ..replies import Reply
 from ..server import (
     ConnectionGate,
@@ -389,6 +390,9 @@ class SubmissionSMTP(DealmailSMTP):
 class SubmissionHooks:
     """aiosmtpd hook object of the submission listeners."""
 
+    #: Set by the application when it counts messages (``mta.metrics``).
+    metrics: Metrics | None = None
+
     def __init__(self, config_of: Callable[[], Config], handler: RelayHandler,
                  throttle: AuthThrottle, committer: GroupCommitter,
                  executor: ThreadPoolExecutor) -> None:
@@ -544,7 +548,9 @@ class SubmissionHooks:
             extra={"tls": _is_tls(server)},
         )
         check = functools.partial(self.handler.check, ctx, list(envelope.rcpt_tos))
-        return await decide_and_commit(self.executor, self.committer, check, ctx)
+        return await decide_and_commit(self.executor, self.committer, check, ctx,
+                                       metrics=self.metrics,
+                                       listener="submission")
 
     async def handle_exception(self, error: Exception) -> str:
         return incident_reply(error)
@@ -552,7 +558,8 @@ class SubmissionHooks:
 
 async def start_submission(
     hooks: SubmissionHooks, listen: str, tls_context: ssl.SSLContext, *, implicit: bool,
-    hostname: str, data_size_limit: int, command_timeout: float, data_timeout: float,
+    hostname: str, data_size_limit: int | Callable[[], int], command_timeout: float,
+    data_timeout: float,
     max_connections: int,
 ) -> asyncio.Server:
     """Listen on ``HOST:PORT``: STARTTLS (``implicit=False``) or TLS from the first byte."""
@@ -563,7 +570,8 @@ async def start_submission(
 
     def factory() -> SubmissionSMTP:
         protocol = SubmissionSMTP(
-            hooks, gate=gate, data_timeout=data_timeout, data_size_limit=data_size_limit,
+            hooks, gate=gate, data_timeout=data_timeout,
+            data_size_limit=data_size_limit() if callable(data_size_limit) else data_size_limit,
             enable_SMTPUTF8=True, hostname=hostname, ident="dealmail ESMTP submission",
             timeout=command_timeout, loop=loop, auth_required=True, auth_require_tls=True,
             tls_context=None if implicit else tls_context,
@@ -589,6 +597,7 @@ async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
         return servers
     context = submission_context(c.tls.cert_file, c.tls.key_file, c.hostname, app.base,
                                  app.clock.now())
+    app.tls_context = context  # App.reload loads renewed certificate files into it
     handler = RelayHandler(app.capture, app.clock.now, app.base, store=app.store)
     throttle = AuthThrottle(
         app.clock.now, max_failures=c.relay.auth_max_failures,
@@ -596,13 +605,15 @@ async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
         lockout=timedelta(seconds=c.relay.auth_lockout_seconds),
         delay_step=c.relay.auth_failure_delay)
     hooks = SubmissionHooks(app.get_config, handler, throttle, app.committer, app.executor)
+    hooks.metrics = app.metrics
     for name, listen, implicit in (("submission", c.listeners.submission, False),
                                    ("submissions", c.listeners.submissions, True)):
         if not listen:
             continue
         servers[name] = await start_submission(
             hooks, listen, context, implicit=implicit, hostname=c.hostname,
-            data_size_limit=c.limits.message_size, command_timeout=c.listeners.command_timeout,
+            data_size_limit=lambda: app.config.limits.message_size,
+            command_timeout=c.listeners.command_timeout,
             data_timeout=c.listeners.data_timeout, max_connections=c.listeners.max_connections)
         sock = servers[name].sockets[0].getsockname()
         log.info("%s listening on %s:%s (%s)", name, sock[0], sock[1],

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["DEFAULT_CERT", "DEFAULT_KEY", "ensure_self_signed", "server_context",
+__all__ = ["DEFAULT_CERT", "DEFAULT_KEY", "ensure_self_signed", "reload_context", "server_context",
            "submission_context"]
 
 log = logging.getLogger("dealmail.tls")
@@ -90,3 +90,18 @@ def submission_context(cert_file: str, key_file: str, hostname: str, base: Path,
     cert, key = base / DEFAULT_CERT, base / DEFAULT_KEY
     ensure_self_signed(cert, key, hostname, now)
     return server_context(cert, key)
+
+
+def reload_context(context: ssl.SSLContext, cert_file: str, key_file: str, hostname: str,
+                   base: Path, now: datetime) -> None:
+    """Load the (renewed or newly configured) certificate and key into the live context of
+    the submission listeners: connections accepted from now on present it, sessions already
+    open keep theirs. The pair is first loaded into a fresh context, so a bad file raises
+    (ssl.SSLError, OSError) and leaves the live context untouched."""
+    if cert_file and key_file:
+        cert, key = base / cert_file, base / key_file
+    else:
+        cert, key = base / DEFAULT_CERT, base / DEFAULT_KEY
+        ensure_self_signed(cert, key, hostname, now)
+    server_context(cert, key)  # validates the pair; raises before anything changes
+    context.load_cert_chain(str(cert), str(key))

@@ -9,6 +9,16 @@
 * A permanent failure or a give-up produces one DSN (RFC 3464) to the envelope sender, queued
   from the null sender; dealmail's own notices use the null sender, so no DSN is ever made
   about them and no backscatter reaches unverified addresses.
+* Each attempt logs one line per recipient, in the form a Postfix admin greps for (the
+  outbox item id is the queue id)::
+
+    outbox#24: message-id=<a1@example.com>, to=<ann@customer.test>,
+      relay=smtp.example.net[192.0.2.7]:587, delay=0.42, tries=1, dsn=2.0.0,
+      status=sent (250 2.0.0 Ok: queued as 4F2A)
+
+  ``status`` is ``sent``, ``deferred`` (with the next attempt's time) or ``bounced`` (a
+  permanent failure, or the retry lifetime ended); ``relay=none`` when no host took the
+  transaction. With ``server.log_format = "json"`` the same facts are keys of the JSON line.
 """
 
 from __future__ import annotations
@@ -16,11 +26,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crmstore import models as m
+from crmstore.bounces import forget_bounced_persons
 from crmstore.db import Store
 from crmstore.outbox import enqueue
 from dealmail.clock import Clock, naive_utc
@@ -31,7 +43,37 @@ from .delivery import DeliveryResult, NextHop, Outcome, RecipientResult, deliver
 from .dsn import build_dsn
 from .mx import AddrLookup, MxLookup, RouteError, resolve_routes
 
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
 log = logging.getLogger("dealmail.outbox")
+
+_MESSAGE_ID_RE = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)",
+                            re.IGNORECASE | re.MULTILINE)
+_DSN_RE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+def message_id_of(raw: bytes) -> str:
+    """The Message-ID of a queued message (header block only), or ``-``."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        end = raw.find(b"\n\n")
+    match = _MESSAGE_ID_RE.search(raw[: end if end >= 0 else len(raw)])
+    if match is None:
+        return "-"
+    return " ".join(match.group(1).decode("utf-8", "replace").split()) or "-"
+
+
+def dsn_of(result: RecipientResult) -> str:
+    """The enhanced status (RFC 3463) of a recipient's reply: the one the server gave, else
+    the class of its code; 4.4.1 when no host answered (RFC 3463 §3.5, "no answer from
+    host"), as Postfix logs it."""
+    match = _DSN_RE.match(result.message.strip())
+    if match:
+        return match.group(1)
+    if result.code == 0:
+        return "4.4.1"
+    return f"{result.code // 100}.0.0"
 
 
 class OutboxWorker:
@@ -45,7 +87,7 @@ class OutboxWorker:
                  ssl_context: Any = None, worker_id: str = "w1", *, batch: int = 20,
                  timeout: float = 60.0, mx_port: int = 25,
                  refresh: Mapping[str, Callable[[m.OutboxItem], bytes | None]] | None = None,
-                 ) -> None:
+                 metrics: Metrics | None = None) -> None:
         self.store = store
         self.clock = clock
         self.config_of = config_of
@@ -59,6 +101,7 @@ class OutboxWorker:
         # Composed mail of these kinds is checked again when due (by kind; a batched
         # question may have been decided meanwhile).
         self.refresh = dict(refresh or {})
+        self.metrics = metrics
         self._schedule: tuple[tuple[str, float], RetrySchedule] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -189,9 +232,41 @@ class OutboxWorker:
             m.OutboxItem.update(fields).where(m.OutboxItem.id == item.id).execute()
             if failed or gave_up:
                 self._queue_dsn(item, failed + gave_up, now)
-        log.info("outbox #%s (%s to %s): %d delivered, %d failed, %d deferred%s", item.id,
-                 item.kind, item.domain, len(delivered), len(failed), len(temporary),
-                 f" until {next_at}" if next_at else (" (gave up)" if gave_up else ""))
+            if item.kind == "relay":
+                # A mistyped customer address: the person relayed mail created is nobody.
+                forget_bounced_persons(item.company_id, [
+                    r.address for r in failed if dsn_of(r).startswith("5.1.")], now)
+        self._log_attempt(item, result, now, next_at, bool(gave_up))
+
+    def _log_attempt(self, item: m.OutboxItem, result: DeliveryResult, now: datetime,
+                     next_at: datetime | None, gave_up: bool) -> None:
+        """One line per recipient of this attempt (see the module docstring)."""
+        message_id = message_id_of(bytes(item.message))
+        delay = max(0.0, (now - item.created_at).total_seconds())
+        relay = result.relay or "none"
+        for r in result.recipients:
+            if r.outcome is Outcome.DELIVERED:
+                status = "sent"
+            elif r.outcome is Outcome.PERMANENT or gave_up:
+                status = "bounced"
+            else:
+                status = "deferred"
+            reply = " ".join(f"{r.code} {r.message}".split()) if r.code else r.message
+            if status == "deferred" and next_at is not None:
+                reply += f"; next attempt {next_at:%Y-%m-%d %H:%M:%S} UTC"
+            elif gave_up and r.outcome is Outcome.TEMPORARY:
+                reply = f"gave up after {item.attempts} attempt(s): {reply}"
+            dsn = dsn_of(r)
+            fields = {"queue_id": f"outbox#{item.id}", "kind": item.kind,
+                      "message_id": message_id, "to": r.address, "relay": relay,
+                      "delay": round(delay, 2), "tries": item.attempts, "dsn": dsn,
+                      "status": status, "reply": reply}
+            log.log(logging.WARNING if status == "bounced" else logging.INFO,
+                    "outbox#%s: message-id=%s, to=<%s>, relay=%s, delay=%.2f, tries=%d, "
+                    "dsn=%s, status=%s (%s)", item.id, message_id, r.address, relay, delay,
+                    item.attempts, dsn, status, reply, extra={"fields": fields})
+            if self.metrics is not None:
+                self.metrics.delivery(status)
 
     def _queue_dsn(self, item: m.OutboxItem, failed: list[RecipientResult],
                    now: datetime) -> None:
