@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +289,7 @@ def serve(config: Config, fallback: bool, overrides: tuple[str, ...]) -> int:
 def load_demo_if_empty(app: Any) -> None:
     """First start with ``server.demo_data`` set: load its CSVs into the empty database."""
     from crmstore import models as m
-    from crmstore.importer import import_csv
+    from crmstore.importing import import_csv
 
     config = app.config
     if not config.server.demo_data or not config.companies:
@@ -454,16 +454,19 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
 
     try:
         if args.command == "import":
-            from crmstore.importer import CsvImportError, import_csv
+            from crmstore.importing import CsvImportError, import_csv
 
             company_id(args.company)
             try:
                 company = config.company(args.company)
                 assert company is not None
+                relinked: list[Any] = []
                 report = import_csv(store, args.company, args.kind, args.file, args.encoding,
                                     progress=_progress_bar(not args.quiet, "rows"),
                                     freemail_domains=config.policy.freemail_domains,
-                                    internal_domains=company.internal_domains)
+                                    internal_domains=company.internal_domains,
+                                    after_write=_relink_after_import(config, company,
+                                                                     relinked))
             except CsvImportError as exc:
                 for problem in exc.problems:
                     print(problem, file=sys.stderr)
@@ -473,6 +476,9 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
                 raise _CliError(f"{args.file}: {exc.strerror}", EXIT_DATA) from exc
             print(f"{args.kind}: {report.rows} rows; {report.created} created, "
                   f"{report.updated} updated, {report.unchanged} unchanged")
+            for done in relinked:
+                print(f"earlier mail: {done.emails} email(s) linked to the imported persons, "
+                      f"{done.deals} deal link(s), {len(done.questions)} question(s) queued")
             return 0
         if args.command in ("persons", "deals"):
             cid = company_id(args.company)
@@ -513,6 +519,30 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
     finally:
         store.close()
     raise _CliError(f"unknown command {args.command}", EXIT_USAGE)
+
+
+def _relink_after_import(config: Config, company: Any,
+                         out: list[Any]) -> Callable[[int, Any], None]:
+    """Inside the import's transaction: earlier mail that carries an address the import added
+    is linked to its person now (linking/relink.py), and the questions that needs are
+    queued."""
+
+    def after_write(company_id: int, report: Any) -> None:
+        from datetime import UTC, datetime
+
+        from digest.questions import queue_relink_questions
+        from linking.record import Directory
+        from linking.relink import relink_addresses
+
+        if not report.new_addresses:
+            return
+        now = datetime.now(UTC)
+        done = relink_addresses(config, company, company_id, report.new_addresses, now,
+                                actor="dealmail import")
+        queue_relink_questions(config, Directory(config), company, done.questions, now)
+        out.append(done)
+
+    return after_write
 
 
 def _relink(config: Config, store: Any, slugs: list[str], quiet: bool = False) -> int:

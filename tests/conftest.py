@@ -11,13 +11,15 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from crmstore.db import Store
 from dealmail.app import App
 from dealmail.clock import FakeClock
 from dealmail.config import Config, load_config
@@ -178,6 +180,40 @@ def pg_url() -> Iterator[str]:
                 (name,))
             cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def backend_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Store]]:
+    """The open store of each backend, made when first asked for: a schema (and a PostgreSQL
+    database, ~1 s on a busy machine) is created once per test session, not once per test."""
+    from support.crm import pg_database
+
+    with ExitStack() as stack:
+        stores: dict[str, Store] = {}
+
+        def get(backend: str) -> Store:
+            if backend not in stores:
+                if backend == "sqlite":
+                    url = f"sqlite:///{tmp_path_factory.mktemp('store')}/dealmail.db"
+                else:
+                    url = stack.enter_context(pg_database("store"))
+                s = Store(url)
+                s.open()
+                stack.callback(s.close)  # before the database is dropped
+                stores[backend] = s
+            return stores[backend]
+
+        yield get
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path,
+          backend_stores: Callable[[str], Store]) -> Store:
+    """An open :class:`crmstore.db.Store` on a real SQLite file or on the local PostgreSQL
+    holding only the example config's company and users (the session's store, emptied)."""
+    from support.crm import empty_store
+
+    return empty_store(backend_stores(request.param), make_config(tmp_path))
 
 
 # The session's private Dovecot and an App factory for the mailbox sync tests.

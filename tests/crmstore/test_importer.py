@@ -1,4 +1,4 @@
-"""Tests of crmstore.importer: the demo CSVs, idempotency, whole-file refusal with line numbers,
+"""Tests of crmstore.importing: the demo CSVs, idempotency, whole-file refusal with line numbers,
 encodings, Pipedrive columns, person matching by any address, and a 100,000-person file.
 
 Each test runs on SQLite and, when reachable, on a PostgreSQL database created for this module
@@ -20,7 +20,7 @@ import pytest
 
 from crmstore import models as m
 from crmstore.db import Store
-from crmstore.importer import CsvImportError, ImportReport, detect_encoding, import_csv
+from crmstore.importing import CsvImportError, ImportReport, detect_encoding, import_csv
 from dealmail.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 shape, newest first, only what the reader may see (another user's private sighting is
 neither listed nor described), and clear errors for an unknown user, person or deal.
 
-The demo CSVs are imported with :func:`crmstore.importer.import_csv`; the emails, sightings
+The demo CSVs are imported with :func:`crmstore.importing.import_csv`; the emails, sightings
 and links are written straight through the models, so these tests depend on no parser.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 from crmstore import models as m
 from crmstore.db import Store
-from crmstore.importer import import_csv
+from crmstore.importing import import_csv
 from crmstore.queries import NotFound, conversations, find_deal, find_person, find_user
 from dealmail import cli
 from dealmail.config import load_config

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from crmstore import models as m
 from crmstore.db import Store
-from crmstore.importer import import_csv
+from crmstore.importing import import_csv
 from dealmail.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]

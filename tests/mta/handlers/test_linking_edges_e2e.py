@@ -157,16 +157,16 @@ def _cli(server: Any, *args: str) -> str:
     return done.stdout
 
 
-def test_import_then_relink_links_earlier_mail(server_factory: Any, tmp_path: Path) -> None:
+def test_import_links_earlier_mail(server_factory: Any, tmp_path: Path) -> None:
     srv = server_factory("policy.create_unknown_persons=false")
     send(srv.port, message(to="Eve Newco <eve@newco.test>", subject="Intro"))
     [participant] = m.Participant.select().where(m.Participant.address == "eve@newco.test")
     assert participant.person_id is None
     csv = tmp_path / "persons.csv"
     csv.write_text("Name,Email\nEve Newco,eve@newco.test\n", encoding="utf-8")
-    _cli(srv, "import", "persons", str(csv), "--company", "example")
-    out = _cli(srv, "relink")
-    assert "example: 1 email(s) linked" in out
+    out = _cli(srv, "import", "persons", str(csv), "--company", "example")
+    # Linked by the import itself, in its transaction.
+    assert "earlier mail: 1 email(s) linked to the imported persons" in out
     [thread] = convs("alice@example.com", person="eve@newco.test")["threads"]
     assert thread["subject"] == "Intro"
     audit = m.AuditEntry.get(m.AuditEntry.action == "relink")
@@ -193,8 +193,8 @@ def test_relink_to_a_person_with_several_deals_asks_which(server_factory: Any,
     csv = tmp_path / "persons.csv"
     csv.write_text("Name,Email\nAnn Customer,\"ann@customer.test; ann.private@other-mail.test\"\n",
                    encoding="utf-8")
-    _cli(srv, "import", "persons", str(csv), "--company", "example")
-    assert "1 question(s) queued" in _cli(srv, "relink")
+    assert "1 question(s) queued" in _cli(srv, "import", "persons", str(csv),
+                                          "--company", "example")
     [question] = m.OutboxItem.select().where(m.OutboxItem.kind == "question")
     assert question.subject == "Which deal? From home"
     [thread] = convs("alice@example.com", person="ann@customer.test")["threads"]
@@ -234,3 +234,18 @@ def test_name_only_forward_of_a_stranger_is_said_in_the_digest(server: Any) -> N
     assert "could not tell who wrote the forwarded email (shown only as “Zed Nobody”)" in (
         " ".join(text.split()))
     assert "internal only" not in text
+
+
+def test_relink_command_links_what_an_older_version_left(server_factory: Any) -> None:
+    """Mail stored before this version linked free-mail correspondents: ``dealmail relink``
+    links it to the persons the CRM has now."""
+    srv = server_factory("policy.create_unknown_persons=false")
+    send(srv.port, message(to="Taro <taro@yahoo.co.jp>", subject="見積もり"))
+    with srv.app.store.transaction():
+        person = m.Person.create(company=m.Company.get().id, name="Taro Yamada")
+        m.PersonAddress.create(person=person.id, company=person.company_id,
+                               address="taro@yahoo.co.jp")
+    assert "example: 1 email(s) linked" in _cli(srv, "relink", "--company", "example")
+    [thread] = convs("alice@example.com", person="taro@yahoo.co.jp")["threads"]
+    assert thread["subject"] == "見積もり"
+    assert "example: 0 email(s) linked" in _cli(srv, "relink")

@@ -1,0 +1,296 @@
+"""Unit tests of ``crmstore.committer.GroupCommitter`` on SQLite and PostgreSQL, with jobs that
+write rows and a second connection that sees only what is committed.
+
+Proves: jobs that wait while a batch runs are committed together in the next transaction (one
+commit for many jobs, ``max_batch`` respected); a failing job rolls back alone (its savepoint)
+while the others of its batch commit; a failing COMMIT (injected with ``before_commit``) fails
+every job of the batch, leaves nothing visible and is followed by a working connection; a
+job's future is resolved only once its row is visible to other connections; ``stop()``
+finishes every job submitted before it and refuses later ones with ``CommitterStopped``; on
+PostgreSQL, a connection killed under the committer is replaced after the failed batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from support.crm import PG_HOST, peek
+
+from crmstore import models as m
+from crmstore.committer import CommitterStopped, GroupCommitter
+from crmstore.db import Store
+
+T = TypeVar("T")
+WAIT = 10.0  # seconds: a deadlock fails the test instead of hanging the suite
+
+
+class Blocker:
+    """A job that holds the committer until released, so that later jobs pile up."""
+
+    def __init__(self) -> None:
+        self.running = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self) -> str:
+        self.running.set()
+        assert self.release.wait(WAIT)
+        return "blocker"
+
+    async def started(self) -> None:
+        ok = await asyncio.get_running_loop().run_in_executor(None, self.running.wait, WAIT)
+        assert ok, "the committer never ran the blocking job"
+
+
+def org_job(company_id: int, name: str, extra: Callable[[], None] | None = None
+            ) -> Callable[[], int]:
+    """A job writing one organization named ``name``; ``extra`` runs after the write."""
+
+    def job() -> int:
+        org_id = int(m.Organization.create(company=company_id, name=name).id)
+        if extra is not None:
+            extra()
+        return org_id
+
+    return job
+
+
+def visible(store: Store, *names: str) -> set[str]:
+    """Which of these organizations another connection sees (i.e. committed ones)."""
+    marks = ", ".join("?" * len(names))
+    return {r[0] for r in peek(store, f"SELECT name FROM organization WHERE name IN ({marks})",
+                               names)}
+
+
+@pytest.fixture
+def company_id(store: Store) -> int:
+    return store.company_id("example")
+
+
+@pytest.fixture
+def commits() -> list[int]:
+    return []
+
+
+@pytest.fixture
+def make_committer(store: Store, commits: list[int]) -> Iterator[Callable[..., GroupCommitter]]:
+    started: list[GroupCommitter] = []
+
+    def make(**kw: Any) -> GroupCommitter:
+        committer = GroupCommitter(store, after_commit=lambda: commits.append(len(commits) + 1),
+                                   **kw)
+        committer.start()
+        started.append(committer)
+        return committer
+
+    yield make
+    for committer in started:
+        committer.stop(WAIT)
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, WAIT)
+
+    return asyncio.run(bounded())
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_waiting_jobs_are_committed_in_one_transaction(
+        store: Store, company_id: int, commits: list[int],
+        make_committer: Callable[..., GroupCommitter]) -> None:
+    committer = make_committer()
+    blocker = Blocker()
+    seen_commits: list[int] = []
+
+    def job(i: int) -> Callable[[], Any]:
+        def work() -> Any:
+            seen_commits.append(len(commits))  # commits done when this job ran
+            m.Organization.create(company=company_id, name=f"org{i}")
+            if not store.is_sqlite:
+                return store.db.execute_sql("SELECT txid_current()").fetchone()[0]
+            return i
+        return work
+
+    async def main() -> list[Any]:
+        first = committer.submit_async(blocker)
+        await blocker.started()
+        rest = [committer.submit_async(job(i)) for i in range(10)]
+        blocker.release.set()
+        return list(await asyncio.gather(first, *rest))
+
+    results = run(main())
+    assert results[0] == "blocker"
+    assert commits == [1, 2]  # the blocker's batch, then all ten waiting jobs at once
+    assert seen_commits == [1] * 10
+    if not store.is_sqlite:
+        assert len(set(results[1:])) == 1  # one PostgreSQL transaction id for all ten
+    assert visible(store, *(f"org{i}" for i in range(10))) == {f"org{i}" for i in range(10)}
+
+
+def test_a_batch_holds_at_most_max_batch_jobs(
+        company_id: int, commits: list[int],
+        make_committer: Callable[..., GroupCommitter]) -> None:
+    committer = make_committer(max_batch=4)
+    blocker = Blocker()
+
+    async def main() -> None:
+        first = committer.submit_async(blocker)
+        await blocker.started()
+        rest = [committer.submit_async(org_job(company_id, f"o{i}")) for i in range(10)]
+        blocker.release.set()
+        await asyncio.gather(first, *rest)
+
+    run(main())
+    assert len(commits) == 1 + 3  # 4 + 4 + 2 after the blocker
+    assert m.Organization.select().count() == 10
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_failing_job_rolls_back_alone(store: Store, company_id: int, commits: list[int],
+                                        make_committer: Callable[..., GroupCommitter]) -> None:
+    committer = make_committer()
+    blocker = Blocker()
+
+    def boom() -> None:
+        raise RuntimeError("job failed after writing")
+
+    async def main() -> list[Any]:
+        first = committer.submit_async(blocker)
+        await blocker.started()
+        jobs = [committer.submit_async(org_job(company_id, "good1")),
+                committer.submit_async(org_job(company_id, "bad", extra=boom)),
+                committer.submit_async(org_job(company_id, "good2"))]
+        blocker.release.set()
+        return list(await asyncio.gather(first, *jobs, return_exceptions=True))
+
+    results = run(main())
+    assert isinstance(results[2], RuntimeError) and str(results[2]) == "job failed after writing"
+    assert all(isinstance(r, int) for r in (results[1], results[3]))
+    assert commits == [1, 2]  # the bad job was in the same batch as the good ones
+    assert visible(store, "good1", "bad", "good2") == {"good1", "good2"}
+
+
+def test_a_failing_commit_fails_the_whole_batch_and_the_next_one_works(
+        store: Store, company_id: int, commits: list[int],
+        make_committer: Callable[..., GroupCommitter]) -> None:
+    calls = []
+
+    def before_commit() -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the second batch's COMMIT
+            raise OSError("disk full (injected)")
+
+    committer = make_committer(before_commit=before_commit)
+    blocker = Blocker()
+
+    async def main() -> tuple[list[Any], Any]:
+        first = committer.submit_async(blocker)
+        await blocker.started()
+        batch = [committer.submit_async(org_job(company_id, f"lost{i}")) for i in range(3)]
+        blocker.release.set()
+        outcomes = list(await asyncio.gather(first, *batch, return_exceptions=True))
+        after = await committer.submit_async(org_job(company_id, "after"))
+        return outcomes, after
+
+    outcomes, after = run(main())
+    assert outcomes[0] == "blocker"
+    assert [str(e) for e in outcomes[1:]] == ["disk full (injected)"] * 3
+    assert all(isinstance(e, OSError) for e in outcomes[1:])
+    assert commits == [1, 2]  # after_commit ran for the blocker and for "after" only
+    assert visible(store, "lost0", "lost1", "lost2", "after") == {"after"}
+    assert m.Organization.get_by_id(after).name == "after"
+
+
+def test_a_future_is_resolved_only_once_its_row_is_visible(
+        store: Store, company_id: int, make_committer: Callable[..., GroupCommitter]) -> None:
+    before_commit_saw: list[set[str]] = []
+    committer = make_committer(
+        before_commit=lambda: before_commit_saw.append(visible(store, "durable")))
+    resolved_saw: list[set[str]] = []
+
+    async def main() -> None:
+        fut = committer.submit_async(org_job(company_id, "durable"))
+        fut.add_done_callback(lambda _f: resolved_saw.append(visible(store, "durable")))
+        await fut
+
+    run(main())
+    assert before_commit_saw == [set()]  # written, not yet committed: nobody else sees it
+    assert resolved_saw == [{"durable"}]
+
+
+# --------------------------------------------------------------------------- stop
+
+
+def test_stop_finishes_submitted_jobs_then_refuses_new_ones(
+        store: Store, company_id: int, make_committer: Callable[..., GroupCommitter]) -> None:
+    committer = make_committer()
+    blocker = Blocker()
+
+    async def main() -> tuple[list[Any], list[str]]:
+        loop = asyncio.get_running_loop()
+        first = committer.submit_async(blocker)
+        await blocker.started()
+        accepted = [committer.submit_async(org_job(company_id, f"queued{i}")) for i in range(3)]
+        stopping = loop.run_in_executor(None, committer.stop, WAIT)
+        # Until stop() has begun, jobs are still taken (and must then be finished too).
+        while True:
+            probe = committer.submit_async(org_job(company_id, f"queued{len(accepted)}"))
+            if probe.done():
+                with pytest.raises(CommitterStopped):
+                    probe.result()
+                break
+            accepted.append(probe)
+            await asyncio.sleep(0.005)
+        blocker.release.set()
+        done = list(await asyncio.gather(first, *accepted))
+        await stopping
+        late = committer.submit_async(org_job(company_id, "late"))
+        with pytest.raises(CommitterStopped):
+            await late
+        return done, [f"queued{i}" for i in range(len(accepted))]
+
+    done, names = run(main())
+    assert done[0] == "blocker" and all(isinstance(r, int) for r in done[1:])
+    assert visible(store, *names, "late") == set(names)
+
+
+# --------------------------------------------------------------------------- reconnect
+
+
+@pytest.mark.parametrize("store", [pytest.param("postgres", marks=pytest.mark.postgres)],
+                         indirect=True)
+def test_a_killed_connection_is_replaced_after_the_failed_batch(
+        store: Store, make_committer: Callable[..., GroupCommitter]) -> None:
+    """PostgreSQL only: its server can drop the committer's connection (a restart)."""
+    import psycopg2
+
+    committer = make_committer()
+
+    def backend_pid() -> int:
+        return int(store.db.execute_sql("SELECT pg_backend_pid()").fetchone()[0])
+
+    async def main() -> tuple[int, BaseException | int, int]:
+        pid = await committer.submit_async(backend_pid)
+        admin = psycopg2.connect(host=PG_HOST, user="postgres", dbname="postgres")
+        try:
+            with admin.cursor() as cur:
+                cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        finally:
+            admin.close()
+        try:
+            failed: BaseException | int = await committer.submit_async(backend_pid)
+        except Exception as exc:
+            failed = exc
+        return pid, failed, await committer.submit_async(backend_pid)
+
+    pid, failed, new_pid = run(main())
+    assert isinstance(failed, Exception)  # the batch on the dead connection failed (451)
+    assert new_pid != pid  # and the next one ran on a new connection
