@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from peewee import Database, PostgresqlDatabase, SqliteDatabase
+from peewee import Database, PostgresqlDatabase, SqliteDatabase, fn
 from playhouse.migrate import PostgresqlMigrator, SchemaMigrator, SqliteMigrator, migrate
 
 from dealmail.config import Config
@@ -55,6 +55,9 @@ def open_database(url: str, base: Path | None = None) -> Database:
                 "busy_timeout": 5000,
                 "cache_size": -16000,  # 16 MiB: the hot indexes, not message blobs
                 "temp_store": "memory",
+                # Deleted content is overwritten with zeros: a forgotten email
+                # (crmstore/inbox.py) leaves no bytes in free pages of the file.
+                "secure_delete": 1,
             },
             check_same_thread=False,
         )
@@ -90,7 +93,23 @@ def _upgrade_2_to_3(db: Database) -> None:
         db.execute_sql('ALTER TABLE "sighting" ALTER COLUMN "visibility" TYPE VARCHAR(16)')
 
 
-UPGRADES = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3}
+def _upgrade_3_to_4(db: Database) -> None:
+    """Version 4 gives every email its per-company number (the handle ``E<number>``):
+    existing emails are numbered in the order they were stored, and each company's counter
+    starts after its last number."""
+    migrate(_migrator(db).add_column("email", "number", m.Email.number))
+    db.execute_sql(
+        'UPDATE "email" SET "number" = x.rn FROM (SELECT "id", ROW_NUMBER() OVER '
+        '(PARTITION BY "company_id" ORDER BY "id") AS rn FROM "email") AS x '
+        'WHERE x."id" = "email"."id"')
+    db.create_tables([m.EmailCounter])
+    db.execute_sql(
+        'INSERT INTO "email_counter" ("company_id", "last") SELECT c."id", '
+        'COALESCE(MAX(e."number"), 0) FROM "company" c LEFT JOIN "email" e '
+        'ON e."company_id" = c."id" GROUP BY c."id"')
+
+
+UPGRADES = {1: _upgrade_1_to_2, 2: _upgrade_2_to_3, 3: _upgrade_3_to_4}
 
 
 class Store:
@@ -109,6 +128,7 @@ class Store:
         if self.is_sqlite and self.db.database != ":memory:":
             self._lock_path = f"{self.db.database}.writelock"
         self._lock_fd = threading.local()
+        self._scrub = threading.local()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -207,13 +227,37 @@ class Store:
             try:
                 with self.db.atomic(lock_type="IMMEDIATE"):
                     yield
+                if depth == 0:
+                    self._scrub_if_asked()
             finally:
                 self._lock_fd.depth = depth
+                self._scrub.wanted = False
                 if fd is not None:
                     fcntl.flock(fd, fcntl.LOCK_UN)
         else:
-            with self.db.atomic():
-                yield
+            try:
+                with self.db.atomic():
+                    yield
+            finally:
+                self._scrub.wanted = False
+
+    def scrub_after_commit(self) -> None:
+        """Ask for the deleted content of this thread's current transaction to leave the
+        database files once it is committed (a forgotten email). SQLite overwrites deleted
+        content in the database file (``secure_delete``), but the write-ahead log keeps the
+        older page images until a checkpoint: a truncating checkpoint after the commit
+        removes them. PostgreSQL keeps dead rows until VACUUM reuses their space; it has no
+        cheap equivalent, so this does nothing there."""
+        self._scrub.wanted = True
+
+    def _scrub_if_asked(self) -> None:
+        if not getattr(self._scrub, "wanted", False):
+            return
+        self._scrub.wanted = False
+        busy, _log_frames, _done = self.db.execute_sql(
+            "PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:  # a long reader: the log is truncated at a later checkpoint instead
+            log.warning("write-ahead log not truncated after a deletion (readers busy)")
 
     def _writer_lock(self) -> int | None:
         """This thread's descriptor of the lock file (flock excludes per open file, so each
@@ -237,6 +281,12 @@ class Store:
                 if company.name != c.name:
                     company.name = c.name
                     company.save()
+                # The company's email numbers start after any it already has.
+                (m.EmailCounter.insert(
+                    company=company,
+                    last=m.Email.select(fn.COALESCE(fn.MAX(m.Email.number), 0))
+                    .where(m.Email.company == company))
+                 .on_conflict_ignore().execute())
                 present = set()
                 for u in c.users:
                     present.add(u.address)

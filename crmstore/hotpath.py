@@ -76,6 +76,21 @@ class HotPath:
             f"SELECT {_c(PC, 'id')} FROM {_t(PC)} WHERE {_c(PC, 'thread')} = {p} "
             f"AND {_c(PC, 'user')} = {p} AND {_c(PC, 'state')} IN ('pending', 'asked') "
             f"LIMIT 1")
+        EC, TV, TU = m.EmailCounter, m.ThreadVisibility, m.ThreadUnlinked
+        # One statement takes the company's next email number and keeps the counter row
+        # locked until the commit (PostgreSQL: two hosts never take the same number).
+        self.sql_next_number = (
+            f"UPDATE {_t(EC)} SET {_c(EC, 'last')} = {_c(EC, 'last')} + 1 "
+            f"WHERE {_c(EC, 'company')} = {p} RETURNING {_c(EC, 'last')}")
+        self.sql_new_counter = (
+            f"INSERT INTO {_t(EC)} ({_c(EC, 'company')}, {_c(EC, 'last')}) "
+            f"SELECT {p}, COALESCE(MAX({_c(E, 'number')}), 0) FROM {_t(E)} "
+            f"WHERE {_c(E, 'company')} = {p} ON CONFLICT DO NOTHING")
+        self.sql_thread_visibility = (
+            f"SELECT {_c(TV, 'visibility')} FROM {_t(TV)} WHERE {_c(TV, 'thread')} = {p} "
+            f"AND {_c(TV, 'user')} = {p}")
+        self.sql_thread_unlinked = (
+            f"SELECT 1 FROM {_t(TU)} WHERE {_c(TU, 'thread')} = {p}")
         self._deal_cols = f"{_c(D, 'id')}, {_c(D, 'title')}"
         self._insert_cache: dict[tuple[str, tuple[str, ...], int], str] = {}
 
@@ -202,6 +217,22 @@ class HotPath:
                f"AND {self._noix}{_c(D, 'company')} = {self._p} "
                f"ORDER BY {_c(D, 'id')}")
         return [(int(r[0]), str(r[1])) for r in self.all(sql, (*persons, company_id))]
+
+    def next_email_number(self, company_id: int) -> int:
+        """The company's next email number (the counter row is made on first use)."""
+        rows = self.all(self.sql_next_number, (company_id,))
+        if not rows:
+            self.run(self.sql_new_counter, (company_id, company_id))
+            rows = self.all(self.sql_next_number, (company_id,))
+        return int(rows[0][0])
+
+    def thread_visibility(self, thread_id: int, user_id: int) -> str | None:
+        """The visibility a user chose for a whole thread (``private thread E12``)."""
+        row = self.one(self.sql_thread_visibility, (thread_id, user_id))
+        return str(row[0]) if row else None
+
+    def thread_unlinked(self, thread_id: int) -> bool:
+        return self.one(self.sql_thread_unlinked, (thread_id,)) is not None
 
     def pending_for_thread(self, thread_id: int, user_id: int) -> int | None:
         row = self.one(self.sql_pending_for_thread, (thread_id, user_id))

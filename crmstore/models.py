@@ -25,7 +25,7 @@ from peewee import (
     TextField,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def utcnow() -> datetime:
@@ -151,6 +151,9 @@ class Email(BaseModel):
     kind = CharField(max_length=16, default="bcc")
     forward_json = TextField(null=True)
     created_at = DateTimeField(default=utcnow)
+    # The email's handle ``E<number>`` (crmstore/handles.py): per company, never reused
+    # (EmailCounter), so a command in an old digest never reaches a newer email.
+    number = IntegerField(null=True)
 
     class Meta:
         indexes = ((("company", "dedupe_key"), True),)
@@ -196,7 +199,7 @@ class Link(BaseModel):
     deal = ForeignKeyField(Deal, null=True, backref="links", on_delete="CASCADE")
     organization = ForeignKeyField(Organization, null=True, backref="links",
                                    on_delete="CASCADE")
-    source = CharField(max_length=8)  # auto | choice | address | admin | thread | relink
+    source = CharField(max_length=8)  # auto | choice | address | admin | thread | relink | user
     created_at = DateTimeField(default=utcnow)
 
 
@@ -247,9 +250,60 @@ class AuditEntry(BaseModel):
     detail_json = TextField(default="{}")
 
 
+# --------------------------------------------------------------------------- the user's inbox
+# A user's control over their own copies (crmstore/inbox.py): handles, standing decisions about
+# a thread, and the correspondents a user does not track.
+
+
+class EmailCounter(BaseModel):
+    """The last email number given in a company (handles are never reused)."""
+
+    id = AutoField()
+    company = ForeignKeyField(Company, unique=True, on_delete="CASCADE")
+    last = IntegerField(default=0)
+
+
+class ThreadVisibility(BaseModel):
+    """A user's visibility for their copies of a thread, present and future
+    (``private thread E12``); linking/record.py gives it to the user's next copies."""
+
+    id = AutoField()
+    thread = ForeignKeyField(Thread, on_delete="CASCADE")
+    user = ForeignKeyField(User, on_delete="CASCADE")
+    visibility = CharField(max_length=16)  # shared | private
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("thread", "user"), True),)
+
+
+class ThreadUnlinked(BaseModel):
+    """A thread a user unlinked from its deal (``unlink E12``): its later emails are neither
+    linked to a deal automatically nor asked about, until a deal is named again."""
+
+    id = AutoField()
+    thread = ForeignKeyField(Thread, unique=True, on_delete="CASCADE")
+    user = ForeignKeyField(User, null=True, on_delete="SET NULL")
+    created_at = DateTimeField(default=utcnow)
+
+
+class IgnoredCorrespondent(BaseModel):
+    """An address (``ann@customer.test``) or a domain (``@customer.test``) a user does not
+    track: linking/capture.py leaves it out of that user's copies."""
+
+    id = AutoField()
+    user = ForeignKeyField(User, on_delete="CASCADE")
+    pattern = CharField(max_length=320)
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("user", "pattern"), True),)
+
+
 ALL_MODELS: list[type[BaseModel]] = [
     SchemaInfo, Company, User, Organization, OrgDomain, Person, PersonAddress, Deal, Thread,
     Email, Sighting, Participant, Link, PendingChoice, OutboxItem, AuditEntry,
+    EmailCounter, ThreadVisibility, ThreadUnlinked, IgnoredCorrespondent,
 ]
 
 # Secondary indexes that peewee's field flags cannot express.
@@ -270,6 +324,9 @@ EXTRA_INDEXES: list[tuple[type[BaseModel], tuple[str, ...], bool]] = [
     (Thread, ("company", "subject_key", "last_at"), False),
     (Email, ("company", "message_id"), False),
     (Email, ("company", "thread_index"), False),
+    # Handles: one email per (company, number); NULL numbers (rows written before version 4
+    # was backfilled, hand-made rows) do not collide on either backend.
+    (Email, ("company", "number"), True),
 ]
 
 

@@ -10,6 +10,8 @@ The rule (docs/architecture.md, rules 6 and 7):
 
 :func:`visible_to` returns the rule as a SQL condition, so listings filter in the database;
 :func:`can_see` applies the same condition to one email. There is no other implementation.
+:func:`known_persons` follows from it: a person created automatically exists only because of
+someone's mail, so it is named only to a user who may see an email it is part of.
 """
 
 from __future__ import annotations
@@ -67,3 +69,16 @@ def can_see(user: m.User, email_id: int) -> bool:
         .where((m.Email.id == email_id) & visible_to(user))
         .exists()
     )
+
+
+def known_persons(user: m.User) -> Expression:
+    """SQL condition on :class:`~crmstore.models.Person`: the persons ``user`` may be told
+    about — imported ones, and automatically created ones that take part in (or are linked
+    to) an email the user may see. A colleague's private mail must not leak a name."""
+    seen = m.Email.select(m.Email.id).where(visible_to(user))
+    in_seen = m.Participant.select(m.Participant.person).where(
+        m.Participant.email.in_(seen) & m.Participant.person.is_null(False))
+    linked_seen = m.Link.select(m.Link.person).where(
+        m.Link.email.in_(seen) & m.Link.person.is_null(False))
+    return (m.Person.company == user.company_id) & (
+        ~m.Person.auto_created | m.Person.id.in_(in_seen) | m.Person.id.in_(linked_seen))

@@ -137,7 +137,8 @@ class App:
         """The handler of each kind of address (``mta.routing.KINDS``)."""
         handlers: list[Handler] = [SmartBccHandler(capture),
                                    ChoiceHandler(capture, self.clock.now),
-                                   AskHandler(capture, self.clock.now)]
+                                   AskHandler(capture, self.clock.now,
+                                              scrub=self.store.scrub_after_commit)]
         return {kind: h for h in handlers for kind in h.serves}
 
     def build_outbox(self) -> OutboxWorker:

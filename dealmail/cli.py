@@ -128,6 +128,44 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--person", metavar="ADDRESS", help="a person, by one of its addresses")
     target.add_argument("--deal", type=int, metavar="ID", help="a deal, by its id")
     cp.add_argument("--json", action="store_true", help="print JSON")
+    ep = sub.add_parser("emails", parents=[common],
+                        help="a user's own tracked emails: list, show, sharing, deal, "
+                        "persons, forget, ignore")
+    esub = ep.add_subparsers(dest="action", required=True)
+    actions: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+            ("list", "the user's latest own emails with their handles", ()),
+            ("show", "one email the user may see", ("handle",)),
+            ("private", "make the user's copy private", ("handles",)),
+            ("share", "share the user's copy with colleagues", ("handles",)),
+            ("deal", "put the email's thread on a deal (number or title)", ("handle", "deal")),
+            ("unlink", "put the email's thread on no deal", ("handles",)),
+            ("person", "link a person (address or name) to the email", ("handle", "person")),
+            ("forget", "remove the user's copy (the email too when nobody else has it)",
+             ("handles",)),
+            ("ignore", "never track this address or @domain for the user", ("pattern",)),
+            ("track", "undo ignore", ("pattern",)),
+            ("ignored", "the addresses and domains the user does not track", ()))
+    for action, helptext, extra in actions:
+        ap = esub.add_parser(action, parents=[_common(2)], help=helptext)
+        ap.add_argument("--as", dest="as_user", required=True, metavar="USER_ADDRESS",
+                        help="act as this user, on their own copies only")
+        ap.add_argument("--json", action="store_true", help="print JSON")
+        if "handle" in extra:
+            ap.add_argument("handle", metavar="E123", help="the email's handle")
+        if "handles" in extra:
+            ap.add_argument("handles", nargs="+", metavar="E123", help="the emails' handles")
+        if action in ("deal", "person"):
+            ap.add_argument("target", nargs="+", metavar=action.upper(),
+                            help="the deal's number or title" if action == "deal"
+                            else "the person's address or name")
+        if "pattern" in extra:
+            ap.add_argument("pattern", metavar="ADDRESS_OR_@DOMAIN",
+                            help="a correspondent's address, or @ and a domain")
+        if action in ("private", "share"):
+            ap.add_argument("--thread", action="store_true",
+                            help="every copy of the user's in the thread, and later ones")
+        if action == "list":
+            ap.add_argument("--limit", type=int, default=50, help="at most this many")
     mp = sub.add_parser("imap", parents=[common],
                         help="mailbox sync: try a user's mailboxes, show the sync state")
     msub = mp.add_subparsers(dest="action", required=True)
@@ -476,7 +514,7 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
                 raise _CliError(f"{args.file}: {exc.strerror}", EXIT_DATA) from exc
             print(f"{args.kind}: {report.rows} rows; {report.created} created, "
                   f"{report.updated} updated, {report.unchanged} unchanged")
-            for done in relinked:
+            for done in (d for d in relinked if d.emails):
                 print(f"earlier mail: {done.emails} email(s) linked to the imported persons, "
                       f"{done.deals} deal link(s), {len(done.questions)} question(s) queued")
             return 0
@@ -514,6 +552,8 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
             return _status(config, store, args)
         if args.command == "quarantine":
             return _quarantine(config, store, args, company_id)
+        if args.command == "emails":
+            return _emails(config, store, args)
     except queries.NotFound as exc:
         raise _CliError(str(exc), EXIT_NOTFOUND) from exc
     finally:
@@ -615,13 +655,81 @@ def _conversations(config: Config, store: Any, args: argparse.Namespace) -> int:
                     else ("needs a deal choice" if t["needs_choice"] else "no deal"))
         print(f"\n  thread #{t['id']}: {t['subject']}  [{deal_txt}]")
         for e in t["emails"]:
-            print(f"    {e['date']}  {e['from']['address']:<28} {e['subject']}  "
-                  f"({e['channel']}, {e['owner']}, {e['visibility']})")
+            print(f"    {e['handle'] or '-':<7} {e['date']}  {e['from']['address']:<28} "
+                  f"{e['subject']}  ({e['channel']}, {e['owner']}, {e['visibility']})")
             if e["snippet"]:
                 print(f"        {e['snippet'][:100]}")
-    if result["hidden"]:
-        print(f"\n  ({result['hidden']} email(s) you may not see are not shown)")
     return 0
+
+
+def _handle_number(text: str) -> int:
+    from crmstore.handles import parse_handle
+
+    number = parse_handle(text)
+    if number is None:
+        raise _CliError(f"{text!r} is not an email handle (E123)", EXIT_USAGE)
+    return number
+
+
+def _emails(config: Config, store: Any, args: argparse.Namespace) -> int:
+    """``dealmail emails ACTION --as USER``: the commands users send by email, for scripts.
+    The same checks apply: only the user's own copies, and the same audit entries."""
+    from datetime import UTC, datetime
+
+    from crmstore import inbox
+    from digest.commands import Command, actor_for, result_line, run_one
+
+    now = datetime.now(UTC)
+    try:
+        actor = actor_for(config, args.as_user, now, "cli")
+    except LookupError as exc:
+        raise _CliError(str(exc), EXIT_NOTFOUND) from exc
+    action = args.action
+    if action in ("list", "show", "ignored"):
+        if action == "list":
+            listed: Any = inbox.list_own(actor.user, args.limit)
+        elif action == "ignored":
+            listed = sorted(inbox.ignored_patterns(actor.user.id))
+        else:
+            listed = inbox.describe(actor.user, _handle_number(args.handle))
+            if listed is None:
+                raise _CliError(f"{args.handle}: unknown, or not an email you may see",
+                                EXIT_NOTFOUND)
+        if args.json:
+            print(json.dumps(listed, ensure_ascii=False, indent=2))
+        elif action == "list":
+            for e in listed:
+                deal = f"deal #{e['deal']['id']} {e['deal']['title']}" if e["deal"] else "-"
+                print(f"{e['handle']:<7} {e['date']}  {e['visibility']:<8} {e['subject']}  "
+                      f"[{deal}]")
+        elif action == "ignored":
+            print("\n".join(listed) if listed else "(nobody is ignored)")
+        else:
+            for key, value in listed.items():
+                print(f"{key}: {json.dumps(value, ensure_ascii=False)}")
+        return 0
+    if action in ("ignore", "track"):
+        command = Command(action, target=args.pattern)
+    elif action in ("deal", "person"):
+        command = Command(action, (_handle_number(args.handle),),
+                          target=" ".join(args.target))
+    else:
+        command = Command(action, tuple(_handle_number(h) for h in args.handles),
+                          thread=bool(getattr(args, "thread", False)))
+    with store.transaction():
+        results = run_one(config, actor, command)
+        if any(r.values.get("deleted") for r in results):
+            store.scrub_after_commit()
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], ensure_ascii=False, indent=2,
+                         default=str))
+    else:
+        for r in results:
+            print(f"{r.status}: {result_line(r, 'en')}")
+    refused = [r for r in results if not r.ok]
+    if any(r.reason == "unknown" for r in refused):
+        return EXIT_NOTFOUND
+    return EXIT_DATA if refused else 0
 
 
 def _digest(config: Config, store: Any, args: argparse.Namespace) -> int:
@@ -836,7 +944,8 @@ def _quarantine(config: Config, store: Any, args: argparse.Namespace, company_id
             print(json.dumps(items, ensure_ascii=False, indent=2))
             return 0
         for q in items:
-            print(f"E{q['id']:<6} {q['received']}  claimed {q['claimed_user']}  from "
+            # "#": the email's id, not a user's handle (E<number> in the company).
+            print(f"#{q['id']:<6} {q['received']}  claimed {q['claimed_user']}  from "
                   f"{q['client_ip'] or '-'} <{q['envelope_from']}>  {q['verification']}  "
                   f"{q['size']} bytes  {q['subject'][:50]}")
         if not items:

@@ -107,7 +107,8 @@ class User:
     confirm_choices: bool = True
     #: Mailboxes synced over IMAP (``mta/imapsync``).
     mailboxes: tuple[MailboxConfig, ...] = ()
-    #: Addresses and domains whose mail is never tracked for this user, whatever the source.
+    #: Addresses and domains whose mail is never tracked for this user, whatever the source
+    #: (added to the user's own ignore list, ``dealmail emails ignore``).
     never_track: tuple[str, ...] = ()
 
     @property
@@ -749,7 +750,7 @@ def _mailboxes(p: _Problems, uwhere: str, raw: list[Any]) -> list[MailboxConfig]
 
 
 def _never_track(p: _Problems, uwhere: str, raw: list[Any]) -> tuple[str, ...]:
-    """Addresses (``x@y``) and domains (``y``, also matching its subdomains) normalised."""
+    """Addresses (``x@y``) and domains (``y`` or ``@y``) normalised."""
     out = []
     for i, value in enumerate(raw):
         key = f"{uwhere}.never_track[{i}]"

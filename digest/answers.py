@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from crmstore import models as m
+from crmstore.handles import handle
 from crmstore.outbox import enqueue
 from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
@@ -25,6 +26,7 @@ from linking.parse import MARKER_HEADER
 from linking.record import Directory
 
 from . import questions as q
+from .compose import company_address
 
 __all__ = ["apply_answer", "token_owner"]
 
@@ -47,6 +49,8 @@ _TEXT = {
         "no_open": "“{subject}”: the customer has no open deal left, so it stays without a "
                    "deal.",
         "problem": "{why}.",
+        "unlinked": "“{subject}” was taken off any deal (unlink), so this question is closed; "
+                    "to put it on a deal, mail “deal {handle} <deal>” to {ask}.",
     },
     "ja": {
         "linked": "「{subject}」を案件{id}「{title}」に紐付けました。",
@@ -64,6 +68,8 @@ _TEXT = {
         "no_open": "「{subject}」: 顧客の進行中の案件がなくなったため、案件なしのままにします。",
         "problem": "回答を読み取れませんでした。メールごとに「1: 2, 2: 0」のように番号で答えて"
                    "ください。",
+        "unlinked": "「{subject}」は案件から外されたため (紐付け解除)、この質問は終了しました。"
+                    "案件に紐付けるには {ask} に「案件 {handle} <案件>」と送ってください。",
     },
 }
 
@@ -109,6 +115,15 @@ def apply_answer(config: Config, directory: Directory, company: Company, user: U
             notes.append(_say(user, "elsewhere", subject=subject, id=deal.id,
                               title=deal.title))
             continue
+        if m.ThreadUnlinked.select().where(m.ThreadUnlinked.thread == thread.id).exists():
+            # A user took the thread off any deal by command: not asked again.
+            if row.state in q.ACTIVE:
+                row.state = "void"
+                row.save(only=[m.PendingChoice.state])
+            number = m.Email.select(m.Email.number).where(m.Email.id == row.email_id).scalar()
+            notes.append(_say(user, "unlinked", subject=subject, handle=handle(number),
+                              ask=company_address(config, company, "ask")))
+            continue
         if row.state not in q.ACTIVE:
             notes.append(_say(user, "replaced", subject=subject))
             fresh_needed.append(row)
@@ -125,7 +140,7 @@ def apply_answer(config: Config, directory: Directory, company: Company, user: U
             continue
         if answer.kind == "none":
             q.apply_choice(row, None, actor, company_id, nnow, answer.text, qid)
-            done.append(_say(user, "none", subject=subject))
+            done.append(_handled(user, row, _say(user, "none", subject=subject)))
             continue
         if answer.kind == "deal" and answer.deal_id is not None:
             deal = m.Deal.get_or_none((m.Deal.id == answer.deal_id)
@@ -139,8 +154,8 @@ def apply_answer(config: Config, directory: Directory, company: Company, user: U
                 fresh_needed.append(row)
             else:
                 q.apply_choice(row, deal.id, actor, company_id, nnow, answer.text, qid)
-                done.append(_say(user, "linked", subject=subject, id=deal.id,
-                                 title=deal.title))
+                done.append(_handled(user, row, _say(user, "linked", subject=subject,
+                                                     id=deal.id, title=deal.title)))
             continue
         notes.append(_say(user, "unclear", subject=subject, why=answer.why,
                           text=answer.text, why_ja=_why_ja(answer, len(cands[k]))))
@@ -176,6 +191,15 @@ def _send(config: Config, company: Company, user: User, company_id: int, message
     kind = str(message.get(MARKER_HEADER, "answer"))
     enqueue(message, kind=kind, mail_from="", recipients=[user.address], now=now,
             company_id=company_id)
+
+
+def _handled(user: User, row: m.PendingChoice, line: str) -> str:
+    """A recorded choice's line with the email's handle in front (``E12 “Proposal” is now
+    on deal...``), so the user can act on it by mail (``digest/commands.py``)."""
+    number = (m.Email.select(m.Email.number).where(m.Email.id == row.email_id).scalar())
+    if number is None:
+        return line
+    return f"{handle(number)}{'' if user.language == 'ja' else ' '}{line}"
 
 
 def _subject(row: m.PendingChoice) -> str:

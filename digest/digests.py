@@ -33,12 +33,14 @@ from zoneinfo import ZoneInfo
 from jinja2 import Environment
 
 from crmstore import models as m
+from crmstore.handles import handle
 from crmstore.outbox import enqueue
 from crmstore.visibility import can_see, visible_to
 from dealmail.addresses import domain_of
 from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
 
+from .actions import add_actions
 from .compose import company_address, environment, new_message
 
 # Labels of the digest and answer emails per language (templates are shared between
@@ -88,6 +90,11 @@ LABELS: dict[str, dict[str, str]] = {
                        "\"{example}\") to {ask}.",
         "footer": "Sent by dealmail. Ask for any deal's history: mail {ask} with \"deal ID\" "
                   "or \"help\".",
+        "commands": "Change your emails: reply to this email (or mail {ask}) with one command "
+                    "per line, e.g. \"private E12\", \"private thread E12\", \"deal E12 "
+                    "Pilot\", \"unlink E12\", \"person E12 ann@customer.test\", \"forget "
+                    "E12\", \"ignore @customer.test\".",
+        "actions": "Commands",
     },
     "ja": {
         "digest_subject": "dealmail ダイジェスト: {since} 以降のメール {count} 件",
@@ -134,6 +141,11 @@ LABELS: dict[str, dict[str, str]] = {
                          "(アプリ パスワード) を確認するか、管理者に連絡してください。",
         "footer": "dealmail より送信。案件の履歴は {ask} に「案件 ID」または「help」と"
                   "送ってください。",
+        "commands": "メールの変更: このメールに返信 (または {ask} に送信) し、1行に1つずつ"
+                    "コマンドを書いてください。例:「非公開 E12」「非公開 スレッド E12」"
+                    "「案件 E12 Pilot」「紐付け解除 E12」「人物 E12 ann@customer.test」"
+                    "「削除 E12」「無視 @customer.test」。",
+        "actions": "コマンド",
     },
 }
 
@@ -283,6 +295,9 @@ def describe_emails(user_row: m.User, rows: list[m.Email], is_internal: Any,
             status = "none"
         out.append({
             "id": r.id,
+            "handle": handle(r.number),
+            "mine": bool(mine),
+            "visibility": mine[0].visibility if mine else None,
             "subject": r.subject,
             "date": local_time(r.date, tz),
             "sort_date": r.date,
@@ -372,6 +387,7 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
                 .where((m.Email.id.in_(own) | m.Email.id.in_(recent)) & visible_to(user_row))
                 .order_by(m.Email.date, m.Email.id))
     items = describe_emails(user_row, rows, is_internal, tz)
+    add_actions(items, company_address(config, company, "ask"), user.language)
     by_deal, by_person, no_person = _group(items)
 
     # Questions still waiting (whatever their age), about emails the user may see.
@@ -393,6 +409,7 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
         pending.append({
             "id": pc.id,
             "subject": email.subject,
+            "handle": handle(email.number),
             "date": local_time(email.date, tz),
             "person": person.name if person else "",
             "state": pc.state,
@@ -412,7 +429,7 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
         refused.append({"kind": "quarantined", "received": local_time(s.received_at, tz),
                         "client_ip": s.client_ip, "envelope_from": s.envelope_from,
                         "level": s.verification, "subject": None,
-                        "release": f"release E{s.email_id}"})
+                        "release": f"release {handle(s.email.number)}"})
     for a in (m.AuditEntry.select()
               .where((m.AuditEntry.action == "replay") & (m.AuditEntry.actor == user.address)
                      & (m.AuditEntry.at >= lo) & (m.AuditEntry.at < hi))
@@ -484,8 +501,10 @@ def render_digest(digest: Digest, env: Environment | None = None) -> tuple[str, 
 def digest_message(config: Config, digest: Digest, now: datetime,
                    env: Environment | None = None) -> EmailMessage:
     subject, text, html = render_digest(digest, env)
+    # Replying to the digest with command lines sends them to the +ask address.
     return new_message(config, digest.company, to=digest.user.address, subject=subject,
-                       text=text, html=html, kind="digest", now=now)
+                       text=text, html=html, kind="digest", now=now,
+                       reply_to=company_address(config, digest.company, "ask"))
 
 
 def queue_digest(config: Config, digest: Digest, period: str, now: datetime,

@@ -233,9 +233,12 @@ def compose_confirmation(config: Config, company: Company, user: User, lines: Se
 
 
 def _usable(row: m.PendingChoice) -> bool:
-    """Still worth asking: the thread has no deal yet."""
+    """Still worth asking: the thread has no deal yet, and no user unlinked it on purpose
+    (``unlink E12``: its emails stay without a deal until one is named)."""
     thread = m.Thread.get_or_none(m.Thread.id == row.thread_id)
-    return thread is not None and thread.deal_id is None
+    return (thread is not None and thread.deal_id is None
+            and not m.ThreadUnlinked.select().where(
+                m.ThreadUnlinked.thread == thread.id).exists())
 
 
 def _said_none(row: m.PendingChoice) -> bool:
@@ -358,7 +361,8 @@ def queue_question(config: Config, directory: Directory, user: User, company: Co
     return ids[0] if ids else None
 
 
-def refresh_question(config: Config, item: m.OutboxItem, now: datetime) -> bytes | None:
+def refresh_question(config: Config, item: m.OutboxItem, now: datetime,
+                     force: bool = False) -> bytes | None:
     """Check a queued question email again just before it is sent (inside a transaction).
 
     While the question waited for its batch window, its threads may have been decided another
@@ -374,7 +378,7 @@ def refresh_question(config: Config, item: m.OutboxItem, now: datetime) -> bytes
         [item_hash(digest, k) for k in range(1, MAX_BATCH + 1)]))
         .order_by(m.PendingChoice.token_hash))
     live = [r for r in rows if r.state in ACTIVE and _usable(r) and not _said_none(r)]
-    if len(live) == len(rows) and rows:
+    if len(live) == len(rows) and rows and not force:
         return bytes(item.message)
     for row in rows:
         if row not in live and row.state in ACTIVE:
@@ -396,6 +400,23 @@ def refresh_question(config: Config, item: m.OutboxItem, now: datetime) -> bytes
                          dedupe_key=f"{_dedupe_key(reader.id, token)}#{domain}")
      .where(m.OutboxItem.id == item.id).execute())
     return raw
+
+
+def redraw_questions(config: Config, batches: Sequence[str], now: datetime) -> None:
+    """Question emails still waiting in the outbox that asked about emails now forgotten
+    (``forget E12``; their pending choices are deleted): drawn again with what is left, or,
+    when nothing is, dropped with their bytes (never sent, and the forgotten email's subject
+    is not kept in them). Runs in the forgetting transaction; an email already sent stays as
+    it was delivered."""
+    for digest in batches:
+        for item in (m.OutboxItem.select()
+                     .where((m.OutboxItem.kind == "question") & (m.OutboxItem.state == "queued")
+                            & (m.OutboxItem.attempts == 0) & m.OutboxItem.lease_until.is_null()
+                            & m.OutboxItem.dedupe_key.contains(f":{digest}#"))):
+            if refresh_question(config, item, now, force=True) is None:
+                (m.OutboxItem.update(state="dropped", message=b"", subject="",
+                                     last_error="its emails were forgotten")
+                 .where(m.OutboxItem.id == item.id).execute())
 
 
 def queue_relink_questions(config: Config, directory: Directory, company: Company,

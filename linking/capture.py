@@ -12,7 +12,8 @@ Everything in between happens once, here, in this order:
 1. **read** the header block (``linking.parse``); an unreadable message is refused
    (``refused_content``), an automatic one (RFC 3834) is ``ignored``, so no loop can start;
 2. **gate** the sender (:class:`SenderGate`): whose mail this is and whether that is believed;
-3. **choose the originals**: the message itself, or the customer's original(s) it forwards;
+3. **choose the originals**: the message itself, or the customer's original(s) it forwards,
+   without those whose customers the user all ignores (:func:`drop_ignored`);
 4. **record** them (``linking.record``) inside the caller's transaction, then run the hooks
    registered on :class:`Capture` (queueing a "which deal?" question is one, registered by the
    application), still inside that transaction.
@@ -35,6 +36,7 @@ from typing import Any
 from peewee import fn
 
 from crmstore import models as m
+from crmstore.inbox import ignored_patterns, is_ignored
 from dealmail.addresses import AddressError, parse_strict_mailbox
 from dealmail.config import Company, Config, User
 
@@ -55,6 +57,7 @@ __all__ = [
     "Trust",
     "Verification",
     "Verifier",
+    "drop_ignored",
 ]
 
 log = logging.getLogger("dealmail.capture")
@@ -327,17 +330,19 @@ class Capture:
                 name_lookup=lambda name: person_address_by_name(company_id, name))
         else:
             channel, originals = request.channel, [plain_original(parsed, now)]
-        listed = never_tracked(user, request, originals)
-        if listed is not None:
-            # The user's own never-track list (config ``never_track``), for every source.
-            done = Disposition(Outcome.IGNORED, f"<{listed}> is on the user's never-track "
-                               "list", user=user)
-            self._log(request, parsed, done)
-            return done
         if channel in _AUTOMATIC_CHANNELS and not self._has_customer(
                 request, parsed, directory):
             done = Disposition(Outcome.IGNORED, "no customer among the participants",
                                user=user)
+            self._log(request, parsed, done)
+            return done
+        originals, ignored = drop_ignored(
+            originals, directory.user_ids[user.address],
+            lambda address: directory.is_internal(request.company, address),
+            extra=user.never_track)
+        if not originals:
+            done = Disposition(Outcome.IGNORED, "only correspondents this user does not "
+                               "track", user=user)
             self._log(request, parsed, done)
             return done
         if self.signature_check is not None:
@@ -361,7 +366,7 @@ class Capture:
             received_at=now, envelope_from=evidence.envelope_from,
             client_ip=evidence.client_ip, verification=verdict.level,
             evidence=sighting_evidence, deal_id=request.deal_id,
-            quarantined=admitted.quarantined)
+            quarantined=admitted.quarantined, ignored=ignored)
         # A quarantined copy is not "accepted" in the admin's sense: it is held, unseen.
         log.info("[%s] %s %s from %s (%s, %s)%s", qid, parsed.message_id or "-",
                  "quarantined" if admitted.quarantined else "accepted", user.address,
@@ -430,24 +435,6 @@ class Capture:
                  request.channel, who, done.reason)
 
 
-def never_tracked(user: User, request: CaptureRequest,
-                  originals: Sequence[Original]) -> str | None:
-    """The first participant on the user's never-track list (an address, or a domain with
-    its subdomains), else None."""
-    entries = user.never_track
-    if not entries:
-        return None
-    everyone = [*request.recipients]
-    for original in originals:
-        everyone += [b.address for b in [original.from_, *original.to, *original.cc]]
-    for address in everyone:
-        a = address.lower()
-        domain = a.rpartition("@")[2]
-        if any(a == e or domain == e or domain.endswith("." + e) for e in entries):
-            return a
-    return None
-
-
 def person_address_by_name(company_id: int, name: str) -> str | None:
     """The first address of the one person of the company whose name is exactly ``name``
     (compared case-insensitively, spaces collapsed); None when there is none or several."""
@@ -463,6 +450,39 @@ def person_address_by_name(company_id: int, name: str) -> str | None:
     first = (m.PersonAddress.select(m.PersonAddress.address)
              .where(m.PersonAddress.person == rows[0].id).order_by(m.PersonAddress.id).first())
     return str(first.address) if first is not None else None
+
+
+# --------------------------------------------------------------------------- ignored correspondents
+
+
+def drop_ignored(originals: Sequence[Original], user_id: int,
+                 is_internal: Callable[[str], bool],
+                 extra: Sequence[str] = ()) -> tuple[list[Original], frozenset[str]]:
+    """A user's own ignore list (``ignore ann@customer.test``, ``ignore @customer.test``;
+    ``crmstore.inbox``) applied to the originals of one copy of theirs, whatever its source.
+
+    An original whose customers are all ignored is not tracked for this user. In the others,
+    the ignored correspondents are neither linked nor created as persons (they stay in the
+    stored email's own header fields and participants, which are the email's data), so a
+    customer the user does track keeps the conversation. An original without any customer
+    (internal mail sent to the company address) is left as it is. Returns the originals to
+    record and the ignored addresses among them (``Arrival.ignored``). ``extra``: the
+    admin's list for this user (config ``never_track``: addresses and domains)."""
+    patterns = ignored_patterns(user_id) | frozenset(
+        e if "@" in e else f"@{e}" for e in extra)
+    if not patterns:
+        return list(originals), frozenset()
+    kept: list[Original] = []
+    skipped: set[str] = set()
+    for original in originals:
+        customers = {b.address.lower() for b in [original.from_, *original.to, *original.cc]
+                     if not is_internal(b.address.lower())}
+        hit = {a for a in customers if is_ignored(a, patterns)}
+        skipped |= hit
+        if customers and hit == customers:
+            continue
+        kept.append(original)
+    return kept, frozenset(skipped)
 
 
 def note_repeat(result: RecordResult, arrival: Arrival) -> None:

@@ -8,8 +8,9 @@ visibility, records the release in the audit log, and creates that pending choic
 email still needs one; the caller (``Capture.release``) then runs the hooks, in the same
 transaction, exactly as for a copy stored just now.
 
-The admin releases with ``dealmail quarantine release ID``; the claimed user with
-``release E<ID>`` to the company's ``+ask`` address (only from a verified sender: a forged
+The admin releases with ``dealmail quarantine release ID`` (the email's id); the claimed user
+with ``release E<number>`` (the email's handle, crmstore/handles.py) to the company's ``+ask``
+address (only from a verified sender: a forged
 request is refused before it gets here).
 """
 
@@ -54,9 +55,14 @@ def release_quarantined(config: Config, email_id: int, now: datetime, actor: str
         return None
     company, user = found
     when = naive_utc(now)
-    (m.Sighting.update(visibility=user.default_visibility)
-     .where(m.Sighting.id == sighting.id).execute())
     email = m.Email.get_by_id(email_id)
+    # A thread the user made private or shared (``private thread E12``) decides, as for a copy
+    # stored now (linking/record.py).
+    rule = m.ThreadVisibility.get_or_none((m.ThreadVisibility.thread == email.thread_id)
+                                          & (m.ThreadVisibility.user == sighting.user_id))
+    visibility = rule.visibility if rule is not None else user.default_visibility
+    (m.Sighting.update(visibility=visibility)
+     .where(m.Sighting.id == sighting.id).execute())
     decisions = [f"released from quarantine by {actor}"]
     persons = sorted({lk.person_id for lk in m.Link.select(m.Link.person).where(
         (m.Link.email == email_id) & m.Link.person.is_null(False))})
@@ -65,7 +71,9 @@ def release_quarantined(config: Config, email_id: int, now: datetime, actor: str
     thread_deal = m.Thread.get_by_id(email.thread_id).deal_id
     deal_id = deal_links[0] if deal_links else thread_deal
     pending_id: int | None = None
-    if deal_id is None and persons and user.auto_link_deals:
+    unlinked = m.ThreadUnlinked.select().where(
+        m.ThreadUnlinked.thread == email.thread_id).exists()
+    if deal_id is None and persons and user.auto_link_deals and not unlinked:
         open_deals = [d.id for d in m.Deal.select(m.Deal.id).where(
             m.Deal.person.in_(persons) & (m.Deal.status == "open")).order_by(m.Deal.id)]
         if len(open_deals) > 1:
@@ -84,7 +92,7 @@ def release_quarantined(config: Config, email_id: int, now: datetime, actor: str
     m.AuditEntry.create(at=when, company=email.company_id, actor=actor,
                         action="quarantine-release", email=email_id,
                         detail_json=json.dumps({"user": user.address,
-                                                "visibility": user.default_visibility}))
+                                                "visibility": visibility}))
     result = RecordResult(
         email_id=email_id, sighting_id=sighting.id, duplicate=False, new_email=False,
         thread_id=email.thread_id, persons=persons, deal_id=deal_id,

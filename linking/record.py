@@ -11,6 +11,11 @@ customers. Deals (docs/architecture.md, rule 2): an explicit ``+deal<ID>`` addre
 thread's deal, else the one open deal of the matched persons, else a pending choice when
 several are open. Won and lost
 deals are never chosen automatically.
+
+A user's standing choices (crmstore/inbox.py) are followed: a thread they made private or
+shared gives their later copies in it that visibility, a thread a user unlinked from its deal
+gets none automatically, and the correspondents they ignore (``Arrival.ignored``) are neither
+linked nor created as persons. Each new email takes its company's next number (its handle).
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class Arrival:
     evidence: dict[str, Any] = field(default_factory=dict)
     deal_id: int | None = None  # from a +deal<ID> recipient
     quarantined: bool = False
+    #: Correspondents this user does not track (linking/capture.py): neither linked nor
+    #: created as persons, like the company's own addresses.
+    ignored: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -238,6 +246,10 @@ def record_email(
         if directory.is_internal(company, box.address):
             person_of[box.address] = None
             continue
+        if box.address in arrival.ignored:
+            person_of[box.address] = None
+            decisions.append(f"{box.address}: a correspondent this user does not track")
+            continue
         person_of[box.address] = lookup.person(box, config.policy.create_unknown_persons, now,
                                                decisions, created)
     if original.forward and original.forward.get("unattributed"):
@@ -247,7 +259,8 @@ def record_email(
         decisions.append(f"forwarded email's sender {original.forward['sender_by_name']!r} "
                          f"matched by name to {original.from_.address}")
     persons = sorted({p for p in person_of.values() if p is not None})
-    external = {a for a in person_of if not directory.is_internal(company, a)}
+    external = {a for a in person_of
+                if not directory.is_internal(company, a) and a not in arrival.ignored}
     relinked = RelinkReport()
     if created:
         # The CRM just learned these addresses: earlier mail that carries them is linked now,
@@ -263,6 +276,7 @@ def record_email(
 
     when = naive_utc(original.date)
     have: set[tuple[int | None, int | None, int | None]] = set()
+    joined = existing is not None  # an existing thread: the user's choices for it apply
     if existing is None:
         thread_id, why = _find_thread(hot, company_id, original, external, when,
                                       config.policy.thread_window_days)
@@ -275,6 +289,7 @@ def record_email(
             decisions.append(f"joins thread #{thread_id} ({why})")
             hot.touch_thread(thread_id, when)
             thread_deal = hot.thread_row(thread_id)[1]
+            joined = True
         email_id = hot.insert(m.Email, {
             "company": company_id, "dedupe_key": dedupe_key, "message_id": original.message_id,
             "content_hash": original.content_hash, "thread": thread_id,
@@ -288,7 +303,7 @@ def record_email(
             "size": len(raw), "raw": raw,
             "kind": arrival.channel if arrival.channel == "forward" else "bcc",
             "forward_json": _json(original.forward) if original.forward else None,
-            "created_at": now,
+            "created_at": now, "number": hot.next_email_number(company_id),
         })
         hot.insert_many(m.Participant, [
             {"email": email_id, "address": box.address, "name": box.name[:300], "role": role,
@@ -341,6 +356,8 @@ def record_email(
     elif thread_deal is not None:
         deal_id, deal_source = thread_deal, "thread"
         decisions.append(f"deal #{deal_id} followed from the thread")
+    elif joined and hot.thread_unlinked(thread_id):
+        decisions.append("no deal: the thread was unlinked from its deal by a user")
     elif not arrival.user.auto_link_deals:
         decisions.append("automatic deal linking is off for this user")
     elif persons:
@@ -371,7 +388,10 @@ def record_email(
                           "organization": None, "source": deal_source, "created_at": now})
     hot.insert_many(m.Link, new_links)
 
-    visibility = "quarantined" if arrival.quarantined else arrival.user.default_visibility
+    # A thread the user made private (or shared) keeps that for their later copies.
+    chosen = hot.thread_visibility(thread_id, user_id) if joined else None
+    visibility = ("quarantined" if arrival.quarantined
+                  else chosen or arrival.user.default_visibility)
     sighting_id = hot.insert(m.Sighting, {
         "email": email_id, "user": user_id, "channel": arrival.channel,
         "visibility": visibility, "queue_id": arrival.queue_id, "received_at": now,

@@ -6,7 +6,8 @@ emails that carry one of those addresses are linked now, in the transaction that
 address: participant → person, email → person and organization, and the thread's deal when it
 has none (the person's one open deal; several open deals → a pending "which deal?" choice for
 each user who has a copy, asked in that user's next question). Each re-linked email gets an
-audit entry. ``dealmail relink`` runs the same over a whole company.
+audit entry. ``dealmail relink`` runs the same over a whole company. A correspondent every
+holder of an email ignores is not linked, and a thread a user unlinked gets no deal.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from crmstore import models as m
+from crmstore.inbox import ignored_patterns, is_ignored
 from dealmail.clock import naive_utc
 from dealmail.config import Company, Config
 
@@ -76,7 +78,10 @@ def _relink_chunk(config: Config, company: Company, company_id: int, chunk: list
                .where((m.Email.company == company_id) & m.Participant.person.is_null()
                       & m.Participant.address.in_(list(person_of))))
     by_email: dict[int, dict[int, int]] = {}  # email -> {participant id: person id}
+    ignoring = _IgnoreLists()
     for p in orphans:
+        if ignoring.by_every_owner(p.email_id, p.address):
+            continue
         by_email.setdefault(p.email_id, {})[p.id] = person_of[p.address]
     total = len(by_email)
     for done, (email_id, parts) in enumerate(sorted(by_email.items()), start=1):
@@ -84,6 +89,26 @@ def _relink_chunk(config: Config, company: Company, company_id: int, chunk: list
         if progress is not None and (done % 100 == 0 or done == total):
             progress(done, total)
     return report
+
+
+class _IgnoreLists:
+    """Users' ignore lists (``ignore ann@customer.test``, crmstore/inbox.py): a correspondent
+    every holder of an email ignores is not linked to it later either."""
+
+    def __init__(self) -> None:
+        self._owners: dict[int, list[int]] = {}
+        self._patterns: dict[int, frozenset[str]] = {}
+
+    def by_every_owner(self, email_id: int, address: str) -> bool:
+        owners = self._owners.get(email_id)
+        if owners is None:
+            owners = self._owners[email_id] = [
+                s.user_id for s in m.Sighting.select(m.Sighting.user)
+                .where(m.Sighting.email == email_id)]
+        for user_id in owners:
+            if user_id not in self._patterns:
+                self._patterns[user_id] = ignored_patterns(user_id)
+        return bool(owners) and all(is_ignored(address, self._patterns[u]) for u in owners)
 
 
 def _relink_email(config: Config, company: Company, company_id: int, email_id: int,
@@ -109,7 +134,9 @@ def _relink_email(config: Config, company: Company, company_id: int, email_id: i
     deal_note: dict[str, object] = {}
     has_deal = thread.deal_id is not None or m.Link.select().where(
         (m.Link.email == email_id) & m.Link.deal.is_null(False)).exists()
-    if not has_deal:
+    # A thread a user took off any deal (``unlink E12``) stays without one.
+    unlinked = m.ThreadUnlinked.select().where(m.ThreadUnlinked.thread == thread.id).exists()
+    if not has_deal and not unlinked:
         open_deals = [d.id for d in m.Deal.select(m.Deal.id).where(
             (m.Deal.company == company_id) & m.Deal.person.in_(persons)
             & (m.Deal.status == "open")).order_by(m.Deal.id)]

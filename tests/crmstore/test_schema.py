@@ -2,8 +2,9 @@
 
 * a fresh database gets the current schema and ``SCHEMA_VERSION``; opening it again adds
   nothing;
-* a database made by the previous version (schema 1, whose DDL is frozen below exactly as
-  that version created it) is upgraded to 2 with its rows kept;
+* a database made by the first version (schema 1, whose DDL is frozen below exactly as
+  that version created it) is upgraded step by step to the current one with its rows kept
+  (version 4 numbers the stored emails for their handles);
 * a database from a newer dealmail is refused untouched;
 * a database whose commits are not durable (SQLite without WAL + synchronous=FULL, an
   in-memory SQLite, PostgreSQL with synchronous_commit=off) is refused: "250 only after the
@@ -22,6 +23,7 @@ from peewee import Database, SqliteDatabase
 import crmstore.db as dbmod
 from crmstore import models as m
 from crmstore.db import Store, StoreError, open_database
+from crmstore.handles import next_number
 
 # Schema version 1 as dealmail 1 created it. Frozen here on purpose: it must not follow the
 # current models. Version 2 added sighting.decisions_json and email.forward_json.
@@ -199,7 +201,7 @@ def test_fresh_database_gets_the_current_schema(
     backend: tuple[str, str], stores: list[Store],
 ) -> None:
     store = open_store(stores, backend[1])
-    assert store.schema_version() == m.SCHEMA_VERSION == 3
+    assert store.schema_version() == m.SCHEMA_VERSION == 4
     for model in m.ALL_MODELS:
         table = model._meta.table_name
         assert store.db.table_exists(table), table
@@ -219,10 +221,12 @@ def test_version_1_database_is_upgraded_with_its_data(
     dialect, url = backend
     make_v1(dialect, url)
     store = open_store(stores, url)
-    assert store.schema_version() == 3
-    assert sorted(r.version for r in m.SchemaInfo.select()) == [1, 2, 3]
+    assert store.schema_version() == 4
+    assert sorted(r.version for r in m.SchemaInfo.select()) == [1, 2, 3, 4]
     assert "decisions_json" in columns(store, "sighting")
     assert "forward_json" in columns(store, "email")
+    assert "number" in columns(store, "email")
+    assert "ix_email_company_number" in {ix.name for ix in store.db.get_indexes("email")}
 
     # The version-1 rows are all there, the new columns at their defaults.
     assert m.Company.get().slug == "example"
@@ -232,6 +236,9 @@ def test_version_1_database_is_upgraded_with_its_data(
     assert (deal.title, deal.status, f"{deal.value:.2f}") == ("Renewal 2027", "open", "12000.00")
     email = m.Email.get()
     assert email.message_id == "<v1@example.com>"
+    # Version 4 numbered the stored email (its handle E1); the next one continues.
+    assert email.number == 1
+    assert m.EmailCounter.get(m.EmailCounter.company == email.company_id).last == 1
     assert bytes(email.raw) == b"Hello"
     assert email.date == datetime(2026, 1, 2, 3, 4, 5)
     assert email.forward_json is None
@@ -250,8 +257,9 @@ def test_version_1_database_is_upgraded_with_its_data(
                       visibility="private", queue_id="Q2", received_at=datetime(2026, 2, 1),
                       decisions_json='["deal #1 followed from the thread"]')
     assert m.Sighting.select().count() == 2
+    assert next_number(email.company_id) == 2
     store.close()
-    assert open_store(stores, url).schema_version() == 3  # no second upgrade
+    assert open_store(stores, url).schema_version() == 4  # no second upgrade
     second = m.Email.create(
         company=email.company_id, dedupe_key="<v3@example.com>", message_id="<v3@example.com>",
         content_hash="ghi", thread=email.thread_id, subject="Quarantined",
@@ -260,6 +268,39 @@ def test_version_1_database_is_upgraded_with_its_data(
     m.Sighting.create(email=second, user=m.User.get().id, channel="bcc",
                       visibility="quarantined", queue_id="Q3",
                       received_at=datetime(2026, 2, 2))  # v3 column width, on both backends
+
+
+def test_upgrade_to_4_numbers_each_company_s_emails_in_stored_order(
+    backend: tuple[str, str], stores: list[Store],
+) -> None:
+    """Handles (E<number>) are per company: the upgrade numbers each company's emails from 1
+    in the order they were stored, and each company's counter continues after its last."""
+    dialect, url = backend
+    make_v1(dialect, url)
+    db = open_database(url)
+    db.connect()
+    values = DIALECTS[dialect]
+    with db.atomic():
+        db.execute_sql('''INSERT INTO "company" ("slug", "name") VALUES ('other', 'Other')''')
+        for n, slug in enumerate(["other", "example", "other", "example"], start=2):
+            db.execute_sql(
+                'INSERT INTO "email" ("company_id", "dedupe_key", "message_id", "content_hash", '
+                '"thread_id", "subject", "date", "from_address", "from_name", "to_json", '
+                '"cc_json", "references", "snippet", "attachments_json", "size", "raw", "kind", '
+                f'"created_at") SELECT c."id", \'<v{n}@x>\', \'<v{n}@x>\', \'h\', t."id", \'s\', '
+                "'2026-01-02 03:04:05', 'a@x', '', '[]', '[]', '', '', '[]', 1, "
+                f"{values['raw']}, 'bcc', '2026-01-02 03:04:05' FROM \"company\" c, "
+                f"\"thread\" t WHERE c.\"slug\" = '{slug}'")
+    db.close()
+    open_store(stores, url)
+    numbers = {(e.company.slug, e.message_id): e.number for e in m.Email.select()}
+    assert numbers == {("example", "<v1@example.com>"): 1, ("other", "<v2@x>"): 1,
+                       ("example", "<v3@x>"): 2, ("other", "<v4@x>"): 2,
+                       ("example", "<v5@x>"): 3}
+    counters = {c.company.slug: c.last for c in m.EmailCounter.select()}
+    assert counters == {"example": 3, "other": 2}
+    other = m.Company.get(m.Company.slug == "other").id
+    assert next_number(other) == 3
 
 
 def test_newer_schema_is_refused_untouched(

@@ -330,3 +330,71 @@ def test_import_of_a_missing_file(run: Run, tmp_path: Path) -> None:
 def test_listing_an_unknown_company(run: Run) -> None:
     code, out, err = run("persons", "list", "--company", "nope")
     assert code == 67 and out == "" and "unknown company 'nope'" in err
+
+
+# --------------------------------------------------------------------------- emails
+
+
+def stored_email(db_url: str, owner: str, subject: str) -> str:
+    """One email with its owner's copy, as the recording path leaves it; returns its handle."""
+    from datetime import datetime
+
+    from crmstore.handles import next_number
+
+    store = Store(db_url)
+    store.open()
+    try:
+        with store.transaction():
+            company = m.Company.get()
+            when = datetime(2026, 11, 26, 9)
+            thread = m.Thread.create(company=company, subject_key=subject.lower(),
+                                     created_at=when, last_at=when)
+            email = m.Email.create(company=company, dedupe_key=f"<{subject}@x>",
+                                   message_id=f"<{subject}@x>", content_hash="h", thread=thread,
+                                   subject=subject, date=datetime(2026, 11, 26, 9),
+                                   from_address=owner, raw=b"raw",
+                                   number=next_number(company.id))
+            m.Participant.create(email=email, address="carl@other.test", role="to")
+            m.Sighting.create(email=email, user=m.User.get(m.User.address == owner),
+                              channel="bcc", visibility="shared", queue_id="Q",
+                              received_at=datetime(2026, 11, 26, 9))
+            return f"E{email.number}"
+    finally:
+        store.close()
+
+
+def test_emails_commands_for_scripts(run: Run, db_url: str) -> None:
+    import_demo(run)
+    h = stored_email(db_url, "alice@example.com", "Hello")
+    [listed] = run.json("emails", "list", "--as", "alice@example.com")
+    assert (listed["handle"], listed["subject"], listed["visibility"]) == (h, "Hello", "shared")
+    assert run.json("emails", "show", h, "--as", "alice@example.com")["yours"] is True
+    [done] = run.json("emails", "private", h, "--as", "alice@example.com")
+    assert (done["command"], done["target"], done["status"]) == ("private", h, "done")
+    code, out, _ = run("emails", "deal", h, "Pilot", "--as", "alice@example.com")
+    assert code == 0 and out == f"done: {h} “Hello”: the thread is now on deal #3 “Pilot”.\n"
+    code, out, _ = run("emails", "deal", h, "No such deal", "--as", "alice@example.com")
+    assert code == 65 and out.startswith("refused: ")
+    # Bob (and an admin acting for a colleague alike) gets no power over Alice's copy.
+    code, out, _ = run("emails", "forget", h, "--as", "bob@example.com")
+    assert (code, out) == (67, f"refused: {h}: unknown, or not your email.\n")
+    code, _out, err = run("emails", "show", h, "--as", "bob@example.com")
+    assert code == 67 and "unknown, or not an email you may see" in err  # private now
+    code, _out, err = run("emails", "private", "X1", "--as", "alice@example.com")
+    assert code == 2 and "not an email handle" in err
+    [gone] = run.json("emails", "forget", h, "--as", "alice@example.com")
+    assert gone["status"] == "done" and "deleted" not in gone
+    assert run("emails", "show", h, "--as", "alice@example.com")[0] == 67
+    assert run.json("emails", "ignore", "@other.test", "--as", "alice@example.com")[0][
+        "status"] == "done"
+    assert run.json("emails", "ignored", "--as", "alice@example.com") == ["@other.test"]
+    assert table_counts(db_url)["Email"] == 0
+    store = Store(db_url)
+    store.open()
+    try:
+        entries = [(a.action, json.loads(a.detail_json)["via"]) for a in
+                   m.AuditEntry.select().order_by(m.AuditEntry.id)]
+    finally:
+        store.close()
+    assert entries == [("visibility", "cli"), ("deal", "cli"), ("forget", "cli"),
+                       ("ignore", "cli")]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from crmstore import models as m
 from crmstore.db import Store
+from crmstore.handles import next_number
 from crmstore.importing import import_csv
 from dealmail.config import Config, load_config
 
@@ -37,6 +38,9 @@ class World:
         self.company_id = store.company_id("example")
         self.users = {u.address: u.id for u in m.User.select()}
         self._ids = itertools.count(1)
+
+    def email_number(self, subject: str) -> int:
+        return int(m.Email.get(m.Email.subject == subject).number)
 
     def deal(self, title: str) -> m.Deal:
         return m.Deal.get(m.Deal.title == title)
@@ -72,7 +76,8 @@ class World:
             content_hash=f"{n:064d}", thread=thread, subject=subject, date=naive(date),
             from_address=frm[1], from_name=frm[0],
             to_json=json.dumps([{"address": a, "name": nm} for nm, a in to]),
-            snippet=snippet, raw=b"x", created_at=naive(date))
+            snippet=snippet, raw=f"raw R{n}Z".encode(), created_at=naive(date),
+            number=next_number(self.company_id))
         for role, (name, addr) in [("from", frm)] + [("to", b) for b in to]:
             pa = m.PersonAddress.get_or_none(m.PersonAddress.address == addr)
             m.Participant.create(email=e, address=addr, name=name, role=role,

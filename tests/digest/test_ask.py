@@ -1,5 +1,6 @@
 """+ask requests: parsing (English, Japanese, full-width), answers limited by the visibility
-rule (admins included) with the hidden count, closest matches, goldens in English and
+rule (admins included) and never a count of what the reader may not see, closest matches,
+goldens in English and
 Japanese, and end to end over SMTP (verified users only; 550 5.7.1 otherwise, nothing sent).
 """
 
@@ -64,15 +65,16 @@ def ask(w: World, user: str, subject: str) -> tuple[str, str, str, dict[str, Any
     return (*render_answer(answer), answer.context)
 
 
-def test_admin_sees_no_private_mail_and_counts_it_hidden(world: World) -> None:
+def test_admin_sees_no_private_mail_nor_that_it_exists(world: World) -> None:
     e = scenario(world)
     renewal = world.deal("Renewal 2027")
     _s, text, html, ctx = ask(world, "alice@example.com", f"deal {renewal.id}")
-    assert ctx["outcome"] == "history" and ctx["history"]["hidden"] == 1
+    assert ctx["outcome"] == "history" and "hidden" not in ctx["history"]
     assert "Bob private terms" not in text + html
-    assert "1 email(s) you may not see are not shown." in text
+    # Saying "1 email you may not see" would tell Alice that Bob has a private email here.
+    assert "may not see" not in text + html and ctx["history"]["shown"] == 0
     _s, text, _h, ctx = ask(world, "bob@example.com", f"deal {renewal.id}")
-    assert "Bob private terms" in text and ctx["history"]["hidden"] == 0
+    assert "Bob private terms" in text and ctx["history"]["shown"] == 1
     # The quarantined message is nobody's, not even in the owner's answers.
     _s, text, _h, ctx = ask(world, "alice@example.com", "inbox")
     assert "Forged wire instructions" not in text and "Offer" in text
@@ -98,7 +100,7 @@ def test_threads_newest_first_with_participants_and_first_lines(world: World) ->
 def test_person_org_and_closest_matches(world: World) -> None:
     scenario(world)
     _s, text, _h, ctx = ask(world, "alice@example.com", "person ann@customer.test")
-    assert ctx["outcome"] == "history" and "Offer" in text and ctx["history"]["hidden"] == 1
+    assert ctx["outcome"] == "history" and "Offer" in text and "Bob private" not in text
     _s, text, _h, ctx = ask(world, "alice@example.com", "person Carl")
     assert ctx["what"] == "person Carl Other" and "Pilot plan" in text
     _s, text, _h, ctx = ask(world, "alice@example.com", "org Customer Inc")
@@ -198,7 +200,7 @@ def test_ask_end_to_end_over_smtp(server_factory: Any) -> None:
         assert body is not None
         text = body.get_content()
         assert "Seats for Ann" in text
-        assert "discount" not in text and "1 email(s) you may not see are not shown." in text
+        assert "discount" not in text and "may not see" not in text
 
 
 def test_ask_from_strangers_and_unverified_users_is_refused(server_factory: Any) -> None:

@@ -1,6 +1,8 @@
 """The HTML digest opened in a real browser: headless Chromium (Debian package ``chromium``)
 renders it without errors, takes a screenshot, and the page's text (``--dump-dom``) contains
-the deal titles. Injected markup in a subject stays text: the DOM has no script element.
+the deal titles. Injected markup in a subject stays text: the DOM has no script element. The
+one-click actions beside the user's own emails are in the DOM as the browser parsed them:
+``mailto:`` links to the ask address whose subject is the command they show.
 
 Chromium runs with networking features off and a throw-away profile; the page is a local file.
 Missing Chromium skips with a message, except in CI where it must be installed
@@ -15,11 +17,13 @@ import subprocess
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from digest_world import World, make_world
 from test_digests import SINCE, UNTIL, scenario
 
+from digest.commands import parse_command
 from digest.digests import compose_digest, render_digest
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -46,9 +50,12 @@ class _Text(HTMLParser):
         super().__init__()
         self.text: list[str] = []
         self.tags: list[str] = []
+        self.links: list[dict[str, str | None]] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append(tag)
+        if tag == "a":
+            self.links.append(dict(attrs))
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
@@ -83,3 +90,22 @@ def test_html_digest_renders_in_headless_chromium(world: World, tmp_path: Path) 
         assert f"#{world.deal(title).id} {title}" in text
     assert "見積もりのご案内" in text
     assert "script" not in parser.tags
+    actions = [a for a in parser.links if a.get("class") == "action"]
+    commands = {}
+    for a in actions:
+        href = str(a["href"])
+        address, _, query = href.removeprefix("mailto:").partition("?")
+        assert href.startswith("mailto:") and address == "example+ask@dealmail.localhost"
+        fields = dict(pair.split("=", 1) for pair in query.split("&"))
+        assert " " not in query and set(fields) <= {"subject", "body"}
+        subject = unquote(fields["subject"])
+        command = parse_command(subject)
+        assert command is not None, subject
+        commands[str(a["data-command"])] = command
+    # Bob's two own emails (a shared one and a private one); Alice's on his deal: none.
+    e3, e4 = (f"E{world.email_number(s)}" for s in ("見積もりのご案内", "Bob private terms"))
+    assert set(commands) == {f"非公開 {e3}", f"案件 {e3} <案件番号または案件名>",
+                             f"紐付け解除 {e3}", f"削除 {e3}", f"共有 {e4}",
+                             f"案件 {e4} <案件番号または案件名>", f"紐付け解除 {e4}",
+                             f"削除 {e4}"}
+    assert commands[f"共有 {e4}"].verb == "share"

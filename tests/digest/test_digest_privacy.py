@@ -1,17 +1,22 @@
-"""The privacy property of digests and answers, over many generated situations (hypothesis).
+"""The privacy property of digests, answers and listings, over many generated situations
+(hypothesis).
 
 For any set of emails with sightings (owner, shared/private/quarantined), links to persons and
 deals (direct or through the thread), deal owners, automatically created persons and replay
-audit entries: nothing in a digest or an answer to user U mentions an email U may not see
-(its subject or text), nor a person created only from mail U may not see. Every email's subject
-and text carry unique markers (``S<n>Z``, ``B<n>Z``), every generated person's name ``N<n>Z``,
-and the rendered text and HTML are searched for them.
+audit entries, after any sequence of commands by any users on any handles (private, share,
+thread-wide or not, deal, unlink, person, forget — the code path of command mails): nothing
+in a digest, an answer or a listing (``conversations``, ``emails show|list``) for user U
+mentions an email U may not see (its subject or text), nor a person created only from mail U
+may not see; and a forgotten email (no copy left) is nowhere: no output mentions it and no row
+of any table holds its subject, text or raw bytes. Every email's subject, text and raw bytes
+carry unique markers (``S<n>Z``, ``B<n>Z``, ``R<k>Z``), every generated person's name
+``N<n>Z``, and the rendered text and HTML are searched for them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,14 +27,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crmstore import models as m
+from crmstore import queries
+from crmstore.inbox import describe, list_own
 from crmstore.visibility import can_see
 from digest.ask import answer_request, parse_request, render_answer
+from digest.commands import Command, actor_for, run_one
 from digest.digests import compose_digest, render_digest
 
 USERS = ("alice@example.com", "bob@example.com")
 SINCE = T0 - timedelta(days=1)
 UNTIL = T0 + timedelta(days=2)
-TABLES = (m.AuditEntry, m.PendingChoice, m.Sighting, m.Participant, m.Link, m.Email, m.Thread)
+TABLES = (m.AuditEntry, m.PendingChoice, m.Sighting, m.Participant, m.Link, m.ThreadVisibility,
+          m.ThreadUnlinked, m.Email, m.Thread)
 
 sighting = st.tuples(st.sampled_from(USERS), st.sampled_from(["shared", "private",
                                                               "quarantined"]))
@@ -44,9 +53,17 @@ email_spec = st.fixed_dictionaries({
     "pending": st.booleans(),
     "replay": st.booleans(),
 })
+command = st.tuples(
+    st.sampled_from(USERS),
+    st.sampled_from(["private", "share", "private_thread", "share_thread", "deal", "unlink",
+                     "person", "forget"]),
+    st.integers(0, 7),  # an email of the situation, or (past its end) a number never given
+    st.sampled_from(["1", "3", "Pilot", "ann@customer.test", "p0@gen.test",
+                     "new@fresh.test"]))
 situation = st.fixed_dictionaries({
     "emails": st.lists(email_spec, min_size=1, max_size=7),
     "owners": st.lists(st.sampled_from([None, *USERS]), min_size=4, max_size=4),
+    "commands": st.lists(command, max_size=6),
 })
 
 
@@ -100,8 +117,27 @@ def build(w: World, sit: dict[str, Any]) -> tuple[list[m.Email], list[m.Person]]
     return emails, persons[:3]
 
 
-def outputs_for(w: World, user: str, persons: list[m.Person]) -> str:
+def run_commands(w: World, emails: list[m.Email], commands: list[Any]) -> None:
+    """Apply the generated commands through the code path of command mails."""
+    for user, verb, index, arg in commands:
+        number = emails[index].number if index < len(emails) else 9000 + index
+        thread = verb.endswith("_thread")
+        cmd = Command(verb.removesuffix("_thread"), (number,), thread=thread,
+                      target=arg if verb in ("deal", "person") else "")
+        run_one(w.config, actor_for(w.config, user, UNTIL, "test"), cmd)
+
+
+def outputs_for(w: World, user: str, persons: list[m.Person],
+                numbers: Sequence[int] = ()) -> str:
     parts = list(render_digest(compose_digest(w.config, user, SINCE, UNTIL, UNTIL)))
+    row = m.User.get(m.User.address == user)
+    listings: list[Any] = [list_own(row, 100)]
+    listings += [describe(row, n) for n in numbers]
+    listings += [queries.conversations(row, person=p) for p in m.Person.select()]
+    listings += [queries.conversations(row, deal=d) for d in m.Deal.select()]
+    parts.append(json.dumps(listings, ensure_ascii=False, default=str))
+    parts += [render_answer(answer_request(w.config, user, parse_request(f"show E{n}"),
+                                           UNTIL))[1] for n in numbers]
     requests = ["inbox", "org Customer Inc", "person N"]
     requests += [f"deal {d.id}" for d in m.Deal.select()]
     requests += [f"person p{i}@gen.test" for i in range(len(persons))]
@@ -121,17 +157,33 @@ def test_no_digest_or_answer_mentions_what_the_reader_may_not_see(
     w = shared_world
     with w.store.db.atomic() as txn:
         emails, persons = build(w, sit)
+        raws = [bytes(e.raw).split()[-1].decode() for e in emails]  # "R<k>Z"
+        run_commands(w, emails, sit["commands"])
+        gone = [n for n, e in enumerate(emails)
+                if not m.Email.select().where(m.Email.id == e.id).exists()]
+        for n in gone:
+            markers = (f"S{n}Z", f"B{n}Z", raws[n])
+            for model in m.ALL_MODELS:
+                for stored in model.select().tuples():
+                    for value in stored:
+                        if isinstance(value, (bytes, memoryview)):
+                            value = bytes(value).decode("utf-8", "replace")
+                        if isinstance(value, str):
+                            assert not any(x in value for x in markers), (model, n)
         for user in USERS:
             row = m.User.get(m.User.address == user)
-            text = outputs_for(w, user, persons)
+            text = outputs_for(w, user, persons, [e.number for e in emails])
             for n, e in enumerate(emails):
-                if not can_see(row, e.id):
+                if n in gone or not can_see(row, e.id):
                     assert f"S{n}Z" not in text, (user, n)
                     assert f"B{n}Z" not in text, (user, n)
             for i, p in enumerate(persons):
-                visible_mail = any(
-                    can_see(row, part.email_id)
-                    for part in m.Participant.select().where(m.Participant.person == p.id))
+                # A person is part of an email as a participant or by a link (a user's
+                # "person E12 ..." links one to their own email: then it is theirs to show).
+                holders = ([part.email_id for part in m.Participant.select().where(
+                    m.Participant.person == p.id)] + [lk.email_id for lk in m.Link.select()
+                    .where((m.Link.person == p.id) & m.Link.email.is_null(False))])
+                visible_mail = any(can_see(row, email_id) for email_id in holders)
                 if not visible_mail:
                     assert f"N{i}Z" not in text, (user, i)
         txn.rollback()
@@ -147,10 +199,35 @@ def test_the_property_sees_something(shared_world: World) -> None:
                           {"sightings": [("bob@example.com", "private")], "person": 0,
                            "link_person": True, "deal": 0, "deal_via_thread": False,
                            "thread": 1, "hours": 2, "pending": False, "replay": False}],
-               "owners": ["alice@example.com", None, None, None]}
+               "owners": ["alice@example.com", None, None, None], "commands": []}
         _emails, persons = build(w, sit)
         alice = outputs_for(w, "alice@example.com", persons)
         bob = outputs_for(w, "bob@example.com", persons)
         assert "S0Z" in alice and "B0Z" in alice and "N0Z" in alice and "S1Z" not in alice
         assert "S1Z" in bob and "S0Z" in bob
+        txn.rollback()
+
+
+def test_the_commands_change_what_is_seen(shared_world: World) -> None:
+    """Guard against vacuous commands: a copy made private disappears from a colleague's
+    outputs, a forgotten last copy from its owner's and from the database."""
+    w = shared_world
+    with w.store.db.atomic() as txn:
+        spec = {"person": 0, "link_person": True, "deal": 0, "deal_via_thread": False,
+                "hours": 1, "pending": False, "replay": False}
+        sit = {"emails": [{**spec, "sightings": [("alice@example.com", "shared")],
+                           "thread": 0},
+                          {**spec, "sightings": [("bob@example.com", "private")],
+                           "thread": 1}],
+               "owners": ["alice@example.com", None, None, None],
+               "commands": [("alice@example.com", "private", 0, ""),
+                            ("bob@example.com", "forget", 1, ""),
+                            ("bob@example.com", "share", 0, "")]}  # not his: refused
+        emails, persons = build(w, sit)
+        assert "S0Z" in outputs_for(w, "bob@example.com", persons)
+        run_commands(w, emails, sit["commands"])
+        bob = outputs_for(w, "bob@example.com", persons)
+        assert "S0Z" not in bob and "S1Z" not in bob
+        assert "S0Z" in outputs_for(w, "alice@example.com", persons)
+        assert not m.Email.select().where(m.Email.id == emails[1].id).exists()
         txn.rollback()

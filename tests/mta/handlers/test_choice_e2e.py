@@ -244,7 +244,8 @@ def test_answer_2_links_email_and_thread(srv: Any, style: str) -> None:
     assert json.loads(confirm.recipients_json) == ["alice@example.com"]
     assert confirm.mail_from == ""
     msg = parsed(confirm)
-    assert text_of(msg).strip() == '“Proposal” is now on deal 2 “Upsell seats”.'
+    # The email's handle leads the line: "unlink E1" or "deal E1 ..." can follow by mail.
+    assert text_of(msg).strip() == 'E1 “Proposal” is now on deal 2 “Upsell seats”.'
     assert msg["In-Reply-To"] and msg["Auto-Submitted"] == "auto-generated"
 
 
@@ -303,7 +304,7 @@ def test_japanese_user_answers_fullwidth_two(srv: Any) -> None:
            mail_from="bob@example.com")
     assert thread_deal("見積書") == "Upsell seats"
     confirm = text_of(parsed(outbox("confirm")[0]))
-    assert confirm.strip() == "「見積書」を案件2「Upsell seats」に紐付けました。"
+    assert confirm.strip() == "E1「見積書」を案件2「Upsell seats」に紐付けました。"
 
 
 def test_answer_from_alternate_address_is_accepted(srv: Any) -> None:
@@ -450,9 +451,9 @@ def test_three_pending_emails_batched_and_multi_answer(srv: Any, clock: Any) -> 
     assert [r.state for r in m.PendingChoice.select().order_by(m.PendingChoice.id)] == [
         "answered"] * 3
     confirm = text_of(parsed(outbox("confirm")[0]))
-    assert confirm.splitlines() == ["“Offer A” is now on deal 2 “Upsell seats”.",
-                                    "“Offer B” stays without a deal.",
-                                    "“Offer C” is now on deal 1 “Renewal 2027”."]
+    assert confirm.splitlines() == ["E1 “Offer A” is now on deal 2 “Upsell seats”.",
+                                    "E2 “Offer B” stays without a deal.",
+                                    "E3 “Offer C” is now on deal 1 “Renewal 2027”."]
     # "No deal" is remembered: a later message in that thread is not asked about again.
     b = m.Email.get(m.Email.subject == "Offer B")
     send(srv.port, bcc_mail(subject="Re: Offer B", In_Reply_To=b.message_id), [BCC])
@@ -466,7 +467,7 @@ def test_partial_multi_answer_keeps_the_rest_open(srv: Any) -> None:
     answer(srv.port, question, "1: 2")
     assert thread_deal("One") == "Upsell seats" and thread_deal("Two") is None
     text = text_of(parsed(outbox("answer")[0]))
-    assert "“One” is now on deal 2 “Upsell seats”." in text
+    assert "E1 “One” is now on deal 2 “Upsell seats”." in text
     assert "“Two” still needs an answer." in text and "--- Email 2 ---" not in text
     answer(srv.port, question, "2: 1")
     assert thread_deal("Two") == "Renewal 2027"

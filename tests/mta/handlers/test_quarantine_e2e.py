@@ -1,7 +1,7 @@
 """Quarantine tools end to end: a copy the policy could not verify is held (logged as
 "quarantined", no deal question), listed for the admin without its body, released by the
-claimed user with ``release E<ID>`` to ``+ask`` (then linked and asked about as usual), and
-released or dropped with ``dealmail quarantine``.
+claimed user with ``release E<number>`` (the email's handle) to ``+ask`` (then linked and
+asked about as usual), and released or dropped with ``dealmail quarantine``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def test_quarantine_list_release_by_email_and_drop(
 
     # Alice releases it herself, from where she is verified (the trusted network).
     code, _ = send(running.port, (f"From: Alice <alice@example.com>\r\nTo: {BCC}\r\n"
-                                  f"Subject: release E{email.id}\r\n\r\n").encode(),
+                                  f"Subject: release E{email.number}\r\n\r\n").encode(),
                    source="127.0.0.1", to="example+ask@dealmail.localhost")
     assert code == 250
     alice = m.User.get(m.User.address == "alice@example.com")
@@ -106,7 +106,7 @@ def test_quarantine_list_release_by_email_and_drop(
 
     # Asking again: nothing left to release, and the user is told so.
     send(running.port, (f"From: Alice <alice@example.com>\r\nTo: {BCC}\r\n"
-                        f"Subject: release E{email.id}\r\n\r\n").encode(),
+                        f"Subject: release E{email.number}\r\n\r\n").encode(),
          source="127.0.0.1", to="example+ask@dealmail.localhost")
     assert m.OutboxItem.select().where(m.OutboxItem.subject.contains("Nothing to release")
                                        ).count() == 1
@@ -140,6 +140,6 @@ def test_digest_tells_the_claimed_user_how_to_release(setup: Any) -> None:
     digest = compose_digest(config, "alice@example.com", now - timedelta(days=1),
                             now + timedelta(hours=1), now + timedelta(hours=1))
     _subject, text, html = render_digest(digest)
-    assert f"(release E{email.id})" in text and "Held one" not in text
-    assert f'"release E{email.id}"' in text and "example+ask@dealmail.localhost" in text
-    assert f"release E{email.id}" in html
+    assert f"(release E{email.number})" in text and "Held one" not in text
+    assert f'"release E{email.number}"' in text and "example+ask@dealmail.localhost" in text
+    assert f"release E{email.number}" in html

@@ -108,8 +108,7 @@ def test_unknown_deal_address_refused(server: Any) -> None:
 def test_private_email_invisible_to_colleague_even_admin(server: Any) -> None:
     send(server.port, msg(frm="Bob <bob@example.com>", subject="Private"),
          mail_from="bob@example.com")
-    assert convs("alice@example.com", person="ann@customer.test")["threads"] == []
-    assert convs("alice@example.com", person="ann@customer.test")["hidden"] == 1
+    assert convs("alice@example.com", person="ann@customer.test") == {"threads": []}
     [thread] = convs("bob@example.com", person="ann@customer.test")["threads"]
     assert thread["emails"][0]["visibility"] == "private"
 
