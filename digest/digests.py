@@ -65,7 +65,7 @@ LABELS: dict[str, dict[str, str]] = {
         "reason_unknown": "unknown correspondent",
         "reason_internal": "internal only",
         "reason_unattributed": "could not tell who wrote the forwarded email (shown only as "
-                               "“{name}”); reply with their address",
+                               "“{name}”): reply “person {handle} their@address”",
         "channel": "via",
         "from": "from",
         "to": "to",
@@ -115,7 +115,7 @@ LABELS: dict[str, dict[str, str]] = {
         "reason_unknown": "不明な相手",
         "reason_internal": "社内のみ",
         "reason_unattributed": "転送されたメールの差出人を特定できませんでした（表示名「{name}」"
-                               "のみ）。差出人のアドレスを返信でお知らせください",
+                               "のみ）。「person {handle} 差出人のアドレス」と返信してください",
         "channel": "経路",
         "from": "差出人",
         "to": "宛先",

@@ -231,8 +231,9 @@ def test_name_only_forward_of_a_stranger_is_said_in_the_digest(server: Any) -> N
     digest = compose_digest(server.app.config, "alice@example.com",
                             now - timedelta(days=1), now + timedelta(minutes=1), now)
     _subject, text, _html = render_digest(digest)
-    assert "could not tell who wrote the forwarded email (shown only as “Zed Nobody”)" in (
-        " ".join(text.split()))
+    handle = f"E{email.number}"
+    assert ("could not tell who wrote the forwarded email (shown only as “Zed Nobody”): "
+            f"reply “person {handle} their@address”") in " ".join(text.split())
     assert "internal only" not in text
 
 
