@@ -1,4 +1,5 @@
-"""Command line of the benchmarks: ``python -m bench ingest|scale|lmtp [--quick] [--json FILE]``."""
+"""Command line of the benchmarks:
+``python -m bench ingest|scale|lmtp|imap [--quick] [--json FILE]``."""
 
 from __future__ import annotations
 
@@ -25,11 +26,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "aiosmtpd LMTP sink")
     lp.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     lp.add_argument("--json", type=Path, metavar="FILE", help="write all figures here")
+    sp = sub.add_parser("imap", help="initial IMAP mailbox sync vs a bare imapclient fetch")
+    sp.add_argument("--quick", action="store_true", help="small mailboxes (seconds)")
+    sp.add_argument("--json", type=Path, metavar="FILE", help="write all figures here")
     args = p.parse_args(argv)
     if args.mode == "lmtp":
         from .lmtp import main as lmtp_main
 
         return lmtp_main(args.quick, args.json)
+    if args.mode == "imap":
+        from .imap import main as imap_main
+
+        return imap_main(args.quick, args.json)
     if args.mode == "ingest":
         from .ingest import main as ingest_main
 

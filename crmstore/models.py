@@ -328,3 +328,93 @@ EXTRA_INDEXES: list[tuple[type[BaseModel], tuple[str, ...], bool]] = [
     # was backfilled, hand-made rows) do not collide on either backend.
     (Email, ("company", "number"), True),
 ]
+
+
+# --------------------------------------------------------------------------- mailbox sync
+# Mailbox sync over IMAP (mta/imapsync): one account row per configured mailbox, a checkpoint
+# per folder, a row per message UID handled, and the relayed mail waiting to be filed in the
+# user's Sent folder.
+
+
+class MailboxAccount(BaseModel):
+    """One configured mailbox of a user, its health, and which process holds it."""
+
+    id = AutoField()
+    # "<user address>/<username>@<host>": stable across restarts and config reloads.
+    key = CharField(max_length=700, unique=True)
+    user = ForeignKeyField(User, backref="mailbox_accounts", on_delete="CASCADE")
+    state = CharField(max_length=10, default="new")  # new | ok | failing | stopped
+    last_sync_at = DateTimeField(null=True)
+    last_error = TextField(default="")
+    failures = IntegerField(default=0)  # consecutive failed attempts
+    failing_since = DateTimeField(null=True, index=True)
+    next_retry_at = DateTimeField(null=True)
+    # The lease: one process at a time syncs this account (mta/imapsync/lease.py).
+    lease_holder = CharField(max_length=200, null=True)
+    lease_until = DateTimeField(null=True)
+    capabilities = TextField(default="")
+    created_at = DateTimeField(default=utcnow)
+
+
+class MailboxFolder(BaseModel):
+    """The sync checkpoint of one folder: everything up to ``last_uid`` of ``uidvalidity`` is
+    handled; written in the transaction that stored those messages."""
+
+    id = AutoField()
+    account = ForeignKeyField(MailboxAccount, backref="folders", on_delete="CASCADE")
+    name = CharField(max_length=500)
+    role = CharField(max_length=16, default="")  # inbox | sent | all | custom
+    uidvalidity = IntegerField(null=True)
+    last_uid = IntegerField(default=0)
+    highest_modseq = IntegerField(null=True)
+    uidnext = IntegerField(null=True)
+    since = DateTimeField(null=True)  # history window of the first sync
+    epochs = IntegerField(default=0)  # UIDVALIDITY changes seen
+    last_sync_at = DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("account", "name"), True),)
+
+
+class MailboxMessage(BaseModel):
+    """One message UID handled by the sync; the unique key makes a re-read after a crash a
+    no-op. ``state``: done (captured, repeat or ignored), failed (skipped with ``reason``),
+    retry (our own fault; tried again, ``attempts`` counted)."""
+
+    id = AutoField()
+    account = ForeignKeyField(MailboxAccount, on_delete="CASCADE")
+    folder = CharField(max_length=500)
+    uidvalidity = IntegerField()
+    uid = IntegerField()
+    state = CharField(max_length=8)
+    outcome = CharField(max_length=16, default="")
+    reason = TextField(default="")
+    email = ForeignKeyField(Email, null=True, on_delete="SET NULL")
+    gm_msgid = CharField(max_length=32, null=True)
+    truncated = BooleanField(default=False)
+    attempts = IntegerField(default=1)
+    at = DateTimeField()
+
+    class Meta:
+        indexes = ((("account", "folder", "uidvalidity", "uid"), True),)
+
+
+class SentCopy(BaseModel):
+    """Relayed mail to be APPENDed to the user's Sent folder once delivered (written in the
+    relay's transaction; the raw copy is dropped once filed)."""
+
+    id = AutoField()
+    account = ForeignKeyField(MailboxAccount, on_delete="CASCADE")
+    message_id = CharField(max_length=400, default="")
+    outbox_ids = TextField(default="[]")
+    raw = BlobField()
+    state = CharField(max_length=10, default="waiting", index=True)  # waiting|done|dropped
+    attempts = IntegerField(default=0)
+    last_error = TextField(default="")
+    created_at = DateTimeField()
+    done_at = DateTimeField(null=True)
+
+
+ALL_MODELS += [MailboxAccount, MailboxFolder, MailboxMessage, SentCopy]
+EXTRA_INDEXES += [(MailboxMessage, ("account", "gm_msgid"), False),
+                  (MailboxMessage, ("email",), False)]

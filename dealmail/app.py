@@ -33,6 +33,7 @@ from mta.anvil import ClientTable, table_path
 from mta.handlers.ask import AskHandler
 from mta.handlers.choice import ChoiceHandler
 from mta.handlers.smart_bcc import SmartBccHandler
+from mta.imapsync.service import SyncService
 from mta.metrics import Metrics, serve_metrics
 from mta.relay.mx import AddrLookup, MxLookup
 from mta.relay.worker import OutboxWorker
@@ -101,6 +102,11 @@ class App:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.handlers: dict[str, Handler] = {}
         self.capture: Capture | None = None
+        # Mailbox sync over IMAP (mta/imapsync); the pre-fork parent runs it in one worker
+        # on SQLite. imap_tick: real seconds between looks at the clock while waiting.
+        self.imap: SyncService | None = None
+        self.start_imap_sync = True
+        self.imap_tick = 1.0
         # Operations (docs: README "Operations"): the submission listeners' live TLS context
         # (reloaded on SIGHUP), the counters of mta.metrics, the status file `dealmail
         # status` reads. A pre-fork worker sets worker_index; its parent serves the metrics.
@@ -221,6 +227,8 @@ class App:
         self.config = new
         self.directory = Directory(new)
         self.routing = RoutingTable(new, self.routing.enabled)
+        if self.imap is not None and self.start_imap_sync:
+            self.imap.refresh()  # mailboxes added or removed
         s_old, s_new = old.server, new.server
         if (s_old.log_level, s_old.log_file, s_old.log_format) != (
                 s_new.log_level, s_new.log_file, s_new.log_format):
@@ -301,6 +309,10 @@ class App:
         self.digests.start(60.0, after_queue=self.after_commit)
         self.capture = self.build_capture()
         self.handlers = self.build_handlers(self.capture)
+        self.imap = SyncService(self.store, self.capture, self.get_config, self.clock, self.base,
+                                tick=self.imap_tick)
+        if self.start_imap_sync:
+            await asyncio.get_running_loop().run_in_executor(None, self.imap.start)
         self.routing = RoutingTable(self.config, self.handlers)
         self.open_client_table()
         hooks = InboundHooks(
@@ -426,6 +438,8 @@ class App:
         await asyncio.gather(*stopping)
         for server in self.servers.values():
             await server.wait_closed()
+        if self.imap is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.imap.stop)
         if self.committer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.committer.stop)
         self.executor.shutdown(wait=True)

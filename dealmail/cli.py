@@ -31,7 +31,9 @@ EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 EXIT_DATA = 65  # EX_DATAERR
 EXIT_NOTFOUND = 67  # EX_NOUSER
 EXIT_OSERR = 71  # EX_OSERR: a listener cannot bind
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: `dealmail status` finds no running server
+# EX_UNAVAILABLE: `dealmail status` finds no running server; `dealmail imap test`
+# cannot reach or log in to a mailbox.
+EXIT_UNAVAILABLE = 69
 
 
 def _version() -> str:
@@ -172,6 +174,16 @@ def _parser() -> argparse.ArgumentParser:
                             help="every copy of the user's in the thread, and later ones")
         if action == "list":
             ap.add_argument("--limit", type=int, default=50, help="at most this many")
+    mp = sub.add_parser("imap", parents=[common],
+                        help="mailbox sync: try a user's mailboxes, show the sync state")
+    msub = mp.add_subparsers(dest="action", required=True)
+    mt = msub.add_parser("test", parents=[_common(2)],
+                         help="connect and log in to ADDRESS's mailboxes, list their folders "
+                         "and which ones are synced (nothing is read or changed)")
+    mt.add_argument("address", help="a user's address, or a mailbox's login")
+    ms = msub.add_parser("status", parents=[_common(2)],
+                         help="per mailbox: state, last sync, checkpoints, errors")
+    ms.add_argument("--json", action="store_true", help="print JSON")
     dp = sub.add_parser("digest", parents=[common],
                         help="compose a user's digest now (since their last one) and queue it")
     dp.add_argument("--user", required=True, metavar="ADDRESS", help="the user's address")
@@ -242,14 +254,24 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if command == "serve":
         return serve(config, fallback, tuple(args.set))
     if command == "check-config":
+        from mta.imapsync.presets import check_mailboxes, describe_mailboxes
+
         lines = config.describe([(k.form, k.purpose) for k in KINDS]).splitlines()
         if fallback:
             lines[0] += " (the example: conf/dealmail.toml not found)"
         problems = check_files(config, Path.cwd())
         for problem in problems:
             print(problem, file=sys.stderr)
-        print("\n".join(lines))
-        return EXIT_CONFIG if problems else 0
+        print("\n".join(lines + describe_mailboxes(config)))
+        mailbox_problems = check_mailboxes(config)
+        for problem in mailbox_problems:
+            print(problem, file=sys.stderr)
+        if mailbox_problems:
+            print(f"dealmail: {len(mailbox_problems)} problem(s) with mailboxes",
+                  file=sys.stderr)
+        return EXIT_CONFIG if problems or mailbox_problems else 0
+    if command == "imap" and args.action == "test":
+        return _imap_test(config, args.address)
     if command == "set-password":
         return _set_password(config, args.address)
     if command == "inspect":
@@ -612,6 +634,8 @@ def _store_command(config: Config, args: argparse.Namespace) -> int:
             return _conversations(config, store, args)
         if args.command == "digest":
             return _digest(config, store, args)
+        if args.command == "imap":
+            return _imap_status(config, args)
         if args.command == "status":
             return _status(config, store, args)
         if args.command == "quarantine":
@@ -834,6 +858,95 @@ def _digest(config: Config, store: Any, args: argparse.Namespace) -> int:
         ids = queue_digest(config, digest, f"manual-{now:%Y%m%dT%H%M%S.%f}", now)
     print(f"digest for {user.address}: {digest.email_count} email(s); queued as outbox "
           + ", ".join(f"#{i}" for i in ids))
+    return 0
+
+
+def _imap_test(config: Config, address: str) -> int:
+    """``dealmail imap test ADDRESS``: connect, log in, list folders and the sync plan."""
+    from mta.imapsync.client import capability_list, close, connect, list_folders, plan_folders
+    from mta.imapsync.credentials import CredentialError, Credentials
+    from mta.imapsync.presets import resolve
+
+    wanted = address.strip().lower()
+    found = config.find_user(wanted)
+    boxes = [(u, mb) for c in config.companies for u in c.users for mb in u.mailboxes
+             if (found is not None and u.address == found[1].address)
+             or mb.username.lower() == wanted]
+    if not boxes:
+        print(f"dealmail: no mailbox configured for {address!r}", file=sys.stderr)
+        return EXIT_NOTFOUND
+    failed = 0
+    for user, mb in boxes:
+        try:
+            account = resolve(user, mb)
+        except ValueError as exc:
+            print(f"{config.path}:{mb.line}: {mb.key}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"mailbox {mb.username} of {user.address}: {account.preset.label}, "
+              f"{account.host}:{account.port} ({account.tls} TLS), "
+              f"{'XOAUTH2' if account.oauth2 else 'password'} login")
+        try:
+            client = connect(account, Credentials(account, Path.cwd(), _now),
+                             base=Path.cwd(), timeout=config.imap.timeout_seconds,
+                             max_literal=1 << 20)
+        except (CredentialError, Exception) as exc:  # every failure is reported the same way
+            print(f"  FAILED: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        try:
+            caps = capability_list(client)
+            print(f"  logged in; capabilities: {' '.join(caps)}")
+            folders = list_folders(client)
+            plan, sent = plan_folders(account, folders, "X-GM-EXT-1" in caps)
+            print("  folders:")
+            for f in folders:
+                special = " ".join(x for x in f.flags if x in (
+                    "\\sent", "\\all", "\\drafts", "\\trash", "\\junk", "\\archive",
+                    "\\flagged"))
+                print(f"    {f.name}{'  ' + special if special else ''}")
+            print("  synced:")
+            for p in plan:
+                print(f"    {p.name}  ({p.role}: {p.why})")
+            print(f"  relayed mail filed in: {sent or '(no Sent folder found)'}"
+                  + ("" if mb.append_sent else " (append_sent = false: not filed)"))
+            history = f"the last {mb.since_days} days" if mb.since_days else "all history"
+            print(f"  first sync reads {history}")
+        finally:
+            close(client)
+    return EXIT_UNAVAILABLE if failed else 0
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def _imap_status(config: Config, args: argparse.Namespace) -> int:
+    from mta.imapsync.service import status
+
+    rows = status(config)
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return 0
+    if not rows:
+        print("no mailbox configured")
+    for r in rows:
+        if r["account"] is None:
+            print(f"misconfigured: {r['last_error']}")
+            continue
+        print(f"{r['account']}  {r['state']}"
+              + (f"  last sync {r['last_sync']}" if r.get("last_sync") else "")
+              + (f"  tracked {r['messages_tracked']}" if "messages_tracked" in r else "")
+              + (f"  failed {r['messages_failed']}" if r.get("messages_failed") else ""))
+        for f in r["folders"]:
+            print(f"    {f['name']:<24} UIDVALIDITY {f['uidvalidity']}  last UID {f['last_uid']}"
+                  + (f"  ({f['epochs']} epoch change(s))" if f["epochs"] else ""))
+        if r.get("last_error"):
+            print(f"    last error: {r['last_error']}")
+        if r.get("next_retry"):
+            print(f"    next retry: {r['next_retry']}")
     return 0
 
 

@@ -27,9 +27,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "DatabaseConfig",
+    "ImapConfig",
     "LimitsConfig",
     "ListenersConfig",
     "LmtpConfig",
+    "MailboxConfig",
     "OutboxConfig",
     "PolicyConfig",
     "RelayConfig",
@@ -63,6 +65,34 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class MailboxConfig:
+    """One ``[[companies.users.mailboxes]]`` block: a mailbox of the user synced over IMAP
+    (``mta/imapsync``). Provider presets and secrets are checked by the sync itself
+    (``mta.imapsync.presets.check_mailboxes``, also run by ``dealmail check-config``), so
+    ``line`` keeps where the block is, for ``FILE:LINE`` messages."""
+
+    provider: str = "imap"
+    host: str = ""
+    port: int = 0  # 0: the preset's (993 for implicit TLS, 143 for STARTTLS)
+    tls: str = ""  # implicit | starttls; "": the preset's
+    ca_file: str = ""
+    username: str = ""
+    password_file: str = ""
+    password_env: str = ""
+    oauth2_refresh_token_file: str = ""
+    oauth2_client_id: str = ""
+    oauth2_client_secret_file: str = ""
+    oauth2_token_url: str = ""
+    folders: tuple[str, ...] = ()
+    since_days: int = 30
+    sent_folder: str = ""
+    append_sent: bool = True
+    max_message_size: int = 0  # 0: limits.message_size
+    key: str = ""  # companies[i].users[j].mailboxes[k]
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class User:
     address: str
     company: str
@@ -76,6 +106,11 @@ class User:
     password_hash: str = ""
     digest: str = "daily"
     confirm_choices: bool = True
+    #: Mailboxes synced over IMAP (``mta/imapsync``).
+    mailboxes: tuple[MailboxConfig, ...] = ()
+    #: Addresses and domains whose mail is never tracked for this user, whatever the source
+    #: (added to the user's own ignore list, ``dealmail emails ignore``).
+    never_track: tuple[str, ...] = ()
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -254,6 +289,30 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class ImapConfig:
+    """``[imap]``: how mailboxes are synced (``mta/imapsync``); the mailboxes themselves are
+    configured per user."""
+
+    enabled: bool = True
+    #: Seconds between checks of a mailbox without IDLE, and of the folders not watched by
+    #: IDLE (a mailbox watches its first folder, INBOX by default).
+    poll_seconds: float = 120.0
+    #: Longest IDLE before it is renewed (RFC 2177 asks for less than 29 minutes).
+    idle_seconds: float = 1500.0
+    #: Messages and bytes fetched per round trip (and committed per transaction).
+    chunk_messages: int = 100
+    chunk_bytes: int = 16 * 1024 * 1024
+    #: Back-off after a failure: the first delay, doubled each time up to the maximum,
+    #: with up to 20% random jitter.
+    retry_first_seconds: float = 30.0
+    retry_max_seconds: float = 3600.0
+    #: One process syncs an account at a time: it holds a lease this long, renewed as it works.
+    lease_seconds: float = 120.0
+    #: Seconds to wait for a server's answer before the connection counts as dead.
+    timeout_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """``[policy]``: linking rules and what sender verification trusts (mta/senderauth.py)."""
 
@@ -291,6 +350,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    imap: ImapConfig = field(default_factory=ImapConfig)
     companies: tuple[Company, ...] = ()
     # Derived index: normalised address -> (company slug, user address).
     user_index: Mapping[str, tuple[str, str]] = field(default_factory=dict)
@@ -541,7 +601,18 @@ _COMPANY_KEYS = {"slug": str, "name": str, "internal_domains": list, "users": li
 _VERIFY_KEYS = {"minimum": str, "accept": list, "on_unverified": str}
 _USER_KEYS = {"address": str, "alternates": list, "name": str, "role": str,
               "default_visibility": str, "auto_link_deals": bool, "language": str,
-              "timezone": str, "password_hash": str, "digest": str, "confirm_choices": bool}
+              "timezone": str, "password_hash": str, "digest": str, "confirm_choices": bool,
+              "mailboxes": list, "never_track": list}
+_MAILBOX_KEYS = {"provider": str, "host": str, "port": int, "tls": str, "ca_file": str,
+                 "username": str, "password_file": str, "password_env": str,
+                 "oauth2_refresh_token_file": str, "oauth2_client_id": str,
+                 "oauth2_client_secret_file": str, "oauth2_token_url": str, "folders": list,
+                 "since_days": int, "sent_folder": str, "append_sent": bool,
+                 "max_message_size": int}
+_IMAP_KEYS = {"enabled": bool, "poll_seconds": (int, float), "idle_seconds": (int, float),
+              "chunk_messages": int, "chunk_bytes": int, "retry_first_seconds": (int, float),
+              "retry_max_seconds": (int, float), "lease_seconds": (int, float),
+              "timeout_seconds": (int, float)}
 
 
 def _type_name(t: Any) -> str:
@@ -686,6 +757,65 @@ def _validate_outbox(p: _Problems, outbox: dict[str, Any], sec: dict[str, Any]) 
                                                           "poll_seconds") else value
 
 
+def _validate_imap(p: _Problems, imap: dict[str, Any], sec: dict[str, Any]) -> None:
+    for key, value in imap.items():
+        if key != "enabled" and value <= 0:
+            p.add(f"imap.{key}", "must be positive")
+        sec[key] = float(value) if isinstance(_IMAP_KEYS[key], tuple) else value
+    if imap.get("idle_seconds", 0) > 1740:
+        p.add("imap.idle_seconds", "must be at most 1740 (RFC 2177: renew IDLE within "
+              "29 minutes)")
+
+
+def _mailboxes(p: _Problems, uwhere: str, raw: list[Any]) -> list[MailboxConfig]:
+    """The user's mailbox blocks, checked for shape here; provider presets and secrets are
+    checked by ``mta.imapsync.presets.check_mailboxes`` (it knows the providers)."""
+    out = []
+    for i, block in enumerate(raw):
+        where = f"{uwhere}.mailboxes[{i}]"
+        b = _check_table(p, where, block, _MAILBOX_KEYS)
+        tls = b.get("tls", "")
+        if tls not in ("", "implicit", "starttls"):
+            p.add(f"{where}.tls", "must be implicit or starttls")
+        port = b.get("port", 0)
+        if not 0 <= port <= 65535:
+            p.add(f"{where}.port", "must be a port number")
+        if not b.get("username"):
+            p.add(where, "missing key: username")
+        secrets = [k for k in ("password_file", "password_env", "oauth2_refresh_token_file")
+                   if b.get(k)]
+        if len(secrets) != 1:
+            p.add(where, "needs exactly one of password_file, password_env or "
+                  "oauth2_refresh_token_file (a password never sits in this file)")
+        if b.get("since_days", 30) < 0:
+            p.add(f"{where}.since_days", "must be 0 (all history) or more")
+        if b.get("max_message_size", 0) < 0:
+            p.add(f"{where}.max_message_size", "must be 0 (limits.message_size) or more")
+        folders = tuple(str(f) for f in b.get("folders", []))
+        if any(not f or "\r" in f or "\n" in f for f in folders):
+            p.add(f"{where}.folders", "folder names must be non-empty single lines")
+        values = {k: v for k, v in b.items() if k != "folders"}
+        out.append(MailboxConfig(**values, folders=folders, key=where,
+                                 line=p.line_of(where)))
+    return out
+
+
+def _never_track(p: _Problems, uwhere: str, raw: list[Any]) -> tuple[str, ...]:
+    """Addresses (``x@y``) and domains (``y`` or ``@y``) normalised."""
+    out = []
+    for i, value in enumerate(raw):
+        key = f"{uwhere}.never_track[{i}]"
+        if not isinstance(value, str):
+            p.add(key, "must be an address or a domain")
+            continue
+        try:
+            out.append(normalize_address(value) if "@" in value
+                       else normalize_domain(value.lstrip("@.")))
+        except AddressError as exc:
+            p.add(key, f"{value!r}: {exc}")
+    return tuple(out)
+
+
 def _validate_lmtp(p: _Problems, lmtp: dict[str, Any], sec: dict[str, Any]) -> None:
     hosts: list[Network | str] = []
     for i, value in enumerate(lmtp.get("xforward_hosts", [])):
@@ -791,7 +921,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     top_schema = {"server": dict, "database": dict, "listeners": dict, "lmtp": dict,
                   "limits": dict,
                   "outbox": dict, "tls": dict, "relay": dict,
-                  "policy": dict, "companies": list, "clients": dict}
+                  "policy": dict, "imap": dict, "companies": list, "clients": dict}
     top = _check_table(p, "", data, top_schema)
     server = _check_table(p, "server", top.get("server", {}), _SERVER_KEYS)
     database = _check_table(p, "database", top.get("database", {}), _DATABASE_KEYS)
@@ -802,7 +932,8 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
     # One dict of validated values per section, turned into its frozen dataclass at the end.
     sec: dict[str, dict[str, Any]] = {name: {} for name in (
         "server", "database", "listeners", "lmtp", "limits", "outbox", "tls", "relay",
-        "policy", "clients")}
+        "policy", "imap", "clients")}
+    _validate_imap(p, _check_table(p, "imap", top.get("imap", {}), _IMAP_KEYS), sec["imap"])
     srv, lst, pol = sec["server"], sec["listeners"], sec["policy"]
     _validate_outbox(p, outbox, sec["outbox"])
     _validate_relay(p, _check_table(p, "tls", top.get("tls", {}), _TLS_KEYS),
@@ -1035,6 +1166,8 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
             digest = u.get("digest", "daily")
             if digest not in ("daily", "weekly", "off"):
                 p.add(f"{uwhere}.digest", "must be daily, weekly or off")
+            mailboxes = tuple(_mailboxes(p, uwhere, u.get("mailboxes", [])))
+            never_track = _never_track(p, uwhere, u.get("never_track", []))
             if primary is None:
                 continue
             users.append(User(
@@ -1042,6 +1175,7 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
                 name=u.get("name", ""), role=role, default_visibility=vis,
                 auto_link_deals=u.get("auto_link_deals", True), language=lang, timezone=tz,
                 password_hash=pw, digest=digest, confirm_choices=u.get("confirm_choices", True),
+                mailboxes=mailboxes, never_track=never_track,
             ))
         companies.append(Company(
             slug=slug, name=c.get("name", slug), internal_domains=tuple(domains),
@@ -1070,4 +1204,5 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
         outbox=OutboxConfig(**sec["outbox"]), tls=TlsConfig(**sec["tls"]),
         relay=RelayConfig(**sec["relay"]), policy=PolicyConfig(**pol),
         clients=ClientsConfig(**sec["clients"]),
+        imap=ImapConfig(**sec["imap"]),
         companies=tuple(companies), user_index=user_index)

@@ -54,6 +54,8 @@ def _child(config: Config, overrides: tuple[str, ...], base: Path, index: int,
     app = App(config, overrides=overrides, base=base,
               start_outbox_worker=(index == 0 or not sqlite))
     app.prebound = dict(socks)
+    # Mailbox sync: leases keep each account to one process; on SQLite one worker is enough.
+    app.start_imap_sync = index == 0 or not sqlite
     app.worker_index = index
     app.table_prepared = True
     try:

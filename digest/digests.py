@@ -11,7 +11,9 @@ It lists, for the period since the user's last digest:
   how to answer;
 * messages refused or quarantined because they claimed to be from this user (quarantined
   sightings; ``replay`` audit entries). Quarantined mail is listed, never shown: no subject;
-* persons created automatically from mail the user may see.
+* persons created automatically from mail the user may see;
+* the user's mailboxes that the IMAP sync (``mta/imapsync``) cannot read, once: in the digest
+  whose period holds the moment the trouble began, not in every digest after it.
 
 Every email passes through :func:`crmstore.visibility.visible_to` — the one privacy rule, with
 no exception for admins. Message text is only ever template *data* (``digest.compose``
@@ -80,6 +82,10 @@ LABELS: dict[str, dict[str, str]] = {
         "envelope": "envelope sender",
         "level": "verification",
         "refused_how": "If this was not you, tell your admin; nobody can see these messages.",
+        "mailboxes": "Mailboxes dealmail cannot sync",
+        "mailbox_line": "{account}: failing since {since}: {error}",
+        "mailboxes_how": "dealmail keeps trying. Check the password (or app password) of the "
+                         "mailbox, or ask your admin.",
         "release_how": "If a quarantined one was yours, release it: send its line (e.g. "
                        "\"{example}\") to {ask}.",
         "footer": "Sent by dealmail. Ask for any deal's history: mail {ask} with \"deal ID\" "
@@ -129,6 +135,10 @@ LABELS: dict[str, dict[str, str]] = {
         "release_how": "隔離されたメールがご自身のものなら、その行 (例: \"{example}\") を "
                        "{ask} 宛てに送ると解除されます。"
                        "これらのメッセージは誰も閲覧できません。",
+        "mailboxes": "同期できないメールボックス",
+        "mailbox_line": "{account}: {since} から失敗: {error}",
+        "mailboxes_how": "dealmail は再試行を続けます。メールボックスのパスワード"
+                         "(アプリ パスワード) を確認するか、管理者に連絡してください。",
         "footer": "dealmail より送信。案件の履歴は {ask} に「案件 ID」または「help」と"
                   "送ってください。",
         "commands": "メールの変更: このメールに返信 (または {ask} に送信) し、1行に1つずつ"
@@ -178,7 +188,8 @@ class Digest:
     @property
     def empty(self) -> bool:
         c = self.context
-        return not (c["email_count"] or c["pending"] or c["refused"] or c["auto_persons"])
+        return not (c["email_count"] or c["pending"] or c["refused"] or c["auto_persons"]
+                    or c.get("mailboxes"))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -445,6 +456,15 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
         addrs = sorted(a.address for a in p.addresses)
         auto.append({"id": p.id, "name": p.name, "addresses": addrs})
 
+    # Mailboxes the sync cannot read, told once: in the period their trouble began.
+    mailboxes = [{"account": a.key.split("/", 1)[-1].rsplit("@", 1)[0],
+                  "since": local_time(a.failing_since, tz), "error": a.last_error[:300]}
+                 for a in m.MailboxAccount.select().where(
+                     (m.MailboxAccount.user == user_row.id)
+                     & (m.MailboxAccount.state == "failing")
+                     & (m.MailboxAccount.failing_since >= lo)
+                     & (m.MailboxAccount.failing_since < hi)).order_by(m.MailboxAccount.id)]
+
     L = labels(user.language)
     context: dict[str, Any] = {
         "L": L,
@@ -461,6 +481,7 @@ def compose_digest(config: Config, user_address: str, since: datetime, until: da
         "pending": pending,
         "refused": refused,
         "auto_persons": auto,
+        "mailboxes": mailboxes,
         "ask_address": company_address(config, company, "ask"),
     }
     return Digest(user=user, company=company, user_row=user_row, since=since, until=until,

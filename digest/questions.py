@@ -319,9 +319,14 @@ def queue_question(config: Config, directory: Directory, user: User, company: Co
             & m.PendingChoice.state.in_(ACTIVE)).order_by(m.PendingChoice.token_hash)]
     elif _questions_last_hour(user_id, company_id, now) >= config.policy.choice_questions_per_hour:
         return None  # stays pending: the next question or the digest lists it
-    waiting = [r for r in m.PendingChoice.select().where(
+    if item is not None and len(members) >= MAX_BATCH:
+        return int(item.id)  # the open batch is full: nothing can join it
+    # Read lazily: only as many waiting rows as can join (a mailbox's first sync can leave
+    # thousands pending, and reading them all for every new one was quadratic).
+    waiting = (m.PendingChoice.select().where(
         (m.PendingChoice.user == user_id) & (m.PendingChoice.state == "pending"))
-        .order_by(m.PendingChoice.id)]
+        .order_by(m.PendingChoice.id).iterator())
+    joined = 0
     for r in waiting:
         if len(members) >= MAX_BATCH:
             break
@@ -329,8 +334,13 @@ def queue_question(config: Config, directory: Directory, user: User, company: Co
             _void(r)
             continue
         members.append(r)
+        joined += 1
     if not members:
         return None
+    if item is not None and not joined:
+        # The open batch is full and nothing joins it: it is queued as it is (composing it
+        # again cost ~0.5 s per message when a mailbox sync met many multi-deal customers).
+        return int(item.id)
     token = new_token()
     items = _assign(members, token, now, config.policy.choice_token_days)
     message = compose_question(config, company, user, items, token, now)

@@ -356,7 +356,8 @@ class Capture:
             return done
         originals, ignored = drop_ignored(
             originals, directory.user_ids[user.address],
-            lambda address: directory.is_internal(request.company, address))
+            lambda address: directory.is_internal(request.company, address),
+            extra=user.never_track)
         if not originals:
             done = Disposition(Outcome.IGNORED, "only correspondents this user does not "
                                "track", user=user)
@@ -486,7 +487,8 @@ def person_address_by_name(company_id: int, name: str) -> str | None:
 
 
 def drop_ignored(originals: Sequence[Original], user_id: int,
-                 is_internal: Callable[[str], bool]) -> tuple[list[Original], frozenset[str]]:
+                 is_internal: Callable[[str], bool],
+                 extra: Sequence[str] = ()) -> tuple[list[Original], frozenset[str]]:
     """A user's own ignore list (``ignore ann@customer.test``, ``ignore @customer.test``;
     ``crmstore.inbox``) applied to the originals of one copy of theirs, whatever its source.
 
@@ -495,8 +497,10 @@ def drop_ignored(originals: Sequence[Original], user_id: int,
     stored email's own header fields and participants, which are the email's data), so a
     customer the user does track keeps the conversation. An original without any customer
     (internal mail sent to the company address) is left as it is. Returns the originals to
-    record and the ignored addresses among them (``Arrival.ignored``)."""
-    patterns = ignored_patterns(user_id)
+    record and the ignored addresses among them (``Arrival.ignored``). ``extra``: the
+    admin's list for this user (config ``never_track``: addresses and domains)."""
+    patterns = ignored_patterns(user_id) | frozenset(
+        e if "@" in e else f"@{e}" for e in extra)
     if not patterns:
         return list(originals), frozenset()
     kept: list[Original] = []

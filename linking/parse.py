@@ -65,7 +65,7 @@ _JA_CHARSET_ALIASES = {
 }
 _LARGE = 512 * 1024
 _HASH_CHUNK = 1 << 20
-_EOL_RE = re.compile(rb"[ \t]*\r?\n")
+_TRAILING_WS_RE = re.compile(rb"[ \t]+\n")
 
 
 class _Rfc6532Compat32(Compat32):
@@ -210,7 +210,7 @@ class ParsedMessage:
         while pos < end:
             cut = raw.find(b"\n", min(pos + _HASH_CHUNK, end), end)
             cut = end if cut == -1 else cut + 1
-            h.update(_EOL_RE.sub(b"\n", raw[pos:cut]))
+            h.update(_normalize_eol(raw[pos:cut]))
             pos = cut
         return h.hexdigest()
 
@@ -237,6 +237,18 @@ class ParsedMessage:
     @property
     def attachments(self) -> list[dict[str, object]]:
         return self.body_summary[1]
+
+
+def _normalize_eol(piece: bytes) -> bytes:
+    """``re.sub(rb"[ \t]*\r?\n", b"\n", piece)`` with plain replaces: CRLF to LF, then the
+    white space before LF one character at a time (runs are short in real mail). The pattern
+    tried a match at every byte: 4 ms per 2 MB attachment in a mailbox sync."""
+    piece = piece.replace(b"\r\n", b"\n")
+    for _ in range(8):
+        if b" \n" not in piece and b"\t\n" not in piece:
+            return piece
+        piece = piece.replace(b" \n", b"\n").replace(b"\t\n", b"\n")
+    return _TRAILING_WS_RE.sub(b"\n", piece)  # long runs of trailing white space
 
 
 def _split_header_block(raw: bytes) -> int:

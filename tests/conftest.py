@@ -219,3 +219,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path,
     from support.crm import empty_store
 
     return empty_store(backend_stores(request.param), make_config(tmp_path))
+
+
+# The session's private Dovecot and an App factory for the mailbox sync tests.
+from support.dovecot import app_factory, dovecot  # noqa: E402, F401

@@ -59,6 +59,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, Envelope, Session
 
 from crmstore.committer import GroupCommitter
+from crmstore.db import Store
 from crmstore.outbox import enqueue
 from dealmail.addresses import AddressError, domain_of, normalize_address
 from dealmail.config import Config, LimitsConfig, User
@@ -68,6 +69,7 @@ from linking.parse import MessageRejected, parse_message
 
 from .. import replies
 from ..anvil import KIND_ACCOUNT_CLIENT, KIND_CLIENT, ClientTable, client_key
+from ..imapsync.sentcopy import queue_sent_copy
 from ..metrics import Metrics
 from ..replies import Reply
 from ..server import (
@@ -277,11 +279,15 @@ class RelayHandler:
 
     channel = "relay"
 
-    def __init__(self, capture: Capture, now: Callable[[], datetime], base: Path) -> None:
+    def __init__(self, capture: Capture, now: Callable[[], datetime], base: Path,
+                 store: Store | None = None) -> None:
         self.capture = capture
         self.config_of = capture.config_of
         self.now = now
         self.base = base
+        # With the store, relayed mail is also filed in the user's Sent folder by the
+        # mailbox sync (mta/imapsync/sentcopy.py) once delivered.
+        self.store = store
 
     def _dkim_key(self, config: Config, from_domain: str) -> tuple[str, str, bytes] | None:
         for domain, selector, key_file in config.relay.dkim:
@@ -351,6 +357,9 @@ class RelayHandler:
                           subject=parsed.subject)
             log.info("[%s] %s from %s queued for %d recipient(s) as outbox %s", qid, mid,
                      user.address, len(recipients), ",".join(f"#{i}" for i in ids))
+            if self.store is not None and user.mailboxes and config.imap.enabled:
+                queue_sent_copy(self.store, user, parsed.from_.address, raw,
+                                parsed.message_id, ids, now)
             return Reply(250, "2.0.0", f"Ok: queued as {qid}")
 
         return job
@@ -631,7 +640,7 @@ async def start_submission_listeners(app: Any) -> dict[str, asyncio.Server]:
     context = submission_context(c.tls.cert_file, c.tls.key_file, c.hostname, app.base,
                                  app.clock.now())
     app.tls_context = context  # App.reload loads renewed certificate files into it
-    handler = RelayHandler(app.capture, app.clock.now, app.base)
+    handler = RelayHandler(app.capture, app.clock.now, app.base, store=app.store)
     throttle = LoginThrottle(app.clients_table, app.get_config,
                              lambda: app.clock.now().timestamp())
     hooks = SubmissionHooks(app.get_config, handler, throttle, app.committer, app.executor)

@@ -396,3 +396,83 @@ def test_sender_verification_sub_table_mistakes_name_their_lines(tmp_path: Path)
         f"{path}:12: companies[0].sender_verification.on_unverified: must be reject or "
         "quarantine",
     ]
+
+
+# --------------------------------------------------------------------------- mailboxes
+
+
+def test_mailbox_blocks_are_read_and_their_mistakes_reported(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE.replace('alternates = ["alice.personal@mail.test"]\n', '''\
+alternates = ["alice.personal@mail.test"]
+never_track = ["Lawyer.TEST", "hr@other.test", "not an address@"]
+
+[[companies.users.mailboxes]]
+provider = "gmail"
+username = "alice@example.com"
+password_env = "ALICE_IMAP"
+folders = ["INBOX"]
+
+[[companies.users.mailboxes]]
+provider = "imap"
+tls = "plain"
+password_file = "a"
+password_env = "B"
+''') + "\n[imap]\nidle_seconds = 3600\npoll_seconds = 0\n")
+    problems = problems_of(path)
+    second = line_of(path, "provider = \"imap\"") - 1
+    assert f"{path}:{second + 2}: companies[0].users[0].mailboxes[1].tls: must be implicit or " \
+           "starttls" in problems
+    assert f"{path}:{second}: companies[0].users[0].mailboxes[1]: missing key: username" \
+        in problems
+    assert any(p.endswith("needs exactly one of password_file, password_env or "
+                          "oauth2_refresh_token_file (a password never sits in this file)")
+               for p in problems)
+    assert any("never_track[2]" in p for p in problems)
+    assert any("imap.idle_seconds: must be at most 1740" in p for p in problems)
+    assert any("imap.poll_seconds: must be positive" in p for p in problems)
+    good = write(tmp_path, BASE.replace('alternates = ["alice.personal@mail.test"]\n', '''\
+alternates = ["alice.personal@mail.test"]
+never_track = ["Lawyer.TEST", "hr@other.test"]
+
+[[companies.users.mailboxes]]
+provider = "gmail"
+username = "alice@example.com"
+password_env = "ALICE_IMAP"
+folders = ["INBOX"]
+'''), "good.toml")
+    config = load_config(good)
+    alice = config.companies[0].users[0]
+    assert alice.never_track == ("lawyer.test", "hr@other.test")
+    (box,) = alice.mailboxes
+    assert (box.provider, box.username, box.folders, box.since_days) == (
+        "gmail", "alice@example.com", ("INBOX",), 30)
+    assert box.line == line_of(good, "[[companies.users.mailboxes]]")
+
+
+def test_check_config_reports_a_missing_secret_as_file_line(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    from dealmail.cli import main
+
+    path = write(tmp_path, BASE.replace('alternates = ["alice.personal@mail.test"]\n', f'''\
+alternates = ["alice.personal@mail.test"]
+
+[[companies.users.mailboxes]]
+provider = "outlook"
+username = "alice@example.com"
+password_file = "{tmp_path}/missing.txt"
+
+[[companies.users.mailboxes]]
+provider = "nosuchmail"
+username = "alice@example.com"
+password_env = "DEALMAIL_TEST_UNSET_VARIABLE"
+'''))
+    code = main(["--config", str(path), "--set", f"database.url=sqlite:///{tmp_path}/x.db",
+                 "check-config"])
+    out, err = capsys.readouterr()
+    assert code == 78
+    first = line_of(path, "provider = \"outlook\"") - 1
+    assert (f"{path}:{first}: companies[0].users[0].mailboxes[0].password_file: cannot read "
+            f"{tmp_path}/missing.txt") in err
+    assert "mailboxes[1].provider: unknown provider 'nosuchmail'" in err
+    assert "mailbox of alice@example.com: alice@example.com at outlook.office365.com:993" in out

@@ -326,3 +326,25 @@ def test_cli_digest_dry_run_then_queue(world: World, capsys: pytest.CaptureFixtu
     assert cli_main([*args, "digest", "--user", "nobody@example.com"]) == 67
     world.store.open()
     assert m.OutboxItem.select().where(m.OutboxItem.kind == "digest").count() == 1
+
+
+def test_failing_mailbox_is_told_once(world: World) -> None:
+    """A mailbox the IMAP sync cannot read is listed in the digest of the period its trouble
+    began, with the server's words (escaped in HTML), and not in the next ones."""
+    alice_row = m.User.get(m.User.address == "alice@example.com")
+    m.MailboxAccount.create(
+        key="alice@example.com/alice@mail.test@imap.mail.test", user=alice_row.id,
+        state="failing", last_error="[AUTHENTICATIONFAILED] <Invalid> credentials",
+        failures=3, failing_since=naive(after(5)))
+    digest = compose_digest(world.config, "alice@example.com", SINCE, UNTIL, UNTIL)
+    assert not digest.empty
+    _subject, text, html = render_digest(digest)
+    assert "== Mailboxes dealmail cannot sync ==" in text
+    assert "alice@mail.test: failing since" in text
+    assert "[AUTHENTICATIONFAILED] <Invalid> credentials" in text
+    assert "&lt;Invalid&gt;" in html
+    later = compose_digest(world.config, "alice@example.com", UNTIL,
+                           UNTIL + timedelta(days=1), UNTIL + timedelta(days=1))
+    assert later.empty  # told once
+    bob = compose_digest(world.config, "bob@example.com", SINCE, UNTIL, UNTIL)
+    assert "cannot sync" not in render_digest(bob)[1]
