@@ -65,6 +65,7 @@ from .server import (
     Handler,
     SessionLimits,
     Sessions,
+    accept_recipient,
     incident_reply,
     new_queue_id,
     parse_listen,
@@ -281,7 +282,6 @@ class LmtpHooks:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        routes: list[Route] = getattr(envelope, "routes", [])
         if len(envelope.rcpt_tos) >= self.config_of().limits.max_recipients:
             return str(replies.too_many_recipients())
         route = self._tables()[0].route(address)
@@ -291,17 +291,8 @@ class LmtpHooks:
             log.info("refused RCPT <%s> from %s: not one of our addresses", address,
                      peer_ip(session) or "a UNIX socket")
             return str(replies.unknown_recipient(address))
-        handler = self.handlers.get(route.kind)
-        if handler is not None and route.params:
-            refusal = await asyncio.get_running_loop().run_in_executor(
-                self.executor, handler.rcpt_check, route)
-            if refusal is not None:
-                return str(refusal)
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        routes.append(route)
-        envelope.routes = routes  # type: ignore[attr-defined]
-        return "250 2.1.5 Ok"
+        return await accept_recipient(self.executor, self.handlers.get(route.kind), route,
+                                      envelope, address, rcpt_options)
 
     async def handle_DATA(self, server: SMTP, session: Session,
                           envelope: Envelope) -> list[str]:

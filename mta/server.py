@@ -664,18 +664,8 @@ class InboundHooks:
                 # RFC 5321 §3.3: a 452 for this recipient makes the client send it in a later
                 # transaction, so each transaction has one company and one kind of handler.
                 return "452 4.5.3 Please send to this address in a separate transaction"
-        # The plain company address needs no database lookup; the others' checks run off
-        # the event loop.
-        if route.params:
-            refusal = await asyncio.get_running_loop().run_in_executor(
-                self.executor, handler.rcpt_check, route)
-            if refusal is not None:
-                return str(refusal)
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        routes.append(route)
-        envelope.routes = routes  # type: ignore[attr-defined]
-        return "250 2.1.5 Ok"
+        return await accept_recipient(self.executor, handler, route, envelope, address,
+                                      rcpt_options)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         routes: list[Route] = getattr(envelope, "routes", [])
@@ -694,6 +684,24 @@ class InboundHooks:
 
     async def handle_exception(self, error: Exception) -> str:
         return incident_reply(error)
+
+
+async def accept_recipient(executor: ThreadPoolExecutor, handler: Handler | None, route: Route,
+                           envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
+    """The end of RCPT for a routed address: the handler's check (a database lookup, off the
+    event loop; the plain company address needs none), then the recipient is added to the
+    envelope with its route."""
+    if handler is not None and route.params:
+        refusal = await asyncio.get_running_loop().run_in_executor(
+            executor, handler.rcpt_check, route)
+        if refusal is not None:
+            return str(refusal)
+    routes: list[Route] = getattr(envelope, "routes", [])
+    envelope.rcpt_tos.append(address)
+    envelope.rcpt_options.extend(rcpt_options)
+    routes.append(route)
+    envelope.routes = routes  # type: ignore[attr-defined]
+    return "250 2.1.5 Ok"
 
 
 async def decide_and_commit(executor: ThreadPoolExecutor, committer: GroupCommitter,
