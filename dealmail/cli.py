@@ -941,7 +941,11 @@ def _imap_status(config: Config, args: argparse.Namespace) -> int:
               + (f"  tracked {r['messages_tracked']}" if "messages_tracked" in r else "")
               + (f"  failed {r['messages_failed']}" if r.get("messages_failed") else ""))
         for f in r["folders"]:
+            done = (f"  {f['progress_percent']}% of UID {f['newest_uid']}"
+                    if f.get("progress_percent") is not None and f["progress_percent"] < 100
+                    else "")
             print(f"    {f['name']:<24} UIDVALIDITY {f['uidvalidity']}  last UID {f['last_uid']}"
+                  f"  {f['handled']} handled{done}"
                   + (f"  ({f['epochs']} epoch change(s))" if f["epochs"] else ""))
         if r.get("last_error"):
             print(f"    last error: {r['last_error']}")

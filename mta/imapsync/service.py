@@ -220,9 +220,7 @@ def status(config: Config) -> list[dict[str, Any]]:
                 "failing_since": _iso(row.failing_since), "failures": row.failures,
                 "messages_tracked": tracked, "messages_failed": failed,
                 "lease_holder": row.lease_holder, "lease_until": _iso(row.lease_until),
-                "folders": [{"name": f.name, "role": f.role, "uidvalidity": f.uidvalidity,
-                             "last_uid": f.last_uid, "highest_modseq": f.highest_modseq,
-                             "epochs": f.epochs, "last_sync": _iso(f.last_sync_at)}
+                "folders": [_folder_status(row.id, f)
                             for f in row.folders.order_by(m.MailboxFolder.id)],
                 "sent_copies_waiting": m.SentCopy.select().where(
                     (m.SentCopy.account == row.id) & (m.SentCopy.state == "waiting")).count(),
@@ -231,6 +229,22 @@ def status(config: Config) -> list[dict[str, Any]]:
     for problem in problems:
         out.append({"account": None, "state": "misconfigured", "last_error": problem})
     return out
+
+
+def _folder_status(account_id: int, f: m.MailboxFolder) -> dict[str, Any]:
+    """One folder's checkpoint, with the progress of its current pass: how many UIDs of this
+    UIDVALIDITY were handled, and how far the checkpoint is towards the newest UID the server
+    announced (UIDNEXT - 1) — during a first sync of a large mailbox, how much is done."""
+    handled = (m.MailboxMessage.select().where(
+        (m.MailboxMessage.account == account_id) & (m.MailboxMessage.folder == f.name)
+        & (m.MailboxMessage.uidvalidity == f.uidvalidity)).count()) if f.uidvalidity else 0
+    newest = (f.uidnext - 1) if f.uidnext else None
+    progress = (round(100.0 * min(f.last_uid, newest) / newest, 1)
+                if newest and newest > 0 else None)
+    return {"name": f.name, "role": f.role, "uidvalidity": f.uidvalidity,
+            "last_uid": f.last_uid, "newest_uid": newest, "handled": handled,
+            "progress_percent": progress, "highest_modseq": f.highest_modseq,
+            "epochs": f.epochs, "last_sync": _iso(f.last_sync_at)}
 
 
 def _iso(when: datetime | None) -> str | None:

@@ -309,6 +309,9 @@ class AccountSync:
             self._save_checkpoint(row, max(row.last_uid, (uidnext or 1) - 1), hms, uidnext)
             return stats
         end = (uidnext - 1) if uidnext is not None else self._max_uid(client)
+        # The target of this pass, written with each chunk's checkpoint: ``imap status``
+        # shows how far a long first sync is.
+        row.uidnext = end + 1
         self._walk(client, row, uidvalidity, end, gmail, stats)
         if self.stopping.is_set():  # stopped between two chunks: the pass is not complete
             return stats
@@ -716,7 +719,8 @@ class AccountSync:
             if checkpoint is not None and not blocked:
                 row.last_uid = max(row.last_uid, checkpoint)
                 (m.MailboxFolder.update(last_uid=row.last_uid, uidvalidity=uidvalidity,
-                                        since=row.since, last_sync_at=now)
+                                        since=row.since, last_sync_at=now,
+                                        uidnext=row.uidnext)
                  .where(m.MailboxFolder.id == row.id).execute())
         return blocked
 

@@ -210,6 +210,7 @@ def test_imap_status_and_imap_test_commands(tmp_path: Path, dovecot: Any, app_fa
     assert status["user"] == "alice@example.com" and status["last_error"] is None
     inbox = next(f for f in status["folders"] if f["name"] == "INBOX")
     assert inbox["last_uid"] == 4 and inbox["uidvalidity"]
+    assert inbox["handled"] == 4 and inbox["progress_percent"] == 100.0
     assert cli_main([*args, "imap", "status"]) == 0
     assert "UIDVALIDITY" in capsys.readouterr().out
 
@@ -232,6 +233,13 @@ def test_stop_during_a_long_first_sync_ends_after_a_chunk(tmp_path: Path, doveco
     assert 40 <= done < 600
     folder = m.MailboxFolder.get(m.MailboxFolder.name == "INBOX")
     assert folder.last_uid == done and folder.highest_modseq is None
+    # imap status shows how far the first sync is.
+    from mta.imapsync.service import status
+
+    (entry,) = status(running.app.config)
+    inbox = next(f for f in entry["folders"] if f["name"] == "INBOX")
+    assert inbox["handled"] == done and inbox["newest_uid"] == 600
+    assert inbox["progress_percent"] == round(100 * done / 600, 1) < 100
     sync = one_pass(running)
     assert sync.last_stats["INBOX"].fetched == 600 - done
     assert imap_emails() == 600
