@@ -13,7 +13,8 @@ import asyncio
 import socket
 import ssl
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from email.message import Message
 from pathlib import Path
@@ -68,11 +69,17 @@ def send(
     return run(deliver(message, mail_from, recipients, [route], "relay.company.test", timeout))
 
 
-def closed_port() -> int:
-    """A port on 127.0.0.1 with nothing listening (bound by the OS, then released)."""
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections.
+
+    The socket stays bound (but never listens) for the whole block, so the OS cannot hand
+    the same port to a sink started inside it: a released port was once given straight
+    back to the test's own sink, and the "dead" route then delivered.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        yield int(s.getsockname()[1])
 
 
 def ehlo_lines(port: int) -> list[bytes]:
@@ -223,8 +230,8 @@ def test_mail_from_refused_applies_to_all() -> None:
 # -- connection trouble --------------------------------------------------------------------
 
 def test_connection_refused_is_temporary() -> None:
-    port = closed_port()
-    result = send(port, ["a@customer.test", "b@customer.test"])
+    with closed_port() as port:
+        result = send(port, ["a@customer.test", "b@customer.test"])
     assert outcomes(result) == {
         "a@customer.test": (Outcome.TEMPORARY, NO_REPLY),
         "b@customer.test": (Outcome.TEMPORARY, NO_REPLY),
@@ -234,8 +241,8 @@ def test_connection_refused_is_temporary() -> None:
 
 
 def test_next_route_after_refused_one() -> None:
-    dead = NextHop("127.0.0.1", closed_port())
-    with SmtpSink() as sink:
+    with closed_port() as dead_port, SmtpSink() as sink:
+        dead = NextHop("127.0.0.1", dead_port)
         live = NextHop("127.0.0.1", sink.port)
         result = run(deliver(MESSAGE, "alice@company.test", ["b@customer.test"],
                              [dead, live], "relay.company.test", 10))
