@@ -38,14 +38,8 @@ from dealmail.config import Company, Config, User
 
 from .actions import add_actions
 from .commands import Command, looks_like_command, parse_command, result_line, run_commands
-from .compose import company_address, new_message
-from .digests import (
-    describe_emails,
-    find_user_config,
-    internal_checker,
-    labels,
-    shared_environment,
-)
+from .compose import company_address, new_message, shared_environment
+from .digests import describe_emails, find_user_config, internal_checker, labels
 
 ASK_LABELS: dict[str, dict[str, str]] = {
     "en": {

@@ -9,6 +9,7 @@ passed as data, never compiled as a template (docs/reliability.md A.34).
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -38,6 +39,15 @@ def environment(folder: Path = TEMPLATES) -> Environment:
     # ``{{ box | mailbox }}``: "Name <address>", or the bare address when the name is empty.
     env.filters["mailbox"] = lambda box: format_mailbox(box.get("name"), box["address"])
     return env
+
+
+@functools.cache
+def shared_environment() -> Environment:
+    """The template environment, built once per process: its compiled templates never change
+    while the process runs (templates are files of the installed package), so this is a
+    constant, not mutable state; building it per email recompiled every template (a question
+    drawn again for each email joining its batch compiled two templates each time)."""
+    return environment()
 
 
 def company_address(config: Config, company: Company, tag: str = "") -> str:

@@ -22,7 +22,6 @@ autoescapes HTML and never compiles message text). An empty digest is not sent.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -41,7 +40,7 @@ from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
 
 from .actions import add_actions
-from .compose import company_address, environment, new_message
+from .compose import company_address, new_message, shared_environment
 
 # Labels of the digest and answer emails per language (templates are shared between
 # languages so the two can never drift apart in structure).
@@ -148,14 +147,6 @@ LABELS: dict[str, dict[str, str]] = {
         "actions": "コマンド",
     },
 }
-
-
-@functools.cache
-def shared_environment() -> Environment:
-    """The template environment, built once per process: its compiled templates never change
-    while the process runs (templates are files of the installed package), so this is a
-    constant, not mutable state; building it per email recompiled every template."""
-    return environment()
 
 
 def labels(language: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ from dealmail.clock import naive_utc
 from dealmail.config import Company, Config, User
 from linking.record import DealMismatch, Directory, RecordResult
 
-from .compose import environment, new_message, render
+from .compose import new_message, render, shared_environment
 
 __all__ = ["deal_mismatch_hook", "deal_mismatch_line"]
 
@@ -48,7 +48,7 @@ def deal_mismatch_hook(config_of: Callable[[], Config], directory_of: Callable[[
         config = config_of()
         email = m.Email.get_by_id(result.email_id)
         when = naive_utc(now())
-        text = render(environment(), "notice.txt",
+        text = render(shared_environment(), "notice.txt",
                       lines=[deal_mismatch_line(user, email.subject, mismatch)])
         subject = ("案件の紐付けをご確認ください" if user.language == "ja"
                    else f"Check the deal of: {email.subject}"[:200])
