@@ -233,15 +233,19 @@ def test_deep_nesting_is_a_permanent_refusal(server: Any, kind: str) -> None:
 
 def test_recursion_past_the_structure_check_is_still_554(server: Any, monkeypatch: Any) -> None:
     """The last guard: were the raw-bytes check to miss a structure, the RecursionError of a
-    recursive walk still becomes a permanent 554, never a 451 nor a traceback to the client."""
+    recursive walk still becomes a permanent 554, never a 451 nor a traceback to the client.
+    The message is a forward (no To but the company address), so the forward reader parses
+    it whole with the email package, which recurses once per level."""
     from support.mail import nested_rfc822
 
     import linking.parse
 
     monkeypatch.setattr(linking.parse, "check_structure", lambda raw, limits=None: None)
+    forward = (f"From: Alice <alice@example.com>\r\nTo: {BCC}\r\nSubject: Fwd: nested\r\n"
+               "MIME-Version: 1.0\r\n").encode()
     with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
         with pytest.raises(smtplib.SMTPDataError) as refused:
-            s.sendmail("alice@example.com", [BCC], nested_rfc822(3000))
+            s.sendmail("alice@example.com", [BCC], nested_rfc822(3000, forward))
         assert refused.value.smtp_code == 554
         assert b"nested too deeply" in refused.value.smtp_error
 
