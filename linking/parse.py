@@ -68,7 +68,6 @@ _SNIPPET_READ = 64 * 1024
 _NOT_BASE64 = bytes(sorted(set(range(256)) - set(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")))
 _HASH_CHUNK = 1 << 20
-_TRAILING_WS_RE = re.compile(rb"[ \t]+\n")
 
 
 class _Rfc6532Compat32(Compat32):
@@ -243,15 +242,29 @@ class ParsedMessage:
 
 
 def _normalize_eol(piece: bytes) -> bytes:
-    """``re.sub(rb"[ \t]*\r?\n", b"\n", piece)`` with plain replaces: CRLF to LF, then the
-    white space before LF one character at a time (runs are short in real mail). The pattern
-    tried a match at every byte: 4 ms per 2 MB attachment in a mailbox sync."""
+    """``re.sub(rb"[ \t]*\r?\n", b"\n", piece)`` without a pattern tried at every byte (4 ms
+    per 2 MB attachment in a mailbox sync): CRLF to LF with one replace, then each run of
+    white space before an LF cut out where a search finds one (trailing white space is rare,
+    and replacing it across the whole piece copied 2 MB each time)."""
     piece = piece.replace(b"\r\n", b"\n")
-    for _ in range(8):
-        if b" \n" not in piece and b"\t\n" not in piece:
-            return piece
-        piece = piece.replace(b" \n", b"\n").replace(b"\t\n", b"\n")
-    return _TRAILING_WS_RE.sub(b"\n", piece)  # long runs of trailing white space
+    space, tab = piece.find(b" \n"), piece.find(b"\t\n")
+    if space == -1 and tab == -1:
+        return piece
+    parts = []
+    pos = 0
+    while space != -1 or tab != -1:
+        at = tab if space == -1 or (tab != -1 and tab < space) else space
+        start = at
+        while start > pos and piece[start - 1] in b" \t":
+            start -= 1
+        parts.append(piece[pos:start])
+        pos = at + 1  # the LF starts the next part
+        if space != -1 and space < pos:
+            space = piece.find(b" \n", pos)
+        if tab != -1 and tab < pos:
+            tab = piece.find(b"\t\n", pos)
+    parts.append(piece[pos:])
+    return b"".join(parts)
 
 
 def _split_header_block(raw: bytes) -> int:
