@@ -40,6 +40,8 @@ def test_ingest_quick_prints_table_and_writes_json(tmp_path: Path) -> None:
         assert mix[server]["ok"] > 0 and mix[server]["mb_per_s"] > 0, (server, mix[server])
         assert mix[server]["largest_bytes"] >= 5_000_000
         assert isinstance(mix[server]["rss_within_bound"], bool)
+        assert mix[server]["largest_alone_ok"], (server, mix[server])
+        assert isinstance(mix[server]["largest_alone_within_bound"], bool)
     assert "size mix (70% text+html" in proc.stdout and "MB/s" in proc.stdout
 
 
