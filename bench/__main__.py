@@ -22,6 +22,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="a config override for the dealmail server (repeatable), e.g. "
         "clients.exempt_networks=[] to count the loopback client in the per-client table")
+    sub.choices["ingest"].add_argument(
+        "--database", metavar="postgresql://HOST:PORT/DB",
+        help="also run dealmail on PostgreSQL: a fresh database is created on this server "
+        "(DB is only used to connect) and dropped afterwards; its figures are printed "
+        "beside SQLite's")
     lp = sub.add_parser("lmtp", help="Postfix's queue into dealmail over LMTP vs a bare "
                         "aiosmtpd LMTP sink")
     lp.add_argument("--quick", action="store_true", help="a short run (under a minute)")
@@ -41,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "ingest":
         from .ingest import main as ingest_main
 
-        return ingest_main(args.quick, args.json, args.workers, tuple(args.set))
+        return ingest_main(args.quick, args.json, args.workers, tuple(args.set),
+                           args.database)
     from .scale import main as scale_main
 
     return scale_main(args.quick, args.json)

@@ -50,6 +50,8 @@ class LoadResult:
 
     sent: int = 0
     ok: int = 0
+    #: Bytes of the messages answered 250 (as generated, before dot-stuffing).
+    bytes_ok: int = 0
     latencies: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     elapsed: float = 0.0
@@ -57,6 +59,10 @@ class LoadResult:
     @property
     def rate(self) -> float:
         return self.ok / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes_ok / 1e6 / self.elapsed if self.elapsed > 0 else 0.0
 
     def percentile(self, q: float) -> float:
         """Nearest-rank percentile of the latencies (``q`` in 0..100), in seconds."""
@@ -128,6 +134,113 @@ def recipient_factory(addresses: list[str], run_id: str | None = None,
 
     def make(seq: int) -> bytes:
         return make_body(picks[seq % len(picks)], seq, rid)
+
+    return make
+
+
+#: The realistic size mix: (kind, share of the messages, smallest and largest size in bytes).
+#: Most business mail is a few KB of text and HTML; a quarter carries an attachment (a quote,
+#: a deck); a few carry a large one (a signed contract scan, a design file).
+SIZE_MIX: tuple[tuple[str, float, int, int], ...] = (
+    ("text+html", 0.70, 5_000, 20_000),
+    ("attachment", 0.25, 100_000, 2_000_000),
+    ("large", 0.05, 5_000_000, 20_000_000),
+)
+
+
+def mix_sizes(count: int, seed: int = 1) -> list[int]:
+    """``count`` message sizes in :data:`SIZE_MIX`'s proportions (at least one of each kind,
+    so that a short run keeps the mix), in a shuffled but reproducible order."""
+    rng = random.Random(seed)
+    counts = [max(1, round(count * share)) for _kind, share, _low, _high in SIZE_MIX[1:]]
+    counts.insert(0, max(1, count - sum(counts)))
+    sizes = [rng.randint(low, high)
+             for n, (_kind, _share, low, high) in zip(counts, SIZE_MIX, strict=True)
+             for _ in range(n)]
+    rng.shuffle(sizes)
+    return sizes
+
+
+def _text_lines(rng: random.Random, size: int) -> list[str]:
+    words = ("pricing", "contract", "meeting", "renewal", "discount", "timeline", "quote",
+             "thanks", "next", "week", "call", "review", "licence", "seats", "budget")
+    lines: list[str] = []
+    length = 0
+    while length < size:
+        line = " ".join(rng.choice(words) for _ in range(11))
+        lines.append(line)
+        length += len(line) + 2
+    return lines
+
+
+def make_mixed_body(recipient: str, seq: int, run_id: str, size: int,
+                    attachment_block: bytes) -> bytes:
+    """A ``size``-byte (about) message as mail clients send it: text and HTML alternatives
+    (RFC 2046 §5.1.4), and past 50 KB one or two base64 attachments (RFC 2045 §6.8) cut from
+    ``attachment_block`` (76-character base64 lines with CRLF, at least ``size`` bytes)."""
+    rng = random.Random(seq)
+    boundary = f"mix-{run_id}-{seq}"
+    text_size = size - 600 if size < 50_000 else 6_000  # the rest: headers, boundaries
+    text = _text_lines(rng, text_size // 2)
+    html = "".join(f"<p>{line}</p>\r\n" for line in _text_lines(rng, text_size // 2 - 200))
+    alternative = (
+        f"--alt-{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        + "\r\n".join(text) + "\r\n"
+        f"--alt-{boundary}\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+        f"<html><body>\r\n{html}</body></html>\r\n--alt-{boundary}--\r\n")
+    head = (
+        f"From: Alice Admin <{SENDER}>\r\n"
+        f"To: <{recipient}>\r\n"
+        f"Subject: Proposal follow-up {seq % 997}\r\n"
+        f"Date: {formatdate(localtime=False)}\r\n"
+        f"Message-ID: <bench-mix-{run_id}-{seq}@example.com>\r\n"
+        "MIME-Version: 1.0\r\n")
+    if size < 50_000:
+        return (head + f'Content-Type: multipart/alternative; boundary="alt-{boundary}"\r\n'
+                "\r\n" + alternative).encode()
+    parts = [(head + f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n'
+              f"--{boundary}\r\n"
+              f'Content-Type: multipart/alternative; boundary="alt-{boundary}"\r\n\r\n'
+              + alternative).encode()]
+    room = max(78, size - len(parts[0]) - 400)
+    # Past 1 MB two files (a deck and a spreadsheet), else one.
+    shares = ((2 * room // 3, "proposal.pdf", "application/pdf"),
+              (room - 2 * room // 3, "pricing.xlsx", "application/vnd.openxmlformats-"
+               "officedocument.spreadsheetml.sheet")) if room > 1_000_000 else (
+        (room, "proposal.pdf", "application/pdf"),)
+    offset = (seq * 7919 % 97) * 78  # a different cut of the block per message
+    for length, name, ctype in shares:
+        lines = max(1, length // 78)
+        start = offset % max(1, len(attachment_block) - lines * 78 + 1) // 78 * 78
+        parts.append(
+            f"--{boundary}\r\nContent-Type: {ctype}; name={name}\r\n"
+            f"Content-Disposition: attachment; filename={name}\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\n".encode())
+        parts.append(attachment_block[start:start + lines * 78])
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts)
+
+
+def attachment_block(size: int, seed: int = 7) -> bytes:
+    """Random bytes base64-encoded in 76-character CRLF lines, ``size`` bytes or a little
+    more (built once per run and cut into attachments)."""
+    lines = size // 78 + 2
+    payload = random.Random(seed).randbytes(lines * 57)
+    return base64.encodebytes(payload).replace(b"\n", b"\r\n")
+
+
+def mix_factory(addresses: list[str], sizes: list[int], run_id: str | None = None,
+                seed: int = 1) -> MessageFactory:
+    """Messages of :func:`mix_sizes` sizes (message ``seq`` has ``sizes[seq % len]``), each
+    to a random person of ``addresses`` with a unique Message-ID."""
+    rid = run_id or uuid.uuid4().hex[:12]
+    rng = random.Random(seed)
+    picks = [rng.choice(addresses) for _ in range(min(len(addresses), 4096))]
+    block = attachment_block(max(sizes) + 97 * 78)
+
+    def make(seq: int) -> bytes:
+        return make_mixed_body(picks[seq % len(picks)], seq, rid, sizes[seq % len(sizes)],
+                               block)
 
     return make
 
@@ -253,6 +366,7 @@ async def _worker(host: str, port: int, plan: _Plan, factory: MessageFactory,
                 used = 0
             await client.send(SENDER, rcpt, raw)
             result.ok += 1
+            result.bytes_ok += len(raw)
             result.latencies.append(time.monotonic() - start)
         except SmtpReplyError as exc:
             result.errors[f"{exc.step} {exc.code} {exc.text[:60]}"] += 1

@@ -15,6 +15,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from peewee import PostgresqlDatabase
+
 from crmstore import models as m
 from crmstore.db import Store
 from dealmail.config import Config, load_config
@@ -25,11 +27,20 @@ BATCH = 5000
 EPOCH = datetime(2024, 1, 1)
 
 
-def server_overrides(db_path: Path, *extra: str) -> list[str]:
+#: A benchmark database: an SQLite file, or the URL of a PostgreSQL database.
+Database = Path | str
+
+
+def database_url(db: Database) -> str:
+    """``db`` as a ``database.url``: a path is an SQLite file, a string is already a URL."""
+    return db if isinstance(db, str) else f"sqlite:///{db}"
+
+
+def server_overrides(db: Database, *extra: str) -> list[str]:
     """The ``--set`` overrides of a benchmark server: its own database, a free loopback
     port, no submission listener and no demo data."""
     return [
-        f"database.url=sqlite:///{db_path}",
+        f"database.url={database_url(db)}",
         "listeners.inbound=127.0.0.1:0",
         "listeners.submission=",
         "server.demo_data=",
@@ -37,8 +48,8 @@ def server_overrides(db_path: Path, *extra: str) -> list[str]:
     ]
 
 
-def bench_config(db_path: Path, *extra: str) -> Config:
-    return load_config(EXAMPLE_CONFIG, server_overrides(db_path, *extra))
+def bench_config(db: Database, *extra: str) -> Config:
+    return load_config(EXAMPLE_CONFIG, server_overrides(db, *extra))
 
 
 def person_address(i: int, orgs: int) -> str:
@@ -72,23 +83,46 @@ def _chunks(rows: Iterable[tuple[Any, ...]], size: int = BATCH) -> Iterator[list
 
 def bulk_insert(store: Store, model: type[m.BaseModel], columns: Sequence[str],
                 rows: Iterable[tuple[Any, ...]]) -> int:
-    """``INSERT`` many rows with one prepared statement (sqlite3 ``executemany``): the same
-    rows as peewee's ``insert_many`` without building one SQL text per batch."""
+    """``INSERT`` many rows with one prepared statement (sqlite3 ``executemany``; on
+    PostgreSQL psycopg2's ``execute_values``, one multi-row statement per page): the same
+    rows as peewee's ``insert_many`` without building one SQL text per batch. Explicit ids
+    bypass PostgreSQL's sequences: :func:`fix_sequences` moves them past the rows."""
     table = model._meta.table_name  # type: ignore[attr-defined]
     fields = model._meta.fields  # type: ignore[attr-defined]
     cols = ", ".join(f'"{fields[c].column_name}"' for c in columns)
-    marks = ", ".join("?" for _ in columns)
-    sql = f'INSERT INTO "{table}" ({cols}) VALUES ({marks})'
     conn = store.db.connection()
     count = 0
+    if isinstance(store.db, PostgresqlDatabase):
+        from psycopg2.extras import execute_values
+
+        with conn.cursor() as cur:
+            for chunk in _chunks(rows):
+                execute_values(cur, f'INSERT INTO "{table}" ({cols}) VALUES %s', chunk,
+                               page_size=1000)
+                count += len(chunk)
+        return count
+    marks = ", ".join("?" for _ in columns)
+    sql = f'INSERT INTO "{table}" ({cols}) VALUES ({marks})'
     for chunk in _chunks(rows):
         conn.executemany(sql, chunk)
         count += len(chunk)
     return count
 
 
-def open_store(db_path: Path, config: Config) -> Store:
-    store = Store(f"sqlite:///{db_path}")
+def fix_sequences(store: Store, models: Iterable[type[m.BaseModel]]) -> None:
+    """PostgreSQL: each table's id sequence set past its largest id (rows inserted with
+    explicit ids leave the sequence at 1, and the server's first insert would collide)."""
+    if not isinstance(store.db, PostgresqlDatabase):
+        return
+    for model in models:
+        table = model._meta.table_name  # type: ignore[attr-defined]
+        store.db.execute_sql(
+            f"SELECT setval(pg_get_serial_sequence('\"{table}\"', 'id'), "
+            f'COALESCE((SELECT MAX(id) FROM "{table}"), 0) + 1, false)')
+
+
+def open_store(db: Database, config: Config) -> Store:
+    store = Store(database_url(db))
     store.open()
     store.sync_config(config)
     return store
@@ -119,6 +153,7 @@ def seed_crm(store: Store, config: Config, persons: int, organizations: int,
                                     "owner", "currency", "stage", "created_at", "updated_at"],
                     ((i, cid, f"Deal {i}", "open", i, (i % organizations) or organizations, uid,
                       "EUR", "proposal", EPOCH, EPOCH) for i in range(1, deals + 1)))
+        fix_sequences(store, (m.Organization, m.OrgDomain, m.Person, m.PersonAddress, m.Deal))
     return Seeded(cid, uid, persons, organizations, deals)
 
 
