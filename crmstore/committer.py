@@ -6,6 +6,11 @@ and is answered 451), commits once, and only then resolves the jobs' futures. No
 answered before the commit that holds its message returned (RFC 5321 §6.1), yet N waiting
 messages cost one fsync instead of N. When nothing else waits the job is committed at once: a
 lone client never waits for a grouping window (docs/architecture.md, measured facts).
+
+The outbox worker is woken only by a batch that queued outbox rows (``after_queue``): each
+batch reads the outbox's highest id in its own transaction (one indexed statement per batch,
+not per message) and compares it with the last one seen. Waking the worker after every batch
+cost a thread hop and a "what is due?" query per commit while nothing was queued.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from crmstore import models as m
 from crmstore.db import Store
 
 log = logging.getLogger("dealmail.committer")
@@ -47,9 +53,19 @@ def _settle(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
 class GroupCommitter:
     def __init__(self, store: Store, max_batch: int = 64,
                  before_commit: BeforeCommit | None = None,
-                 after_commit: Callable[[], None] | None = None) -> None:
+                 after_commit: Callable[[], None] | None = None,
+                 after_queue: Callable[[], None] | None = None) -> None:
         self.store = store
+        #: Called after every committed batch.
         self.after_commit = after_commit
+        #: Called after a committed batch that queued outbox rows (the outbox worker's wake).
+        self.after_queue = after_queue
+        item = m.OutboxItem
+        self._sql_outbox_max = (f'SELECT MAX("{item._meta.fields["id"].column_name}") '
+                                f'FROM "{item._meta.table_name}"')
+        # The outbox's highest id at the last commit; None: unknown (the first batch, or a
+        # failed commit), which wakes the worker once.
+        self._outbox_max: int | None = None
         self.max_batch = max_batch
         self.before_commit = before_commit
         self._queue: queue.SimpleQueue[tuple[Work, Future[Any]] | None] = queue.SimpleQueue()
@@ -131,10 +147,12 @@ class GroupCommitter:
                         results.append((fut, True, value))
                     except BaseException as exc:  # answered 451 by the caller
                         results.append((fut, False, exc))
+                queued = self._outbox_grew()
                 if self.before_commit is not None:
                     self.before_commit()
         except BaseException as exc:
             # The commit itself failed: nothing of this batch is durable.
+            self._outbox_max = None
             log.error("commit of %d job(s) failed: %r", len(batch), exc)
             failed = [(fut, False, exc) for _job, fut in batch]
             self._resolve(failed)
@@ -143,7 +161,20 @@ class GroupCommitter:
         log.debug("committed a batch of %d job(s)", len(batch))
         if self.after_commit is not None:
             self.after_commit()
+        if queued and self.after_queue is not None:
+            self.after_queue()
         self._resolve(results)
+
+    def _outbox_grew(self) -> bool:
+        """Whether this transaction sees outbox rows the last commit did not (queued by this
+        batch, or by another process meanwhile: both are worth a wake). Ids only grow; a
+        rolled-back savepoint takes its rows, and so its ids, with it."""
+        if self.after_queue is None:
+            return False
+        row = self.store.db.execute_sql(self._sql_outbox_max).fetchone()
+        current = int(row[0]) if row and row[0] is not None else 0
+        previous, self._outbox_max = self._outbox_max, current
+        return previous is None or current > previous
 
     def _resolve(self, results: list[tuple[Future[Any], bool, Any]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]]

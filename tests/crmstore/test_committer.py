@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
 from typing import Any, TypeVar
 
 import pytest
@@ -294,3 +295,47 @@ def test_a_killed_connection_is_replaced_after_the_failed_batch(
     pid, failed, new_pid = run(main())
     assert isinstance(failed, Exception)  # the batch on the dead connection failed (451)
     assert new_pid != pid  # and the next one ran on a new connection
+
+
+# --------------------------------------------------------------------------- outbox wake
+
+
+def test_after_queue_runs_only_after_a_batch_that_queued_outbox_rows(
+        store: Store, company_id: int, make_committer: Callable[..., GroupCommitter]) -> None:
+    from crmstore.outbox import enqueue
+
+    woken: list[int] = []
+    committer = make_committer(after_queue=lambda: woken.append(1))
+
+    def queue_one(extra: Callable[[], None] | None = None) -> Callable[[], None]:
+        def job() -> None:
+            enqueue(b"Subject: x\r\n\r\nbody\r\n", kind="notice", mail_from="",
+                    recipients=["alice@example.com"], now=datetime(2026, 11, 26, 9, 0))
+            if extra is not None:
+                extra()
+        return job
+
+    def boom() -> None:
+        raise RuntimeError("rolled back with its outbox row")
+
+    async def one(job: Callable[[], Any]) -> Any:
+        try:
+            return await committer.submit_async(job)
+        except RuntimeError:
+            return None
+
+    async def main() -> list[int]:
+        seen = []
+        await one(org_job(company_id, "first"))  # the first batch wakes once (unknown)
+        seen.append(len(woken))
+        await one(org_job(company_id, "second"))
+        seen.append(len(woken))
+        await one(queue_one())
+        seen.append(len(woken))
+        await one(org_job(company_id, "third"))
+        seen.append(len(woken))
+        await one(queue_one(extra=boom))  # its row rolled back: nothing new to send
+        seen.append(len(woken))
+        return seen
+
+    assert run(main()) == [1, 1, 2, 2, 2]
