@@ -50,6 +50,16 @@ class HotPath:
             f"SELECT pa.{_c(PA, 'person')}, pe.{_c(P, 'organization')} FROM {_t(PA)} pa "
             f"JOIN {_t(P)} pe ON pe.{_c(P, 'id')} = pa.{_c(PA, 'person')} "
             f"WHERE pa.{_c(PA, 'company')} = {p} AND pa.{_c(PA, 'address')} = {p}")
+        # One row always: the address's person (if any) and its domain's organization (if
+        # any); both lookups are by unique indexes, so the outer joins add no rows.
+        self.sql_person_and_org = (
+            f"SELECT pa.{_c(PA, 'person')}, pe.{_c(P, 'organization')}, "
+            f"od.{_c(OD, 'organization')} FROM (SELECT 1 AS one) x "
+            f"LEFT JOIN {_t(PA)} pa ON pa.{_c(PA, 'company')} = {p} "
+            f"AND pa.{_c(PA, 'address')} = {p} "
+            f"LEFT JOIN {_t(P)} pe ON pe.{_c(P, 'id')} = pa.{_c(PA, 'person')} "
+            f"LEFT JOIN {_t(OD)} od ON od.{_c(OD, 'company')} = {p} "
+            f"AND od.{_c(OD, 'domain')} = {p}")
         self.sql_org_of_domain = (
             f"SELECT {_c(OD, 'organization')} FROM {_t(OD)} "
             f"WHERE {_c(OD, 'company')} = {p} AND {_c(OD, 'domain')} = {p}")
@@ -156,6 +166,15 @@ class HotPath:
     def person_of_address(self, company_id: int, address: str) -> tuple[int, int | None] | None:
         row = self.one(self.sql_person_of_address, (company_id, address))
         return (int(row[0]), row[1]) if row else None
+
+    def person_and_org(self, company_id: int, address: str, domain: str | None,
+                       ) -> tuple[tuple[int, int | None] | None, int | None]:
+        """``person_of_address`` and ``org_of_domain(domain)`` in one round trip (``domain``
+        None: no organization is looked up, e.g. a free-mail domain)."""
+        row = self.one(self.sql_person_and_org, (company_id, address, company_id, domain))
+        assert row is not None
+        person = (int(row[0]), row[1]) if row[0] is not None else None
+        return person, (int(row[2]) if row[2] is not None else None)
 
     def org_of_domain(self, company_id: int, domain: str) -> int | None:
         row = self.one(self.sql_org_of_domain, (company_id, domain))

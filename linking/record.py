@@ -144,8 +144,12 @@ class Directory:
         )
 
 
+# One encoder for every row: json.dumps with options builds a new JSONEncoder per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return _ENCODER.encode(value)
 
 
 class _Lookup:
@@ -167,13 +171,19 @@ class _Lookup:
 
     def person(self, box: Mailbox, create: bool, now: datetime, decisions: list[str],
                created: list[int]) -> int | None:
-        found = self.hot.person_of_address(self.company_id, box.address)
+        domain = domain_of(box.address)
+        if domain in self.freemail or domain in self.orgs:
+            found = self.hot.person_of_address(self.company_id, box.address)
+        else:
+            # The domain's organization is needed for this address either way (its link, or
+            # a new person's organization): fetched with the person in one statement.
+            found, self.orgs[domain] = self.hot.person_and_org(self.company_id, box.address,
+                                                               domain)
         if found is not None:
             pid, org = found
             self.person_org[pid] = org
             decisions.append(f"{box.address} matched person #{pid}")
             return pid
-        domain = domain_of(box.address)
         if not create:
             decisions.append(f"{box.address}: unknown correspondent (persons are not created)")
             return None

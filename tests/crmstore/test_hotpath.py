@@ -118,6 +118,19 @@ def test_person_of_address(rows: Rows) -> None:
     assert theirs is not None and theirs[0] != rows.p1
 
 
+def test_person_and_org_in_one_statement(rows: Rows) -> None:
+    hot = rows.hot
+    assert hot.person_and_org(rows.cid, "pat@acme.test", "acme.test") == (
+        (rows.p1, rows.acme), rows.acme)
+    assert hot.person_and_org(rows.cid, "nobody@acme.test", "acme.test") == (None, rows.acme)
+    assert hot.person_and_org(rows.cid, "quinn@mail.test", "mail.test") == ((rows.p2, None),
+                                                                           None)
+    assert hot.person_and_org(rows.cid, "pat@acme.test", None) == ((rows.p1, rows.acme), None)
+    assert hot.person_and_org(rows.cid, "x@unknown.test", "unknown.test") == (None, None)
+    theirs = hot.person_and_org(rows.other, "pat@acme.test", "acme.test")
+    assert theirs[0] is not None and theirs[0][0] != rows.p1 and theirs[1] == rows.acme_other
+
+
 def test_org_of_domain(rows: Rows) -> None:
     assert rows.hot.org_of_domain(rows.cid, "acme.test") == rows.acme
     assert rows.hot.org_of_domain(rows.other, "acme.test") == rows.acme_other
