@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 from crmstore import models as m
@@ -71,6 +71,10 @@ class GroupCommitter:
         self._queue: queue.SimpleQueue[tuple[Work, Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="dealmail-committer", daemon=True)
         self._stopping = threading.Event()
+        # Jobs are queued from the event loop and from worker threads (submit_prepared):
+        # "not stopping" and the put happen under this lock, and stop() sets the flag and
+        # queues its end mark under it, so no job lands behind the end mark unanswered.
+        self._lock = threading.Lock()
         # Futures of submit_async: concurrent future id -> (loop, asyncio future).
         self._async: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
 
@@ -83,19 +87,58 @@ class GroupCommitter:
         (one ``call_soon_threadsafe`` per batch instead of one per message)."""
         loop = asyncio.get_running_loop()
         afut: asyncio.Future[T] = loop.create_future()
-        if self._stopping.is_set():
+        if not self._enqueue(job, loop, afut):
             afut.set_exception(CommitterStopped("committer stopped"))
-            return afut
-        cfut: Future[T] = Future()
-        # Registered before the job is queued: the committer may finish it at once.
-        self._async[id(cfut)] = (loop, afut)
-        self._queue.put((job, cfut))
         return afut
+
+    def submit_prepared(self, executor: Executor, prepare: Callable[[], Any],
+                        is_job: Callable[[Any], bool]) -> asyncio.Future[Any]:
+        """Run ``prepare`` in ``executor``. What it returns is the answer, unless ``is_job``
+        says it is a job for the store: then the worker thread queues it for the next batch
+        itself, and the answer is the job's result after the commit. The same as
+        ``submit_async(await run_in_executor(executor, prepare))`` with one wake-up of the
+        event loop per message instead of two (a message that needs a commit is handed from
+        the worker thread straight to the committer)."""
+        loop = asyncio.get_running_loop()
+        afut: asyncio.Future[Any] = loop.create_future()
+
+        def run() -> None:
+            try:
+                value = prepare()
+                if not is_job(value):
+                    items: list[tuple[asyncio.Future[Any], bool, Any]] = [(afut, True, value)]
+                elif self._enqueue(value, loop, afut):
+                    return  # the committer answers after the commit
+                else:
+                    items = [(afut, False, CommitterStopped("committer stopped"))]
+            except BaseException as exc:  # the caller's await raises it, as run_in_executor
+                items = [(afut, False, exc)]
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                log.debug("event loop closed before a prepared answer arrived")
+
+        executor.submit(run)
+        return afut
+
+    def _enqueue(self, job: Work, loop: asyncio.AbstractEventLoop,
+                 afut: asyncio.Future[Any]) -> bool:
+        """Queue ``job`` for the next batch, ``afut`` (of ``loop``) to get its outcome;
+        False when the committer is stopping (nothing queued)."""
+        with self._lock:
+            if self._stopping.is_set():
+                return False
+            cfut: Future[Any] = Future()
+            # Registered before the job is queued: the committer may finish it at once.
+            self._async[id(cfut)] = (loop, afut)
+            self._queue.put((job, cfut))
+            return True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish every job already submitted, then stop."""
-        self._stopping.set()
-        self._queue.put(None)
+        with self._lock:
+            self._stopping.set()
+            self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
 

@@ -339,3 +339,48 @@ def test_after_queue_runs_only_after_a_batch_that_queued_outbox_rows(
         return seen
 
     assert run(main()) == [1, 1, 2, 2, 2]
+
+
+# --------------------------------------------------------------------------- prepared jobs
+
+
+def test_submit_prepared_answers_or_commits_from_the_worker_thread(
+        store: Store, company_id: int, commits: list[int],
+        make_committer: Callable[..., GroupCommitter]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    committer = make_committer()
+    worker_threads: list[str] = []
+
+    def prepare(name: str) -> Callable[[], Any]:
+        def run() -> Any:
+            worker_threads.append(threading.current_thread().name)
+            if name == "refuse":
+                return "550 no"  # a final answer: nothing is queued
+            if name == "broken":
+                raise ValueError("prepare failed")
+            return org_job(company_id, name)
+        return run
+
+    async def main(executor: ThreadPoolExecutor) -> list[Any]:
+        jobs = [committer.submit_prepared(executor, prepare(n), callable)
+                for n in ("p1", "refuse", "broken", "p2")]
+        return list(await asyncio.gather(*jobs, return_exceptions=True))
+
+    with ThreadPoolExecutor(2, thread_name_prefix="prep") as executor:
+        results = run(main(executor))
+        assert results[1] == "550 no"
+        assert isinstance(results[2], ValueError) and str(results[2]) == "prepare failed"
+        assert {m.Organization.get_by_id(results[0]).name,
+                m.Organization.get_by_id(results[3]).name} == {"p1", "p2"}
+        assert visible(store, "p1", "p2") == {"p1", "p2"}  # answered after the commit
+        assert all(name.startswith("prep") for name in worker_threads)
+        committer.stop(WAIT)
+
+
+        async def late() -> Any:
+            return await committer.submit_prepared(executor, prepare("late"), callable)
+
+        with pytest.raises(CommitterStopped):
+            run(late())
+    assert visible(store, "late") == set()
