@@ -36,6 +36,10 @@ Work = Callable[[], Any]
 BeforeCommit = Callable[[], None]
 
 
+class _JobFailed(Exception):
+    """Raised inside a one-job batch's transaction to roll it back (see ``_run_batch``)."""
+
+
 class CommitterStopped(RuntimeError):
     """The committer is shutting down; the job was not run (answer 451)."""
 
@@ -179,20 +183,35 @@ class GroupCommitter:
     def _run_batch(self, batch: list[tuple[Work, Future[Any]]]) -> None:
         results: list[tuple[Future[Any], bool, Any]] = []
         db = self.store.db
+        # A job alone in its batch needs no savepoint: if it fails, the whole transaction is
+        # rolled back instead (two statements, SAVEPOINT and RELEASE, fewer per message
+        # whenever clients do not overlap).
+        alone = len(batch) == 1
         try:
             with self.store.transaction():
                 for job, fut in batch:
                     if not fut.set_running_or_notify_cancel():
                         continue
                     try:
-                        with db.atomic():  # a savepoint: this job alone rolls back on error
+                        if alone:
                             value = job()
+                        else:
+                            with db.atomic():  # a savepoint: this job alone rolls back
+                                value = job()
                         results.append((fut, True, value))
                     except BaseException as exc:  # answered 451 by the caller
                         results.append((fut, False, exc))
+                        if alone:
+                            raise _JobFailed from exc
                 queued = self._outbox_grew()
                 if self.before_commit is not None:
                     self.before_commit()
+        except _JobFailed:
+            # The one job of the batch failed and its transaction was rolled back: nothing
+            # else was in it, the connection is fine.
+            self._outbox_max = None
+            self._resolve(results)
+            return
         except BaseException as exc:
             # The commit itself failed: nothing of this batch is durable.
             self._outbox_max = None

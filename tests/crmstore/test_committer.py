@@ -384,3 +384,27 @@ def test_submit_prepared_answers_or_commits_from_the_worker_thread(
         with pytest.raises(CommitterStopped):
             run(late())
     assert visible(store, "late") == set()
+
+
+def test_a_job_alone_in_its_batch_fails_without_a_trace_and_the_next_one_commits(
+        store: Store, company_id: int, commits: list[int],
+        make_committer: Callable[..., GroupCommitter]) -> None:
+    """A lone job runs without a savepoint: its failure rolls the whole transaction back."""
+    committer = make_committer()
+
+    def boom() -> None:
+        raise RuntimeError("lone job failed after writing")
+
+    async def main() -> tuple[Any, Any]:
+        try:
+            await committer.submit_async(org_job(company_id, "lone", extra=boom))
+        except RuntimeError as exc:
+            failed: Any = exc
+        after = await committer.submit_async(org_job(company_id, "next"))
+        return failed, after
+
+    failed, after = run(main())
+    assert str(failed) == "lone job failed after writing"
+    assert commits == [1]  # only "next" was committed
+    assert visible(store, "lone", "next") == {"next"}
+    assert m.Organization.get_by_id(after).name == "next"
