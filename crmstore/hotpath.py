@@ -66,6 +66,12 @@ class HotPath:
         self.sql_set_thread_last = (
             f"UPDATE {_t(T)} SET {_c(T, 'last_at')} = {p} WHERE {_c(T, 'id')} = {p} "
             f"AND {_c(T, 'last_at')} < {p}")
+        # A joined thread moves forward to this email's date (never back) and tells its
+        # deal, in one statement (SQLite's two-argument MAX is PostgreSQL's GREATEST).
+        latest = "MAX" if self.sqlite else "GREATEST"
+        self.sql_join_thread = (
+            f"UPDATE {_t(T)} SET {_c(T, 'last_at')} = {latest}({_c(T, 'last_at')}, {p}) "
+            f"WHERE {_c(T, 'id')} = {p} RETURNING {_c(T, 'deal')}")
         self.sql_set_thread_deal = (
             f"UPDATE {_t(T)} SET {_c(T, 'deal')} = {p} WHERE {_c(T, 'id')} = {p} "
             f"AND {_c(T, 'deal')} IS NULL")
@@ -157,6 +163,40 @@ class HotPath:
         row = self.one(self.sql_person_of_address, (company_id, address))
         return (int(row[0]), row[1]) if row else None
 
+    def persons_and_orgs(self, company_id: int, addresses: Sequence[str],
+                         domains: Sequence[str],
+                         ) -> tuple[dict[str, tuple[int, int | None]], dict[str, int]]:
+        """The persons of ``addresses`` (address -> (person, its organization)) and the
+        organizations of ``domains`` (domain -> organization), found ones only, in one
+        statement for all the participants of a message."""
+        if not addresses and not domains:
+            return {}, {}
+        PA, P, OD, p = m.PersonAddress, m.Person, m.OrgDomain, self._p
+        parts: list[str] = []
+        params: list[Any] = []
+        if addresses:
+            parts.append(
+                f"SELECT 'p', pa.{_c(PA, 'address')}, pa.{_c(PA, 'person')}, "
+                f"pe.{_c(P, 'organization')} FROM {_t(PA)} pa "
+                f"JOIN {_t(P)} pe ON pe.{_c(P, 'id')} = pa.{_c(PA, 'person')} "
+                f"WHERE pa.{_c(PA, 'company')} = {p} "
+                f"AND pa.{_c(PA, 'address')} IN ({', '.join([p] * len(addresses))})")
+            params += [company_id, *addresses]
+        if domains:
+            parts.append(
+                f"SELECT 'o', {_c(OD, 'domain')}, {_c(OD, 'organization')}, NULL "
+                f"FROM {_t(OD)} WHERE {_c(OD, 'company')} = {p} "
+                f"AND {_c(OD, 'domain')} IN ({', '.join([p] * len(domains))})")
+            params += [company_id, *domains]
+        persons: dict[str, tuple[int, int | None]] = {}
+        orgs: dict[str, int] = {}
+        for kind, key, ident, org in self.all(" UNION ALL ".join(parts), params):
+            if kind == "p":
+                persons[str(key)] = (int(ident), int(org) if org is not None else None)
+            else:
+                orgs[str(key)] = int(ident)
+        return persons, orgs
+
     def org_of_domain(self, company_id: int, domain: str) -> int | None:
         row = self.one(self.sql_org_of_domain, (company_id, domain))
         return int(row[0]) if row else None
@@ -200,6 +240,12 @@ class HotPath:
 
     def touch_thread(self, thread_id: int, when: datetime) -> None:
         self.run(self.sql_set_thread_last, (when, thread_id, when))
+
+    def join_thread(self, thread_id: int, when: datetime) -> int | None:
+        """``touch_thread`` and the thread's deal (``thread_row``) in one statement."""
+        rows = self.all(self.sql_join_thread, (when, thread_id))
+        assert rows, f"thread {thread_id} vanished"
+        return int(rows[0][0]) if rows[0][0] is not None else None
 
     def set_thread_deal(self, thread_id: int, deal_id: int) -> None:
         self.run(self.sql_set_thread_deal, (deal_id, thread_id))

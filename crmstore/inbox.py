@@ -501,8 +501,15 @@ def track(actor: Actor, text: str) -> Result:
 
 def ignored_patterns(user_id: int) -> frozenset[str]:
     """The addresses and ``@domains`` a user does not track."""
-    return frozenset(r.pattern for r in m.IgnoredCorrespondent.select(
-        m.IgnoredCorrespondent.pattern).where(m.IgnoredCorrespondent.user == user_id))
+    # Read for every captured copy (linking/capture.py): the SQL text is written directly
+    # instead of being built by the ORM each time (most of this lookup's cost).
+    ic = m.IgnoredCorrespondent
+    db = ic._meta.database
+    fields = ic._meta.fields
+    cursor = db.execute_sql(
+        f'SELECT "{fields["pattern"].column_name}" FROM "{ic._meta.table_name}" '
+        f'WHERE "{fields["user"].column_name}" = {db.param}', (user_id,))
+    return frozenset(str(r[0]) for r in cursor.fetchall())
 
 
 def is_ignored(address: str, patterns: frozenset[str]) -> bool:

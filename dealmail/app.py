@@ -299,7 +299,7 @@ class App:
         # One peewee Database per process: it keeps one connection per thread, so the
         # committer thread gets its own connection with the same durability pragmas.
         self.loop = asyncio.get_running_loop()
-        self.committer = GroupCommitter(self.store, after_commit=self.after_commit)
+        self.committer = GroupCommitter(self.store, after_queue=self.after_commit)
         self.committer.start()
         self.outbox = self.build_outbox()
         if self.start_outbox_worker:

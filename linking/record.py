@@ -144,12 +144,18 @@ class Directory:
         )
 
 
+# One encoder for every row: json.dumps with options builds a new JSONEncoder per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return _ENCODER.encode(value)
 
 
 class _Lookup:
-    """Per-message memo of person and organization lookups (one query per address/domain)."""
+    """Per-message memo of person and organization lookups: the participants' persons and
+    their domains' organizations are read in one statement (:meth:`prefetch`), anything
+    else one query per address or domain."""
 
     def __init__(self, hot: HotPath, company_id: int, freemail: frozenset[str]) -> None:
         self.hot = hot
@@ -157,6 +163,18 @@ class _Lookup:
         self.freemail = freemail
         self.orgs: dict[str, int | None] = {}
         self.person_org: dict[int, int | None] = {}
+        self.persons: dict[str, tuple[int, int | None] | None] = {}
+
+    def prefetch(self, addresses: list[str]) -> None:
+        """Look up these addresses' persons and their (non free-mail) domains'
+        organizations at once."""
+        domains = sorted({d for d in map(domain_of, addresses)
+                          if d not in self.freemail and d not in self.orgs})
+        found, orgs = self.hot.persons_and_orgs(self.company_id, addresses, domains)
+        for address in addresses:
+            self.persons[address] = found.get(address)
+        for domain in domains:
+            self.orgs[domain] = orgs.get(domain)
 
     def org_of_domain(self, domain: str) -> int | None:
         if domain in self.freemail:
@@ -167,13 +185,16 @@ class _Lookup:
 
     def person(self, box: Mailbox, create: bool, now: datetime, decisions: list[str],
                created: list[int]) -> int | None:
-        found = self.hot.person_of_address(self.company_id, box.address)
+        domain = domain_of(box.address)
+        if box.address in self.persons:
+            found = self.persons[box.address]
+        else:
+            found = self.hot.person_of_address(self.company_id, box.address)
         if found is not None:
             pid, org = found
             self.person_org[pid] = org
             decisions.append(f"{box.address} matched person #{pid}")
             return pid
-        domain = domain_of(box.address)
         if not create:
             decisions.append(f"{box.address}: unknown correspondent (persons are not created)")
             return None
@@ -238,6 +259,10 @@ def record_email(
     boxes = ([(original.from_, "from")] + [(b, "to") for b in original.to]
              + [(b, "cc") for b in original.cc])
     lookup = _Lookup(hot, company_id, directory.freemail)
+    lookup.prefetch(list(dict.fromkeys(
+        box.address for box, _role in boxes
+        if not directory.is_internal(company, box.address)
+        and box.address not in arrival.ignored)))
     person_of: dict[str, int | None] = {}
     created: list[int] = []
     for box, _role in boxes:
@@ -276,19 +301,28 @@ def record_email(
 
     when = naive_utc(original.date)
     have: set[tuple[int | None, int | None, int | None]] = set()
+    open_deals: list[tuple[int, str]] | None = None  # the persons' open deals, once read
+    new_thread_deal: int | None = None  # the deal a thread made here was created with
     joined = existing is not None  # an existing thread: the user's choices for it apply
     if existing is None:
         thread_id, why = _find_thread(hot, company_id, original, external, when,
                                       config.policy.thread_window_days)
         if thread_id is None:
+            # A new thread gets the deal decided below for it in its INSERT (not in an
+            # UPDATE after): the +deal address, else the persons' only open deal.
+            if arrival.deal_id is not None:
+                new_thread_deal = arrival.deal_id
+            elif arrival.user.auto_link_deals and persons:
+                open_deals = hot.open_deals(company_id, persons)
+                if len(open_deals) == 1:
+                    new_thread_deal = open_deals[0][0]
             thread_id = hot.insert(m.Thread, {
                 "company": company_id, "subject_key": normalize_subject(original.subject),
-                "deal": None, "created_at": now, "last_at": when})
+                "deal": new_thread_deal, "created_at": now, "last_at": when})
             thread_deal = None
         else:
             decisions.append(f"joins thread #{thread_id} ({why})")
-            hot.touch_thread(thread_id, when)
-            thread_deal = hot.thread_row(thread_id)[1]
+            thread_deal = hot.join_thread(thread_id, when)
             joined = True
         email_id = hot.insert(m.Email, {
             "company": company_id, "dedupe_key": dedupe_key, "message_id": original.message_id,
@@ -349,7 +383,7 @@ def record_email(
             decisions.append(f"deal #{deal_id} {mismatch.title!r} belongs to "
                              f"{mismatch.belongs_to}, not to "
                              f"{', '.join(mismatch.correspondents)}: linked as asked")
-        if thread_deal is None:
+        if thread_deal is None and new_thread_deal != deal_id:
             hot.set_thread_deal(thread_id, deal_id)
     elif existing_deals:
         deal_id = existing_deals[0]
@@ -361,12 +395,14 @@ def record_email(
     elif not arrival.user.auto_link_deals:
         decisions.append("automatic deal linking is off for this user")
     elif persons:
-        open_deals = hot.open_deals(company_id, persons)
+        if open_deals is None:
+            open_deals = hot.open_deals(company_id, persons)
         if len(open_deals) == 1:
             deal_id = open_deals[0][0]
             decisions.append(f"deal #{deal_id} {open_deals[0][1]!r}: the person's only "
                              "open deal")
-            hot.set_thread_deal(thread_id, deal_id)
+            if new_thread_deal != deal_id:
+                hot.set_thread_deal(thread_id, deal_id)
         elif len(open_deals) > 1 and arrival.quarantined:
             # Nobody may be asked about a copy nobody may see: the question waits for its
             # release (linking/quarantine.py).

@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from peewee import Case, fn
+
 from crmstore import models as m
 from crmstore.bounces import forget_bounced_persons
 from crmstore.db import Store
@@ -48,6 +50,9 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
 
 log = logging.getLogger("dealmail.outbox")
+
+# The shortest sleep between passes when an item is due but another worker holds it.
+_MIN_WAIT = 0.2
 
 _MESSAGE_ID_RE = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)",
                             re.IGNORECASE | re.MULTILINE)
@@ -314,17 +319,43 @@ class OutboxWorker:
         self._task = asyncio.get_running_loop().create_task(self._run(poll_seconds))
 
     async def _run(self, poll_seconds: float) -> None:
+        # Woken by a commit that queued rows (crmstore.committer's after_queue), else asleep
+        # until the earliest queued item is due by the injected clock; ``poll_seconds`` only
+        # bounds the sleep, for rows another process queued (dealmail/prefork.py) or an
+        # admin made due (``dealmail outbox retry``).
+        loop = asyncio.get_running_loop()
         while not self._stopping:
+            timeout = poll_seconds
             try:
                 while await self.run_once():
                     pass
+                due = await loop.run_in_executor(None, self.next_due)
+                if due is not None:
+                    wait = (due - naive_utc(self.clock.now())).total_seconds()
+                    # Due yet not claimable: leased in another worker's claim transaction
+                    # (SKIP LOCKED); look again shortly instead of spinning.
+                    timeout = min(poll_seconds, max(wait, _MIN_WAIT))
             except Exception:
                 log.exception("outbox worker pass failed; retrying at the next poll")
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 pass
+
+    def next_due(self) -> datetime | None:
+        """When the earliest queued item can next be claimed (its next attempt, or the end
+        of a lease still held), naive UTC; None when nothing is queued."""
+        o = m.OutboxItem
+        claimable = Case(None, [((o.lease_until.is_null(False))
+                                 & (o.lease_until > o.next_attempt_at), o.lease_until)],
+                         o.next_attempt_at)
+        value = (o.select(fn.MIN(claimable)).where(o.state == "queued").scalar())
+        if value is None:
+            return None
+        if isinstance(value, str):  # SQLite returns an expression's datetime as its text
+            return datetime.fromisoformat(value)
+        return naive_utc(value)
 
     async def stop(self, within: float | None = None) -> None:
         """Stop after the delivery in flight, waiting at most ``within`` seconds for it.

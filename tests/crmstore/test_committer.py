@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
 from typing import Any, TypeVar
 
 import pytest
@@ -294,3 +295,116 @@ def test_a_killed_connection_is_replaced_after_the_failed_batch(
     pid, failed, new_pid = run(main())
     assert isinstance(failed, Exception)  # the batch on the dead connection failed (451)
     assert new_pid != pid  # and the next one ran on a new connection
+
+
+# --------------------------------------------------------------------------- outbox wake
+
+
+def test_after_queue_runs_only_after_a_batch_that_queued_outbox_rows(
+        store: Store, company_id: int, make_committer: Callable[..., GroupCommitter]) -> None:
+    from crmstore.outbox import enqueue
+
+    woken: list[int] = []
+    committer = make_committer(after_queue=lambda: woken.append(1))
+
+    def queue_one(extra: Callable[[], None] | None = None) -> Callable[[], None]:
+        def job() -> None:
+            enqueue(b"Subject: x\r\n\r\nbody\r\n", kind="notice", mail_from="",
+                    recipients=["alice@example.com"], now=datetime(2026, 11, 26, 9, 0))
+            if extra is not None:
+                extra()
+        return job
+
+    def boom() -> None:
+        raise RuntimeError("rolled back with its outbox row")
+
+    async def one(job: Callable[[], Any]) -> Any:
+        try:
+            return await committer.submit_async(job)
+        except RuntimeError:
+            return None
+
+    async def main() -> list[int]:
+        seen = []
+        await one(org_job(company_id, "first"))  # the first batch wakes once (unknown)
+        seen.append(len(woken))
+        await one(org_job(company_id, "second"))
+        seen.append(len(woken))
+        await one(queue_one())
+        seen.append(len(woken))
+        await one(org_job(company_id, "third"))
+        seen.append(len(woken))
+        await one(queue_one(extra=boom))  # its row rolled back: nothing new to send
+        seen.append(len(woken))
+        return seen
+
+    assert run(main()) == [1, 1, 2, 2, 2]
+
+
+# --------------------------------------------------------------------------- prepared jobs
+
+
+def test_submit_prepared_answers_or_commits_from_the_worker_thread(
+        store: Store, company_id: int, commits: list[int],
+        make_committer: Callable[..., GroupCommitter]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    committer = make_committer()
+    worker_threads: list[str] = []
+
+    def prepare(name: str) -> Callable[[], Any]:
+        def run() -> Any:
+            worker_threads.append(threading.current_thread().name)
+            if name == "refuse":
+                return "550 no"  # a final answer: nothing is queued
+            if name == "broken":
+                raise ValueError("prepare failed")
+            return org_job(company_id, name)
+        return run
+
+    async def main(executor: ThreadPoolExecutor) -> list[Any]:
+        jobs = [committer.submit_prepared(executor, prepare(n), callable)
+                for n in ("p1", "refuse", "broken", "p2")]
+        return list(await asyncio.gather(*jobs, return_exceptions=True))
+
+    with ThreadPoolExecutor(2, thread_name_prefix="prep") as executor:
+        results = run(main(executor))
+        assert results[1] == "550 no"
+        assert isinstance(results[2], ValueError) and str(results[2]) == "prepare failed"
+        assert {m.Organization.get_by_id(results[0]).name,
+                m.Organization.get_by_id(results[3]).name} == {"p1", "p2"}
+        assert visible(store, "p1", "p2") == {"p1", "p2"}  # answered after the commit
+        assert all(name.startswith("prep") for name in worker_threads)
+        committer.stop(WAIT)
+
+
+        async def late() -> Any:
+            return await committer.submit_prepared(executor, prepare("late"), callable)
+
+        with pytest.raises(CommitterStopped):
+            run(late())
+    assert visible(store, "late") == set()
+
+
+def test_a_job_alone_in_its_batch_fails_without_a_trace_and_the_next_one_commits(
+        store: Store, company_id: int, commits: list[int],
+        make_committer: Callable[..., GroupCommitter]) -> None:
+    """A lone job runs without a savepoint: its failure rolls the whole transaction back."""
+    committer = make_committer()
+
+    def boom() -> None:
+        raise RuntimeError("lone job failed after writing")
+
+    async def main() -> tuple[Any, Any]:
+        try:
+            await committer.submit_async(org_job(company_id, "lone", extra=boom))
+        except RuntimeError as exc:
+            failed: Any = exc
+        after = await committer.submit_async(org_job(company_id, "next"))
+        return failed, after
+
+    failed, after = run(main())
+    assert str(failed) == "lone job failed after writing"
+    assert commits == [1]  # only "next" was committed
+    assert visible(store, "lone", "next") == {"next"}
+    assert m.Organization.get_by_id(after).name == "next"

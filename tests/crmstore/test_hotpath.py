@@ -118,6 +118,21 @@ def test_person_of_address(rows: Rows) -> None:
     assert theirs is not None and theirs[0] != rows.p1
 
 
+def test_persons_and_orgs_in_one_statement(rows: Rows) -> None:
+    hot = rows.hot
+    assert hot.persons_and_orgs(rows.cid, ["pat@acme.test", "quinn@mail.test",
+                                           "nobody@acme.test"],
+                                ["acme.test", "mail.test", "unknown.test"]) == (
+        {"pat@acme.test": (rows.p1, rows.acme), "quinn@mail.test": (rows.p2, None)},
+        {"acme.test": rows.acme})
+    assert hot.persons_and_orgs(rows.cid, ["pat.home@mail.test"], []) == (
+        {"pat.home@mail.test": (rows.p1, rows.acme)}, {})
+    assert hot.persons_and_orgs(rows.cid, [], ["acme.test"]) == ({}, {"acme.test": rows.acme})
+    assert hot.persons_and_orgs(rows.cid, [], []) == ({}, {})
+    theirs, orgs = hot.persons_and_orgs(rows.other, ["pat@acme.test"], ["acme.test"])
+    assert theirs["pat@acme.test"][0] != rows.p1 and orgs == {"acme.test": rows.acme_other}
+
+
 def test_org_of_domain(rows: Rows) -> None:
     assert rows.hot.org_of_domain(rows.cid, "acme.test") == rows.acme
     assert rows.hot.org_of_domain(rows.other, "acme.test") == rows.acme_other
@@ -176,6 +191,16 @@ def test_thread_row_touch_and_deal(rows: Rows) -> None:
     hot.set_thread_deal(rows.t1, rows.d_open1)
     hot.set_thread_deal(rows.t1, rows.d_open2)  # a thread's deal is never replaced
     assert hot.thread_row(rows.t1) == (rows.t1, rows.d_open1)
+
+
+def test_join_thread_moves_forward_and_tells_the_deal(rows: Rows) -> None:
+    hot = rows.hot
+    assert hot.join_thread(rows.t1, T - timedelta(days=1)) is None  # older: last_at stays
+    assert m.Thread.get_by_id(rows.t1).last_at == T
+    hot.set_thread_deal(rows.t1, rows.d_open1)
+    assert hot.join_thread(rows.t1, T + timedelta(hours=3)) == rows.d_open1
+    assert m.Thread.get_by_id(rows.t1).last_at == T + timedelta(hours=3)
+    assert m.Thread.get_by_id(rows.t2).last_at == T - timedelta(days=10)  # only its row
 
 
 # --------------------------------------------------------------------------- emails, deals

@@ -320,3 +320,22 @@ def test_two_processes_deliver_1000_items_exactly_once_on_postgresql(pg_url: str
     assert {i.attempts for i in m.OutboxItem.select()} == {1}
     print("per-worker attempts:", reports)
     store.close()
+
+
+def test_next_due_is_the_earliest_claimable_time(outbox: Outbox, clock: FakeClock) -> None:
+    """The worker sleeps until this instead of polling: the earliest next attempt of a queued
+    item, or the end of a lease still held; None when nothing is queued."""
+    assert outbox.worker.next_due() is None
+    now = naive_utc(clock.now())
+    [a] = outbox.put(["ann@customer.test"], tag="a")
+    [b] = outbox.put(["bob@customer.test"], tag="b")
+    m.OutboxItem.update(next_attempt_at=now + timedelta(minutes=10)).where(
+        m.OutboxItem.id == a).execute()
+    m.OutboxItem.update(next_attempt_at=now + timedelta(minutes=3),
+                        lease_until=now + timedelta(minutes=7)).where(
+        m.OutboxItem.id == b).execute()
+    assert outbox.worker.next_due() == now + timedelta(minutes=7)  # b's lease ends first
+    m.OutboxItem.update(state="sent").where(m.OutboxItem.id == b).execute()
+    assert outbox.worker.next_due() == now + timedelta(minutes=10)
+    m.OutboxItem.update(state="failed").where(m.OutboxItem.id == a).execute()
+    assert outbox.worker.next_due() is None
