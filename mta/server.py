@@ -818,8 +818,10 @@ async def decide_and_commit(executor: ThreadPoolExecutor, committer: GroupCommit
     451 4.3.0 with our id, never a 5xx nor the exception text (RFC 5321 §4.2.5)."""
     started = time.perf_counter()
     try:
-        decided = await asyncio.get_running_loop().run_in_executor(executor, check)
-        reply = decided if isinstance(decided, Reply) else await committer.submit_async(decided)
+        # The worker thread hands a job straight to the committer (one wake-up of this loop
+        # per message); a Reply decided without the store comes back as it is.
+        reply = await committer.submit_prepared(executor, check,
+                                                lambda decided: not isinstance(decided, Reply))
     except CommitterStopped:
         # The stop drains the sessions before it stops the committer (dealmail/app.py), so
         # this is only a guard: a temporary answer, and no traceback for an expected state.
