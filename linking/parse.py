@@ -230,7 +230,7 @@ class ParsedMessage:
     @cached_property
     def body_summary(self) -> tuple[str, list[dict[str, object]]]:
         """(snippet, attachments) from the MIME structure."""
-        return _summarise(self.raw, self.header_bytes)
+        return _summarise(self.raw, self.header_bytes, self.headers)
 
     @property
     def snippet(self) -> str:
@@ -550,7 +550,8 @@ def auto_submitted_reason(headers: Message) -> str | None:
     return None
 
 
-def _summarise(raw: bytes, header_end: int) -> tuple[str, list[dict[str, object]]]:
+def _summarise(raw: bytes, header_end: int,
+               top: Message | None = None) -> tuple[str, list[dict[str, object]]]:
     """(snippet, attachments) read from the raw MIME entities (:func:`mime_entities`):
     only the part header blocks are parsed, attachments are measured without decoding them
     and only the part that gives the snippet is decoded (the whole-message parse took 6 ms
@@ -564,8 +565,17 @@ def _summarise(raw: bytes, header_end: int) -> tuple[str, list[dict[str, object]
     for entity in entities:
         if entity.body_end is None:
             continue  # a multipart or message/* container: its entities follow
-        head = BytesHeaderParser(policy=policy.compat32).parsebytes(
-            raw[entity.header_start:entity.body_start])
+        if entity.header_start == 0 and top is not None:
+            # The top-level entity's header block is parsed already: its MIME fields, in a
+            # message of their own (its payload is set below; the parsed headers stay as
+            # they are).
+            head = Message()
+            for name in _MIME_FIELDS:
+                for value in top.get_all(name, []):
+                    head[name] = value
+        else:
+            head = BytesHeaderParser(policy=policy.compat32).parsebytes(
+                raw[entity.header_start:entity.body_start])
         # The content type as the whole-message parse sees it (mime_entities gives the
         # parent's default for a part without one, e.g. message/rfc822 in a digest).
         ctype = head.get_content_type() if head.get("content-type") else entity.content_type
@@ -593,6 +603,9 @@ def _summarise(raw: bytes, header_end: int) -> tuple[str, list[dict[str, object]
 
             snippet = _snip(html_to_text(text))
     return snippet, attachments
+
+
+_MIME_FIELDS = ("content-type", "content-transfer-encoding", "content-disposition")
 
 
 def _decoded_size(head: Message, raw: bytes, start: int, end: int) -> int:
