@@ -205,7 +205,10 @@ class DealmailServer(ServerProcess):
         self.log_path.unlink(missing_ok=True)
         args = [sys.executable, "run_server.py", "--config", "conf/dealmail.example.toml",
                 "--log-level", self.log_level]
+        # The status file beside the log, not in the repository's var/.
+        status = self.log_path.with_suffix(".status.json")
         for item in server_overrides(self.db_path, f"server.log_file={self.log_path}",
+                                     f"server.status_file={status}",
                                      f"listeners.workers={self.workers}", *self.extra):
             args += ["--set", item]
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -141,7 +141,8 @@ def run_lmtp(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
          "--set", "listeners.inbound=127.0.0.1:0", "--set", "listeners.submission=",
          "--set", f"listeners.lmtp=127.0.0.1:{dealmail_port}",
          "--set", f"server.demo_data={ROOT / 'conf' / 'demo'}",
-         "--set", f"server.log_file={work}/dealmail.log", "serve"],
+         "--set", f"server.log_file={work}/dealmail.log",
+         "--set", f"server.status_file={work}/dealmail.status.json", "serve"],
         cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     sink = subprocess.Popen(
