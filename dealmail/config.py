@@ -816,6 +816,17 @@ def _never_track(p: _Problems, uwhere: str, raw: list[Any]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _networks(p: _Problems, key: str, values: Iterable[Any]) -> tuple[Network, ...]:
+    """The CIDR networks of the list at ``key``, each bad item reported on its own."""
+    nets = []
+    for i, value in enumerate(values):
+        try:
+            nets.append(ipaddress.ip_network(str(value), strict=False))
+        except ValueError:
+            p.add(f"{key}[{i}]", f"{value!r} is not a CIDR network")
+    return tuple(nets)
+
+
 def _validate_lmtp(p: _Problems, lmtp: dict[str, Any], sec: dict[str, Any]) -> None:
     hosts: list[Network | str] = []
     for i, value in enumerate(lmtp.get("xforward_hosts", [])):
@@ -907,13 +918,8 @@ def _validate_clients(p: _Problems, clients: dict[str, Any], sec: dict[str, Any]
         if clients["rate_window"] <= 0:
             p.add("clients.rate_window", "must be positive (seconds)")
         sec["rate_window"] = float(clients["rate_window"])
-    nets = []
-    for i, value in enumerate(clients.get("exempt_networks", [])):
-        try:
-            nets.append(ipaddress.ip_network(str(value), strict=False))
-        except ValueError:
-            p.add(f"clients.exempt_networks[{i}]", f"{value!r} is not a CIDR network")
-    sec["exempt_networks"] = tuple(nets)
+    sec["exempt_networks"] = _networks(p, "clients.exempt_networks",
+                                       clients.get("exempt_networks", []))
 
 
 def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
@@ -1025,20 +1031,10 @@ def _validate(path: Path, text: str, data: dict[str, Any]) -> Config:
                 p.add(f"limits.{key}", f"must be between {low} and {high}")
             sec["limits"][key] = limits[key]
 
-    nets = []
-    for i, value in enumerate(policy.get("trusted_networks", [])):
-        try:
-            nets.append(ipaddress.ip_network(str(value), strict=False))
-        except ValueError:
-            p.add(f"policy.trusted_networks[{i}]", f"{value!r} is not a CIDR network")
-    pol["trusted_networks"] = tuple(nets)
-    upstream = []
-    for i, value in enumerate(policy.get("upstream_networks", [])):
-        try:
-            upstream.append(ipaddress.ip_network(str(value), strict=False))
-        except ValueError:
-            p.add(f"policy.upstream_networks[{i}]", f"{value!r} is not a CIDR network")
-    pol["upstream_networks"] = tuple(upstream)
+    pol["trusted_networks"] = _networks(p, "policy.trusted_networks",
+                                        policy.get("trusted_networks", []))
+    pol["upstream_networks"] = _networks(p, "policy.upstream_networks",
+                                         policy.get("upstream_networks", []))
     pol["authserv_id"] = policy.get("authserv_id", "") or srv["hostname"]
     for key in ("trusted_authserv_ids", "trusted_arc_sealers"):
         pol[key] = tuple(str(x).strip().lower() for x in policy.get(key, []))

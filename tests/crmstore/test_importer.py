@@ -8,8 +8,6 @@ Each test runs on SQLite and, when reachable, on a PostgreSQL database created f
 from __future__ import annotations
 
 import itertools
-import os
-import secrets
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.crm import PG_HOST, pg_database
 
 from crmstore import models as m
 from crmstore.db import Store
@@ -27,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "conf" / "dealmail.example.toml"
 DEMO = ROOT / "conf" / "demo"
 FIXTURES = Path(__file__).resolve().parent / "fixtures_import"
-PG_HOST = "127.0.0.1"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -36,24 +34,8 @@ PG_HOST = "127.0.0.1"
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this module, dropped at the end."""
-    try:
-        import psycopg2
-        admin = psycopg2.connect(host=PG_HOST, user="postgres", dbname="postgres",
-                                 connect_timeout=3)
-    except Exception as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL on {PG_HOST}:5432 is required in CI: {exc}")
-        pytest.skip(f"PostgreSQL on {PG_HOST}:5432 not reachable ({exc}); SQLite only")
-    admin.autocommit = True
-    name = f"dealmail_test_import_{secrets.token_hex(4)}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@{PG_HOST}:5432/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with pg_database("import") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
