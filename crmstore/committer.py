@@ -1,11 +1,12 @@
 """The group committer: one thread that owns the database writes of the SMTP transactions.
 
-Each SMTP transaction submits one job; the committer runs every job waiting at that moment in
-one database transaction, each inside its own savepoint (so one failing job rolls back alone
-and is answered 451), commits once, and only then resolves the jobs' futures. No client is
-answered before the commit that holds its message returned (RFC 5321 §6.1), yet N waiting
-messages cost one fsync instead of N. When nothing else waits the job is committed at once: a
-lone client never waits for a grouping window (docs/architecture.md, measured facts).
+Each SMTP transaction submits one job; the committer takes the write lock and then runs every
+job waiting at that moment in one database transaction, each inside its own savepoint (so one
+failing job rolls back alone and is answered 451), commits once, and only then resolves the
+jobs' futures. No client is answered before the commit that holds its message returned
+(RFC 5321 §6.1), yet N waiting messages cost one fsync instead of N. When nothing else waits
+the job is committed at once: a lone client never waits for a grouping window
+(docs/architecture.md, measured facts).
 
 The outbox worker is woken only by a batch that queued outbox rows (``after_queue``): each
 batch reads the outbox's highest id in its own transaction (one indexed statement per batch,
@@ -150,22 +151,7 @@ class GroupCommitter:
         try:
             while True:
                 first = self._queue.get()
-                if first is None:
-                    self._drain_after_stop()
-                    return
-                batch = [first]
-                stop_seen = False
-                while len(batch) < self.max_batch:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop_seen = True
-                        break
-                    batch.append(item)
-                self._run_batch(batch)
-                if stop_seen:
+                if first is None or self._run_batch([first]):
                     self._drain_after_stop()
                     return
         finally:
@@ -180,15 +166,35 @@ class GroupCommitter:
             if item is not None:
                 self._run_batch([item])
 
-    def _run_batch(self, batch: list[tuple[Work, Future[Any]]]) -> None:
+    def _top_up(self, batch: list[tuple[Work, Future[Any]]]) -> bool:
+        """Add the jobs waiting now to ``batch`` (up to ``max_batch``); True when the stop
+        mark was among them."""
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            batch.append(item)
+        return False
+
+    def _run_batch(self, batch: list[tuple[Work, Future[Any]]]) -> bool:
+        """Run ``batch`` and the jobs that join it once the write lock is held, in one
+        transaction; True when the stop mark was taken from the queue meanwhile."""
         results: list[tuple[Future[Any], bool, Any]] = []
         db = self.store.db
-        # A job alone in its batch needs no savepoint: if it fails, the whole transaction is
-        # rolled back instead (two statements, SAVEPOINT and RELEASE, fewer per message
-        # whenever clients do not overlap).
-        alone = len(batch) == 1
+        stop_seen = False
         try:
             with self.store.transaction():
+                # The batch is completed only now that the write lock is ours: on SQLite
+                # another worker process may have held it meanwhile, and every job queued
+                # during that wait shares this commit's fsync instead of waiting for the next.
+                stop_seen = self._top_up(batch)
+                # A job alone in its batch needs no savepoint: if it fails, the whole
+                # transaction is rolled back instead (two statements, SAVEPOINT and RELEASE,
+                # fewer per message whenever clients do not overlap).
+                alone = len(batch) == 1
                 for job, fut in batch:
                     if not fut.set_running_or_notify_cancel():
                         continue
@@ -211,7 +217,7 @@ class GroupCommitter:
             # else was in it, the connection is fine.
             self._outbox_max = None
             self._resolve(results)
-            return
+            return stop_seen
         except BaseException as exc:
             # The commit itself failed: nothing of this batch is durable.
             self._outbox_max = None
@@ -219,13 +225,14 @@ class GroupCommitter:
             failed = [(fut, False, exc) for _job, fut in batch]
             self._resolve(failed)
             self._reconnect()
-            return
+            return stop_seen
         log.debug("committed a batch of %d job(s)", len(batch))
         if self.after_commit is not None:
             self.after_commit()
         if queued and self.after_queue is not None:
             self.after_queue()
         self._resolve(results)
+        return stop_seen
 
     def _outbox_grew(self) -> bool:
         """Whether this transaction sees outbox rows the last commit did not (queued by this

@@ -2,7 +2,8 @@
 write rows and a second connection that sees only what is committed.
 
 Proves: jobs that wait while a batch runs are committed together in the next transaction (one
-commit for many jobs, ``max_batch`` respected); a failing job rolls back alone (its savepoint)
+commit for many jobs, ``max_batch`` respected), and so are jobs queued while another worker
+process holds SQLite's write lock; a failing job rolls back alone (its savepoint)
 while the others of its batch commit; a failing COMMIT (injected with ``before_commit``) fails
 every job of the batch, leaves nothing visible and is followed by a working connection; a
 job's future is resolved only once its row is visible to other connections; ``stop()``
@@ -13,9 +14,12 @@ PostgreSQL, a connection killed under the committer is replaced after the failed
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -150,6 +154,46 @@ def test_a_batch_holds_at_most_max_batch_jobs(
     run(main())
     assert len(commits) == 1 + 3  # 4 + 4 + 2 after the blocker
     assert m.Organization.select().count() == 10
+
+
+def blocked_on_flock(path: str) -> bool:
+    """Whether some process waits for an flock of ``path`` (a ``->`` line of /proc/locks names
+    a blocked request; the file is known by its device and inode)."""
+    st = os.stat(path)
+    wanted = f":{st.st_ino} "
+    return any(line.split(":", 1)[1].lstrip().startswith("->") and wanted in line
+               for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_jobs_queued_while_another_writer_holds_the_lock_share_its_commit(
+        store: Store, company_id: int, commits: list[int],
+        make_committer: Callable[..., GroupCommitter]) -> None:
+    """On SQLite the worker processes take turns at the write lock: the batch is completed
+    once the lock is ours, so what queued during the wait costs one fsync, not one each."""
+    if not store.is_sqlite:
+        pytest.skip("PostgreSQL has no writer lock file")
+    committer = make_committer()
+    lock_path = f"{store.db.database}.writelock"
+    other = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)  # the other worker process
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        async def main() -> None:
+            first = committer.submit_async(org_job(company_id, "first"))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT
+            while not blocked_on_flock(lock_path):
+                assert loop.time() < deadline, "the committer never waited for the lock"
+                await asyncio.sleep(0.005)
+            rest = [committer.submit_async(org_job(company_id, f"o{i}")) for i in range(5)]
+            fcntl.flock(other, fcntl.LOCK_UN)
+            await asyncio.gather(first, *rest)
+
+        run(main())
+    finally:
+        os.close(other)
+    assert commits == [1]  # one transaction for the job that waited and the five behind it
+    assert visible(store, "first", *(f"o{i}" for i in range(5))) == {
+        "first", *(f"o{i}" for i in range(5))}
 
 
 # --------------------------------------------------------------------------- failures
