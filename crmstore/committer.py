@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from crmstore import models as m
 from crmstore.db import Store
+from crmstore.hotpath import column_sql, table_sql
 
 log = logging.getLogger("dealmail.committer")
 
@@ -65,9 +66,8 @@ class GroupCommitter:
         self.after_commit = after_commit
         #: Called after a committed batch that queued outbox rows (the outbox worker's wake).
         self.after_queue = after_queue
-        item = m.OutboxItem
-        self._sql_outbox_max = (f'SELECT MAX("{item._meta.fields["id"].column_name}") '
-                                f'FROM "{item._meta.table_name}"')
+        self._sql_outbox_max = (f"SELECT MAX({column_sql(m.OutboxItem, 'id')}) "
+                                f"FROM {table_sql(m.OutboxItem)}")
         # The outbox's highest id at the last commit; None: unknown (the first batch, or a
         # failed commit), which wakes the worker once.
         self._outbox_max: int | None = None

@@ -19,12 +19,18 @@ from peewee import Database, SqliteDatabase
 from . import models as m
 
 
-def _t(model: type[m.BaseModel]) -> str:
+def table_sql(model: type[m.BaseModel]) -> str:
+    """The model's table name, quoted for SQL written by hand (both dialects)."""
     return f'"{model._meta.table_name}"'
 
 
-def _c(model: type[m.BaseModel], field: str) -> str:
+def column_sql(model: type[m.BaseModel], field: str) -> str:
+    """The column of the model's ``field``, quoted for SQL written by hand."""
     return f'"{model._meta.fields[field].column_name}"'
+
+
+# Short names for the statements below.
+_t, _c = table_sql, column_sql
 
 
 class HotPath:
@@ -63,9 +69,6 @@ class HotPath:
         self.sql_thread_row = (
             f"SELECT {_c(T, 'id')}, {_c(T, 'deal')}, {_c(T, 'last_at')} FROM {_t(T)} "
             f"WHERE {_c(T, 'id')} = {p}")
-        self.sql_set_thread_last = (
-            f"UPDATE {_t(T)} SET {_c(T, 'last_at')} = {p} WHERE {_c(T, 'id')} = {p} "
-            f"AND {_c(T, 'last_at')} < {p}")
         # A joined thread moves forward to this email's date (never back) and tells its
         # deal, in one statement (SQLite's two-argument MAX is PostgreSQL's GREATEST).
         latest = "MAX" if self.sqlite else "GREATEST"
@@ -238,11 +241,9 @@ class HotPath:
         assert row is not None
         return int(row[0]), (int(row[1]) if row[1] is not None else None)
 
-    def touch_thread(self, thread_id: int, when: datetime) -> None:
-        self.run(self.sql_set_thread_last, (when, thread_id, when))
-
     def join_thread(self, thread_id: int, when: datetime) -> int | None:
-        """``touch_thread`` and the thread's deal (``thread_row``) in one statement."""
+        """Move the thread's last activity forward to ``when`` (never back) and return its
+        deal (what ``thread_row`` tells), in one statement."""
         rows = self.all(self.sql_join_thread, (when, thread_id))
         assert rows, f"thread {thread_id} vanished"
         return int(rows[0][0]) if rows[0][0] is not None else None

@@ -38,6 +38,7 @@ from dealmail.clock import naive_utc
 
 from . import models as m
 from .handles import email_of, handle
+from .hotpath import column_sql, table_sql
 from .quarantine import prune_auto_persons
 from .visibility import can_see, known_persons
 
@@ -505,10 +506,9 @@ def ignored_patterns(user_id: int) -> frozenset[str]:
     # instead of being built by the ORM each time (most of this lookup's cost).
     ic = m.IgnoredCorrespondent
     db = ic._meta.database
-    fields = ic._meta.fields
     cursor = db.execute_sql(
-        f'SELECT "{fields["pattern"].column_name}" FROM "{ic._meta.table_name}" '
-        f'WHERE "{fields["user"].column_name}" = {db.param}', (user_id,))
+        f"SELECT {column_sql(ic, 'pattern')} FROM {table_sql(ic)} "
+        f"WHERE {column_sql(ic, 'user')} = {db.param}", (user_id,))
     return frozenset(str(r[0]) for r in cursor.fetchall())
 
 

@@ -17,6 +17,7 @@ from dealmail.clock import json_time
 
 from . import models as m
 from .handles import handle
+from .hotpath import column_sql, table_sql
 from .visibility import visible_to
 
 
@@ -88,11 +89,10 @@ def conversations(user: m.User, person: m.Person | None = None, deal: m.Deal | N
     # email and user).
     T, D, S, PC, U = m.Thread, m.Deal, m.Sighting, m.PendingChoice, m.User
 
-    def t(model: type[m.BaseModel]) -> str:
-        return f'"{model._meta.table_name}"'
+    t = table_sql
 
     def c(alias: str, model: type[m.BaseModel], field: str) -> str:
-        return f'{alias}."{model._meta.fields[field].column_name}"'
+        return f"{alias}.{column_sql(model, field)}"
 
     sql = (
         f"WITH shown AS ({shown_sql}) "

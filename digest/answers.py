@@ -95,7 +95,7 @@ def apply_answer(config: Config, directory: Directory, company: Company, user: U
     pairs = q.batch_rows(token)
     by_number = dict(pairs)
     top = max(by_number) if by_number else 0
-    cands = {k: q.candidates_of(r) for k, r in pairs}
+    cands = dict(zip(by_number, q.candidates_of_rows(list(by_number.values())), strict=True))
     answers = read_answers(text, [cands.get(k, []) for k in range(1, top + 1)])
     notes: list[str] = []
     done: list[str] = []

@@ -116,10 +116,6 @@ class Item:
     candidates: list[Candidate] = field(default_factory=list)
 
 
-def candidates_of(row: m.PendingChoice) -> list[Candidate]:
-    return candidates_of_rows([row])[0]
-
-
 def candidates_of_rows(rows: Sequence[m.PendingChoice]) -> list[list[Candidate]]:
     """The deals each pending choice offers, with their titles (one query for all rows)."""
     ids = [[int(x) for x in json.loads(row.candidates_json)] for row in rows]
@@ -146,29 +142,25 @@ def _as_datetime(value: Any) -> datetime | None:
     return value  # type: ignore[no-any-return]
 
 
-def _last_activities(deal_ids: Sequence[int], reader: m.User | None) -> dict[int, datetime]:
-    """Latest email date on each deal that ``reader`` may see (deals without one: absent)."""
+def _last_activities(deals: Sequence[m.Deal], reader: m.User | None) -> dict[int, datetime]:
+    """Per deal: the latest email date on it that ``reader`` may see, else the deal's update
+    time (one query for all the deals)."""
     from crmstore.visibility import visible_to
 
-    if not deal_ids:
-        return {}
+    out = {int(d.id): d.updated_at for d in deals}
+    if not deals:
+        return out
     q = (m.Email.select(m.Thread.deal, fn.MAX(m.Email.date))
          .join(m.Thread, on=(m.Email.thread == m.Thread.id))
-         .where(m.Thread.deal.in_(list(deal_ids)))
+         .where(m.Thread.deal.in_(list(out)))
          .group_by(m.Thread.deal))
     if reader is not None:
         q = q.where(visible_to(reader))
-    out = {}
     for deal_id, latest in q.tuples():
         when = _as_datetime(latest)
         if when is not None:
             out[int(deal_id)] = when
     return out
-
-
-def _last_activity(deal: m.Deal, reader: m.User | None) -> datetime:
-    """Latest email date on the deal that ``reader`` may see, else the deal's update time."""
-    return _last_activities([deal.id], reader).get(deal.id) or deal.updated_at
 
 
 def _correspondent(row: m.PendingChoice, email: m.Email,
@@ -199,7 +191,7 @@ def _views(items: Sequence[Item], user: User, reader: m.User | None) -> list[dic
                       if d.organization_id is not None})
     orgs = {o.id: o for o in m.Organization.select(m.Organization.id, m.Organization.name)
             .where(m.Organization.id.in_(org_ids or [0]))}
-    latest = _last_activities(list(deals), reader)
+    latest = _last_activities(list(deals.values()), reader)
     views = []
     for item in items:
         email = emails[int(item.row.email_id)]
@@ -212,12 +204,11 @@ def _views(items: Sequence[Item], user: User, reader: m.User | None) -> list[dic
                                 "last_activity": "-", "status": "deleted"})
                 continue
             org = orgs.get(deal.organization_id) if deal.organization_id else None
-            active = latest.get(deal.id) or deal.updated_at
             choices.append({
                 "n": n, "id": deal.id, "title": deal.title,
                 "organization": org.name if org else "-", "stage": deal.stage or "-",
                 "value": _money(deal.value, deal.currency),
-                "last_activity": _local(active, user.timezone)[:10],
+                "last_activity": _local(latest[deal.id], user.timezone)[:10],
                 "status": deal.status,
             })
         views.append({"number": item.number, "subject": email.subject or "(no subject)",

@@ -240,7 +240,7 @@ class ParsedMessage:
     @cached_property
     def body_summary(self) -> tuple[str, list[dict[str, object]]]:
         """(snippet, attachments) from the MIME structure."""
-        return _summarise(self.raw, self.header_bytes, self.headers, self.entities)
+        return _summarise(self.raw, self.headers, self.entities)
 
     @property
     def snippet(self) -> str:
@@ -561,7 +561,7 @@ def auto_submitted_reason(headers: Message) -> str | None:
     return None
 
 
-def _summarise(raw: bytes, header_end: int, top: Message | None = None,
+def _summarise(raw: bytes, top: Message | None = None,
                entities: list[Entity] | None = None) -> tuple[str, list[dict[str, object]]]:
     """(snippet, attachments) read from the raw MIME entities (:func:`mime_entities`):
     only the part header blocks are parsed, attachments are measured without decoding them

@@ -181,13 +181,9 @@ def test_thread_shares_participant(rows: Rows) -> None:
     assert not hot.thread_shares_participant(rows.t1, [])
 
 
-def test_thread_row_touch_and_deal(rows: Rows) -> None:
+def test_thread_row_and_deal(rows: Rows) -> None:
     hot = rows.hot
     assert hot.thread_row(rows.t1) == (rows.t1, None)
-    hot.touch_thread(rows.t1, T - timedelta(days=1))  # older: last_at stays
-    assert m.Thread.get_by_id(rows.t1).last_at == T
-    hot.touch_thread(rows.t1, T + timedelta(hours=2))
-    assert m.Thread.get_by_id(rows.t1).last_at == T + timedelta(hours=2)
     hot.set_thread_deal(rows.t1, rows.d_open1)
     hot.set_thread_deal(rows.t1, rows.d_open2)  # a thread's deal is never replaced
     assert hot.thread_row(rows.t1) == (rows.t1, rows.d_open1)

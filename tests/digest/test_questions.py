@@ -86,7 +86,7 @@ def render(srv: Any, user_address: str, subject: str) -> EmailMessage:
     company, user = config.find_user(user_address)
     email = m.Email.get(m.Email.subject == subject)
     row = m.PendingChoice.get(m.PendingChoice.email == email.id)
-    item = q.Item(1, row, q.candidates_of(row))
+    item = q.Item(1, row, q.candidates_of_rows([row])[0])
     return q.compose_question(config, company, user, [item], TOKEN, srv.app.clock.now())
 
 
@@ -141,8 +141,8 @@ def test_last_activity_is_the_latest_visible_email(srv: Any) -> None:
     alice = m.User.get(m.User.address == "alice@example.com")
     bob = m.User.get(m.User.address == "bob@example.com")
     # Bob sees his own email's date; alice may not, so she gets the deal's update time.
-    assert q._last_activity(upsell, bob) == datetime(2026, 11, 26, 9, 0)
-    assert q._last_activity(upsell, alice) == datetime(2026, 11, 1, 12, 0)
+    assert q._last_activities([upsell], bob)[upsell.id] == datetime(2026, 11, 26, 9, 0)
+    assert q._last_activities([upsell], alice)[upsell.id] == datetime(2026, 11, 1, 12, 0)
 
 
 def test_batch_rerendered_with_a_fresh_token(srv: Any) -> None:
